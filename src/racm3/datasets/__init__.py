@@ -1,0 +1,1 @@
+"""Builders for ready-made data sets."""

@@ -1,0 +1,180 @@
+"""Multimodal documents (ordered text and image segments) and the streaming readers that produce them."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from PIL import Image
+
+# A decoded image larger than this is refused (decompression bombs); 4096 x 4096 is far above any
+# image this project trains on and far below what would exhaust memory.
+MAX_IMAGE_PIXELS = 4096 * 4096
+
+# Metadata keys every document may carry; readers fill what they know.
+META_KEYS = ("source", "license", "style", "split", "concept")
+
+
+class BadRecord(ValueError):
+    """A record that cannot become a Document; the message names the record and the reason."""
+
+
+Segment = str | Image.Image
+
+
+@dataclass(frozen=True, eq=False)
+class Document:
+    """An id, an ordered list of text and image segments, and metadata (source, license, style, split, concept).
+
+    Images are held as RGB PIL images; text segments as non-empty strings.
+    """
+
+    id: str
+    segments: tuple[Segment, ...]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.id, str) or not self.id:
+            raise BadRecord(f"document id must be a non-empty string, got {self.id!r}")
+        if not self.segments:
+            raise BadRecord(f"document {self.id!r} has no segments")
+        for seg in self.segments:
+            if isinstance(seg, str):
+                if not seg.strip():
+                    raise BadRecord(f"document {self.id!r} has an empty text segment")
+            elif isinstance(seg, Image.Image):
+                if seg.mode != "RGB":
+                    raise BadRecord(f"document {self.id!r} has a {seg.mode} image; convert with to_rgb() first")
+            else:
+                raise BadRecord(f"document {self.id!r} has a segment of type {type(seg).__name__}")
+
+    @property
+    def texts(self) -> list[str]:
+        return [s for s in self.segments if isinstance(s, str)]
+
+    @property
+    def images(self) -> list[Image.Image]:
+        return [s for s in self.segments if isinstance(s, Image.Image)]
+
+    @property
+    def text(self) -> str | None:
+        """All text segments joined by a space, or None for an image-only document."""
+        texts = self.texts
+        return " ".join(texts) if texts else None
+
+    @property
+    def image(self) -> Image.Image | None:
+        """The first image, or None for a text-only document."""
+        images = self.images
+        return images[0] if images else None
+
+    @property
+    def is_multimodal(self) -> bool:
+        return bool(self.texts) and bool(self.images)
+
+    def __getattr__(self, name: str) -> Any:
+        # style, split, concept, source, license read from meta (None when absent).
+        if name in META_KEYS:
+            return self.meta.get(name)
+        raise AttributeError(name)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Grey, palette and transparent images become RGB; transparency is composited on white."""
+    if image.mode == "RGB":
+        return image
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(source: str | os.PathLike | bytes, *, name: str = "") -> Image.Image:
+    """Decode an image from a path or bytes into RGB, refusing corrupt, truncated and oversized images."""
+    label = name or (str(source) if not isinstance(source, bytes) else "<bytes>")
+    try:
+        fp = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
+    except FileNotFoundError:
+        raise BadRecord(f"{label}: image file not found") from None
+    with fp:
+        try:
+            image = Image.open(fp)
+            width, height = image.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise BadRecord(f"{label}: image of {width}x{height} pixels is over the limit of {MAX_IMAGE_PIXELS}")
+            image.load()  # decodes fully: a truncated file fails here, not later
+        except BadRecord:
+            raise
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            raise BadRecord(f"{label}: not a readable image ({exc})") from None
+    return to_rgb(image)
+
+
+def image_to_png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
+# This project's dataset folder: docs.jsonl + images/
+# ---------------------------------------------------------------------------------------------
+
+
+def document_from_record(record: dict[str, Any], root: Path) -> Document:
+    """One docs.jsonl line -> Document; image paths are relative to the dataset folder."""
+    doc_id = record.get("id")
+    if not isinstance(doc_id, str) or not doc_id:
+        raise BadRecord(f"record without an id: {str(record)[:80]}")
+    raw = record.get("segments")
+    if not isinstance(raw, list) or not raw:
+        raise BadRecord(f"{doc_id}: no segments")
+    segments: list[Segment] = []
+    for seg in raw:
+        if isinstance(seg, dict) and "text" in seg:
+            text = seg["text"]
+            if not isinstance(text, str) or not text.strip():
+                raise BadRecord(f"{doc_id}: empty or non-text caption {text!r}")
+            segments.append(text)
+        elif isinstance(seg, dict) and "image" in seg:
+            segments.append(load_image(root / seg["image"], name=f"{doc_id}: {seg['image']}"))
+        else:
+            raise BadRecord(f"{doc_id}: segment {seg!r} is neither text nor image")
+    meta = {k: v for k, v in record.items() if k not in ("id", "segments")}
+    return Document(doc_id, tuple(segments), meta)
+
+
+def write_jsonl_dataset(docs: Iterable[Document], out_dir: str | os.PathLike) -> int:
+    """Write documents as out_dir/docs.jsonl + out_dir/images/ID-N.png; returns the count.
+
+    The JSONL is written to a temporary file and renamed, so a crash never leaves half a dataset.
+    """
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    tmp = out / "docs.jsonl.tmp"
+    count = 0
+    with open(tmp, "w", encoding="utf-8") as f:
+        for doc in docs:
+            segs = []
+            for i, seg in enumerate(doc.segments):
+                if isinstance(seg, str):
+                    segs.append({"text": seg})
+                else:
+                    rel = f"images/{_safe_name(doc.id)}-{i}.png"
+                    seg.save(out / rel)
+                    segs.append({"image": rel})
+            f.write(json.dumps({"id": doc.id, "segments": segs, **doc.meta}, ensure_ascii=False) + "\n")
+            count += 1
+    os.replace(tmp, out / "docs.jsonl")
+    return count
+
+
+def _safe_name(doc_id: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in doc_id)
