@@ -38,6 +38,33 @@ def main(version: bool = typer.Option(False, "--version", callback=_version, is_
 
 # --- data --------------------------------------------------------------------------------------
 
+
+@data_app.command("emoji")
+def data_emoji(
+    out_dir: Path = typer.Argument(..., help="Folder to write docs.jsonl and images/ into."),
+    size: int = typer.Option(64, help="Image side in pixels."),
+    seed: int = typer.Option(0, help="Seed of the train/held-out split by concept."),
+    styles: str = typer.Option("twemoji,openmoji", help="Comma-separated art styles: twemoji, openmoji, noto."),
+) -> None:
+    """Build the embedded emoji data set: every emoji in two art styles, captioned with its CLDR name."""
+    from collections import Counter
+
+    from racm3.datasets.emoji import iter_emoji_documents, make_style
+    from racm3.documents import write_jsonl_dataset
+
+    stats: Counter = Counter()
+    chosen = tuple(s.strip() for s in styles.split(",") if s.strip())
+    for style in chosen:  # fail before writing anything
+        try:
+            make_style(style)
+        except (ValueError, FileNotFoundError) as exc:
+            raise typer.BadParameter(str(exc), param_hint="--styles") from None
+    n = write_jsonl_dataset(iter_emoji_documents(size=size, seed=seed, styles=chosen, stats=stats), out_dir)
+    for style in chosen:
+        typer.echo(f"{style:10s} train {stats[(style, 'train')]:5d}  heldout {stats[(style, 'heldout')]:5d}"
+                   f"  (not drawn in this style: {stats[(style, 'missing')]})")
+    typer.echo(f"wrote {n} documents to {out_dir / 'docs.jsonl'}")
+
 # --- memory ------------------------------------------------------------------------------------
 
 # --- train -------------------------------------------------------------------------------------
