@@ -1,0 +1,291 @@
+"""VQ image tokenizer: a small convolutional autoencoder around vector-quantize-pytorch's VectorQuantize."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+MODEL_TYPE = "racm3-vq"
+
+
+@dataclass(frozen=True)
+class ImageTokenizerConfig:
+    """Architecture and quantizer settings. The code grid is image_size / 2**(len(channels) - 1) per side.
+
+    channels[i] is the width at resolution image_size / 2**i; each level has num_res_blocks residual blocks.
+    The quantizer (VQGAN-style, with the fixes of Yu et al. 2022 "ViT-VQGAN" for codebook use): a
+    low-dimensional, L2-normalised (cosine) codebook of latent_dim, k-means initialised on the first
+    batch, EMA updates, and codes whose EMA use falls below dead_code_threshold replaced by batch vectors.
+    """
+
+    image_size: int = 64
+    channels: tuple[int, ...] = (32, 64, 128, 128)
+    num_res_blocks: int = 1
+    latent_dim: int = 32
+    codebook_size: int = 1024
+    use_cosine_sim: bool = True
+    kmeans_init: bool = True
+    ema_decay: float = 0.9
+    dead_code_threshold: float = 0.5
+    commitment_weight: float = 0.25
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+        if not self.channels or any(c < 1 for c in self.channels):
+            raise ValueError(f"channels must be positive widths, got {self.channels}")
+        down = 2 ** (len(self.channels) - 1)
+        if self.image_size % down:
+            raise ValueError(f"image_size {self.image_size} is not divisible by 2**(len(channels)-1) = {down}")
+        if self.codebook_size < 2 or self.latent_dim < 1 or self.num_res_blocks < 0:
+            raise ValueError(f"invalid codebook_size {self.codebook_size} / latent_dim {self.latent_dim} / "
+                             f"num_res_blocks {self.num_res_blocks}")
+        if not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        side = self.image_size // 2 ** (len(self.channels) - 1)
+        return side, side
+
+    @property
+    def tokens_per_image(self) -> int:
+        h, w = self.grid
+        return h * w
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["channels"] = list(self.channels)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ImageTokenizerConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known - {"model_type"}
+        if unknown:
+            raise ValueError(f"unknown image tokenizer config keys {sorted(unknown)}")
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    @classmethod
+    def from_preset(cls, name: str) -> "ImageTokenizerConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown image tokenizer preset {name!r}; choose one of {image_tokenizer_presets()}")
+        return PRESETS[name]
+
+
+# Architectures as data. "tiny" is for tests (16x16 images, 4x4 codes); the emoji presets take 64x64 images.
+PRESETS: dict[str, ImageTokenizerConfig] = {
+    "tiny": ImageTokenizerConfig(image_size=16, channels=(8, 16, 16), num_res_blocks=1, latent_dim=8,
+                                 codebook_size=32),
+    "emoji-8x8": ImageTokenizerConfig(image_size=64, channels=(32, 64, 128, 128), num_res_blocks=1,
+                                      latent_dim=32, codebook_size=1024),
+    "emoji-16x16": ImageTokenizerConfig(image_size=64, channels=(32, 64, 128), num_res_blocks=1,
+                                        latent_dim=32, codebook_size=1024),
+}
+
+
+def image_tokenizer_presets() -> list[str]:
+    return list(PRESETS)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, ch: int) -> None:
+        super().__init__()
+        self.norm1 = nn.GroupNorm(min(8, ch), ch)
+        self.conv1 = nn.Conv2d(ch, ch, 3, padding=1)
+        self.norm2 = nn.GroupNorm(min(8, ch), ch)
+        self.conv2 = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv2(F.silu(self.norm2(self.conv1(F.silu(self.norm1(x))))))
+
+
+class Encoder(nn.Module):
+    """[B, 3, S, S] in [-1, 1] -> latents [B, latent_dim, S/2^L, S/2^L]."""
+
+    def __init__(self, cfg: ImageTokenizerConfig) -> None:
+        super().__init__()
+        ch = cfg.channels
+        layers: list[nn.Module] = [nn.Conv2d(3, ch[0], 3, padding=1)]
+        for i, c in enumerate(ch):
+            layers += [ResBlock(c) for _ in range(cfg.num_res_blocks)]
+            if i < len(ch) - 1:
+                layers.append(nn.Conv2d(c, ch[i + 1], 4, stride=2, padding=1))  # halves the side
+        layers += [nn.GroupNorm(min(8, ch[-1]), ch[-1]), nn.SiLU(), nn.Conv2d(ch[-1], cfg.latent_dim, 1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class Decoder(nn.Module):
+    """Quantized latents [B, latent_dim, h, w] -> images [B, 3, S, S] in [-1, 1] (unclamped)."""
+
+    def __init__(self, cfg: ImageTokenizerConfig) -> None:
+        super().__init__()
+        ch = cfg.channels[::-1]
+        layers: list[nn.Module] = [nn.Conv2d(cfg.latent_dim, ch[0], 3, padding=1)]
+        for i, c in enumerate(ch):
+            layers += [ResBlock(c) for _ in range(cfg.num_res_blocks)]
+            if i < len(ch) - 1:
+                # nearest upsampling + conv: no checkerboard artefacts of transposed convolutions
+                layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, ch[i + 1], 3, padding=1)]
+        layers += [nn.GroupNorm(min(8, ch[-1]), ch[-1]), nn.SiLU(), nn.Conv2d(ch[-1], 3, 3, padding=1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z)
+
+
+class ImageTokenizer(nn.Module):
+    """encode(images) -> codes [B, N]; decode(codes) -> images [B, 3, H, W] in [0, 1]. N = grid h * w."""
+
+    def __init__(self, config: ImageTokenizerConfig | str = "emoji-8x8") -> None:
+        super().__init__()
+        from vector_quantize_pytorch import VectorQuantize  # heavy import kept off module import
+
+        self.config = ImageTokenizerConfig.from_preset(config) if isinstance(config, str) else config
+        cfg = self.config
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        self.quantizer = VectorQuantize(
+            dim=cfg.latent_dim,
+            codebook_size=cfg.codebook_size,
+            use_cosine_sim=cfg.use_cosine_sim,
+            kmeans_init=cfg.kmeans_init,
+            kmeans_iters=10,
+            decay=cfg.ema_decay,
+            threshold_ema_dead_code=cfg.dead_code_threshold,
+            commitment_weight=cfg.commitment_weight,
+        )
+
+    # --- shape facts --------------------------------------------------------------------------------
+    codebook_size = property(lambda self: self.config.codebook_size)
+    grid = property(lambda self: self.config.grid)
+    tokens_per_image = property(lambda self: self.config.tokens_per_image)
+    image_size = property(lambda self: self.config.image_size)
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        """[codebook_size, latent_dim]: the rows the quantized latents are made of."""
+        return self.quantizer.codebook
+
+    # --- pixels <-> tensors -------------------------------------------------------------------------
+    def to_tensor(self, images: list[Image.Image] | torch.Tensor) -> torch.Tensor:
+        """PIL list or float [B, 3, H, W] in [0, 1] -> float [B, 3, S, S] in [0, 1], resized to image_size."""
+        s = self.image_size
+        if isinstance(images, torch.Tensor):
+            x = images.float()
+            if x.ndim != 4 or x.shape[1] != 3:
+                raise ValueError(f"expected images as a float tensor [B, 3, H, W] in [0, 1], got shape {tuple(x.shape)}")
+            if x.shape[-2:] != (s, s):
+                x = F.interpolate(x, size=(s, s), mode="bilinear", antialias=True, align_corners=False)
+            return x
+        arrays = []
+        for im in images:
+            if not isinstance(im, Image.Image):
+                raise TypeError(f"expected PIL images, got {type(im).__name__}")
+            if im.mode != "RGB":
+                raise ValueError(f"expected an RGB image, got mode {im.mode}; convert with racm3.documents.to_rgb")
+            if im.size != (s, s):
+                im = im.resize((s, s), Image.Resampling.LANCZOS)
+            arrays.append(np.asarray(im, dtype=np.uint8))
+        if not arrays:
+            return torch.zeros(0, 3, s, s)
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
+
+    @staticmethod
+    def to_pil(images: torch.Tensor) -> list[Image.Image]:
+        """float [B, 3, H, W] in [0, 1] -> list of RGB PIL images."""
+        arr = (images.detach().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return [Image.fromarray(a, mode="RGB") for a in arr]
+
+    # --- the model ----------------------------------------------------------------------------------
+    def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[B, 3, S, S] in [0, 1] -> (quantized latents [B, N, D], codes [B, N], commitment loss)."""
+        z = self.encoder(x * 2 - 1)  # [B, D, h, w]
+        z = z.flatten(2).transpose(1, 2)  # [B, N, D], cells in row-major order
+        return self.quantizer(z)
+
+    def decode_latents(self, q: torch.Tensor) -> torch.Tensor:
+        """[B, N, D] -> [B, 3, S, S] in [0, 1] space (unclamped, for the loss)."""
+        h, w = self.grid
+        z = q.transpose(1, 2).reshape(q.shape[0], -1, h, w)  # [B, D, h, w]
+        return (self.decoder(z) + 1) / 2
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[B, 3, S, S] in [0, 1] -> (reconstruction [B, 3, S, S], codes [B, N], commitment loss)."""
+        q, codes, commit = self.quantize(x)
+        return self.decode_latents(q), codes, commit
+
+    @torch.no_grad()
+    def encode(self, images: list[Image.Image] | torch.Tensor) -> torch.Tensor:
+        """PIL RGB list or float [B, 3, H, W] in [0, 1] -> LongTensor [B, N] of codes in [0, codebook_size)."""
+        was_training = self.training
+        self.eval()
+        try:
+            x = self.to_tensor(images).to(next(self.parameters()).device)
+            return self.quantize(x)[1].long()
+        finally:
+            self.train(was_training)
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """LongTensor [B, N] -> float [B, 3, S, S] in [0, 1]."""
+        codes = torch.as_tensor(codes, dtype=torch.long)
+        if codes.ndim != 2 or codes.shape[1] != self.tokens_per_image:
+            raise ValueError(f"expected codes [B, {self.tokens_per_image}], got shape {tuple(codes.shape)}")
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.codebook_size):
+            raise ValueError(f"codes must lie in [0, {self.codebook_size})")
+        q = self.quantizer.get_output_from_indices(codes.to(self.codebook.device))  # [B, N, D]
+        return self.decode_latents(q).clamp(0, 1)
+
+    # --- persistence (Hugging Face layout: config.json + model.safetensors) -------------------------
+    def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Path:
+        from safetensors.torch import save_file
+
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        state = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous().cpu()
+                 for k, v in self.state_dict().items()}
+        tmp = out / (WEIGHTS_FILE + ".tmp")
+        save_file(state, str(tmp), metadata={"format": "pt", "model_type": MODEL_TYPE})
+        os.replace(tmp, out / WEIGHTS_FILE)  # never leave half a checkpoint behind
+        (out / CONFIG_FILE).write_text(json.dumps({"model_type": MODEL_TYPE, **self.config.to_dict()}, indent=2) + "\n")
+        return out
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, map_location: str = "cpu") -> "ImageTokenizer":
+        from safetensors.torch import load_file
+
+        d = Path(directory)
+        cfg_file, weights = d / CONFIG_FILE, d / WEIGHTS_FILE
+        hint = "train one with `racm3 train image-tokenizer DATASET_DIR OUT_DIR`"
+        if not cfg_file.is_file():
+            raise FileNotFoundError(f"{cfg_file}: missing; {d} is not an image tokenizer folder ({hint})")
+        if not weights.is_file():
+            raise FileNotFoundError(f"{weights}: missing; the image tokenizer's weights are not in {d} ({hint})")
+        raw = json.loads(cfg_file.read_text())
+        if raw.get("model_type", MODEL_TYPE) != MODEL_TYPE:
+            raise ValueError(f"{cfg_file}: model_type {raw.get('model_type')!r} is not {MODEL_TYPE!r}")
+        model = cls(ImageTokenizerConfig.from_dict(raw))
+        state = load_file(str(weights), device=map_location)
+        ref = model.state_dict()
+        state = {k: (v.to(ref[k].dtype) if k in ref and v.is_floating_point() else v) for k, v in state.items()}
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            first = str(exc).splitlines()[0:3]
+            raise ValueError(f"{weights} does not match {cfg_file} ({' '.join(first)}); the two files come from "
+                             "different models: re-save the tokenizer or retrain it") from None
+        return model.eval()

@@ -1,0 +1,137 @@
+"""Documents <-> unified token ids: text segments as BPE ids, image segments as `<img> codes </img>`."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence as Seq
+
+import torch
+from PIL import Image
+
+from racm3.documents import Document
+from racm3.tokenizers.text import TextTokenizer
+from racm3.tokenizers.vocab import Vocab
+
+# A segment whose image is already tokenized: a caption (str) or the image's codes (LongTensor [N] or list).
+CodeSegment = str | torch.Tensor | Seq[int]
+
+
+class MultimodalTokenizer:
+    """Text tokenizer + image tokenizer + the Vocab that lays their ids out in one space.
+
+    document_to_ids gives the bare document (no <bos>/<eos>/<doc> wrappers: build_sequence adds those).
+    Consecutive text segments are joined by one space (as Document.text does), so the round trip
+    keeps the text exactly; a document of caption + image (every document this project builds)
+    comes back segment for segment.
+    """
+
+    def __init__(self, text: TextTokenizer, image: Any, vocab: Vocab | None = None) -> None:
+        vocab = vocab or Vocab(text.vocab_size, image.codebook_size)
+        if vocab.text_size != text.vocab_size or vocab.image_size != image.codebook_size:
+            raise ValueError(f"Vocab(text_size={vocab.text_size}, image_size={vocab.image_size}) does not match the "
+                             f"tokenizers (text {text.vocab_size}, codebook {image.codebook_size})")
+        self.text, self.image, self.vocab = text, image, vocab
+
+    @property
+    def tokens_per_image(self) -> int:
+        return int(self.image.tokens_per_image)
+
+    # --- documents -> ids -------------------------------------------------------------------------
+    def encode_images(self, images: list[Image.Image]) -> torch.Tensor:
+        """VQ codes [B, N] for a batch of PIL images (no gradient)."""
+        with torch.no_grad():
+            return self.image.encode(images)
+
+    def document_to_ids(self, doc: Document) -> list[int]:
+        images = doc.images
+        codes = self.encode_images(images) if images else None
+        segments: list[CodeSegment] = []
+        k = 0
+        for seg in doc.segments:
+            if isinstance(seg, str):
+                segments.append(seg)
+            else:
+                segments.append(codes[k])
+                k += 1
+        return self.codes_document_to_ids(segments)
+
+    def codes_document_to_ids(self, segments: Seq[CodeSegment]) -> list[int]:
+        """Same as document_to_ids, for segments whose images are precomputed codes (no VQ encoder run)."""
+        ids: list[int] = []
+        prev_text = False
+        for seg in segments:
+            if isinstance(seg, str):
+                # Join consecutive text segments with one space, as Document.text does.
+                text = (" " + seg) if prev_text else seg
+                ids += self.vocab.text_to_vocab(self.text.encode(text))
+                prev_text = True
+            else:
+                codes = seg.tolist() if isinstance(seg, torch.Tensor) else list(seg)
+                if len(codes) != self.tokens_per_image:
+                    raise ValueError(f"an image segment has {len(codes)} codes; this image tokenizer makes "
+                                     f"{self.tokens_per_image} per image")
+                ids += [self.vocab.img_id, *self.vocab.image_to_vocab(codes), self.vocab.img_end_id]
+                prev_text = False
+        return ids
+
+    # --- ids -> documents -------------------------------------------------------------------------
+    def ids_to_segments(self, ids: Seq[int] | torch.Tensor) -> list[str | torch.Tensor]:
+        """Parse ids into text strings and image codes (LongTensor [N]) without running the VQ decoder.
+
+        <bos>, <eos>, <pad>, <doc> and </doc> are skipped; a <mask:i> (an unfilled hole: run cm3_unmask
+        first), an image id outside <img>...</img> or an image with the wrong number of codes raises.
+        """
+        v = self.vocab
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else [int(i) for i in ids]
+        segments: list[str | torch.Tensor] = []
+        text_run: list[int] = []
+        image_run: list[int] | None = None
+
+        def flush_text() -> None:
+            if text_run:
+                segments.append(self.text.decode(v.vocab_to_text(text_run)))
+                text_run.clear()
+
+        for t, tok in enumerate(ids):
+            if image_run is not None:
+                if tok == v.img_end_id:
+                    if len(image_run) != self.tokens_per_image:
+                        raise ValueError(f"image ending at token {t} has {len(image_run)} codes, expected "
+                                         f"{self.tokens_per_image}")
+                    segments.append(torch.tensor(v.vocab_to_image(image_run), dtype=torch.long))
+                    image_run = None
+                elif v.is_image(tok):
+                    image_run.append(tok)
+                else:
+                    raise ValueError(f"token {t} ({v.token_name(tok)}) inside an image; only image codes belong there")
+            elif v.is_text(tok):
+                text_run.append(tok)
+            elif tok == v.img_id:
+                flush_text()
+                image_run = []
+            elif tok in (v.bos_id, v.eos_id, v.pad_id, v.doc_id, v.doc_end_id):
+                flush_text()
+            else:
+                raise ValueError(f"token {t} ({v.token_name(tok)}) cannot appear in a document here"
+                                 + ("; run cm3_unmask first" if v.is_mask(tok) else ""))
+        if image_run is not None:
+            raise ValueError("the ids end inside an image (no </img>)")
+        flush_text()
+        return segments
+
+    def ids_to_document(self, ids: Seq[int] | torch.Tensor, id: str = "generated",
+                        meta: dict[str, Any] | None = None) -> Document:
+        """A Document from ids: text decoded exactly, images decoded by the VQ decoder (batched)."""
+        segments = self.ids_to_segments(ids)
+        codes = [s for s in segments if isinstance(s, torch.Tensor)]
+        pils: list[Image.Image] = []
+        if codes:
+            with torch.no_grad():
+                pils = self.image.to_pil(self.image.decode(torch.stack(codes)))
+        out, k = [], 0
+        for seg in segments:
+            if isinstance(seg, str):
+                out.append(seg)
+            else:
+                out.append(pils[k])
+                k += 1
+        return Document(id, tuple(out), dict(meta or {}))
