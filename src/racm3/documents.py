@@ -112,6 +112,8 @@ def load_image(source: str | os.PathLike | bytes, *, name: str = "") -> Image.Im
             image.load()  # decodes fully: a truncated file fails here, not later
         except BadRecord:
             raise
+        except Image.DecompressionBombError as exc:  # Pillow's own guard fires first for huge headers
+            raise BadRecord(f"{label}: image is over the pixel limit ({exc})") from None
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
             raise BadRecord(f"{label}: not a readable image ({exc})") from None
     return to_rgb(image)

@@ -1,0 +1,1 @@
+"""The RA-CM3 generator: model construction, retrieval-augmented training, decoding."""

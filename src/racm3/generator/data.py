@@ -1,0 +1,155 @@
+"""Retrieval-augmented training sequences: which documents go in a training document's context, and how.
+
+The paper (Sec. 3.3) retrieves with the training document's text or image part, drops 20% of the query,
+skips near-duplicates (score > 0.9) and trains on [retrieved][main] with the CM3 objective. At our scale a
+generator trained only that way memorizes its training set and ignores its context (DESIGN.md, "Teaching the
+generator to use its memory"), so the context also holds *lessons*: the document itself (learn to copy), a
+same-concept sibling in the same style (a skin-tone variant: copy and adapt), the other style's drawing of
+the concept (transfer), and distractors (another concept's drawing: learn to check the caption first).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from racm3.tokenizers.sequence import Sequence, build_sequence, cm3_mask, collate
+from racm3.tokenizers.vocab import Vocab
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How training contexts are drawn; shares are per training sequence and are checked to sum to <= 1."""
+
+    k: int = 2  # at most k documents in context (the paper's K)
+    alpha: float = 0.1  # loss weight of retrieved tokens (L = L_main + alpha * L_retrieved)
+    copy_rate: float = 0.35  # context = the document itself; 0 = the paper's rule (never retrieve yourself)
+    sibling_rate: float = 0.2  # a same-concept, same-style sibling (skin-tone variant)
+    cross_style_rate: float = 0.2  # the other art style's drawing of the same concept
+    distractor_rate: float = 0.25  # add another concept's drawing where the context has room
+    mask_rate: float = 0.25  # share of sequences CM3-masked; the rest are plain causal (the generation tasks)
+    text_first_rate: float = 0.5  # caption-then-image (caption->image) vs image-then-caption (image->caption)
+    max_len: int = 384
+
+    def __post_init__(self) -> None:
+        lessons = self.copy_rate + self.sibling_rate + self.cross_style_rate
+        for name in ("copy_rate", "sibling_rate", "cross_style_rate", "distractor_rate", "mask_rate", "text_first_rate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
+        if lessons > 1.0:
+            raise ValueError(f"copy_rate + sibling_rate + cross_style_rate = {lessons:.2f} > 1")
+        if self.k < 0:
+            raise ValueError(f"k must be >= 0, got {self.k}")
+
+    @property
+    def retrieval_rate(self) -> float:
+        """The rest of the sequences use the paper's rule: retrieved candidates, k ~ U{0..K}."""
+        return 1.0 - self.copy_rate - self.sibling_rate - self.cross_style_rate
+
+
+@dataclass(frozen=True)
+class DocTokens:
+    """One document as vocabulary ids: its caption and its image (<img> codes </img>)."""
+
+    text: tuple[int, ...]
+    image: tuple[int, ...]
+    concept: str
+    style: str
+
+    def ids(self, text_first: bool) -> list[int]:
+        return list(self.text + self.image) if text_first else list(self.image + self.text)
+
+
+class ExampleBank:
+    """Token ids of every training document plus its ranked retrieval candidates (precomputed once).
+
+    candidates[doc_id] = {"text": [...], "image": [...]}: ids found by querying the memory with the document's
+    caption or image (with query dropout), near-duplicates and other splits already removed.
+    """
+
+    def __init__(self, docs: dict[str, DocTokens], candidates: dict[str, dict[str, list[str]]] | None = None):
+        if not docs:
+            raise ValueError("no training documents")
+        self.docs = docs
+        self.ids = sorted(docs)
+        self.candidates = candidates or {}
+        self.by_concept_style: dict[tuple[str, str], list[str]] = defaultdict(list)
+        for i in self.ids:
+            self.by_concept_style[(docs[i].concept, docs[i].style)].append(i)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def siblings(self, doc_id: str) -> list[str]:
+        d = self.docs[doc_id]
+        return [i for i in self.by_concept_style[(d.concept, d.style)] if i != doc_id]
+
+    def other_styles(self, doc_id: str) -> list[str]:
+        """The same caption drawn in another style first, then any same-concept document in another style."""
+        d = self.docs[doc_id]
+        same = [i for (c, s), ids in self.by_concept_style.items() if c == d.concept and s != d.style for i in ids]
+        return sorted(same, key=lambda i: self.docs[i].text != d.text)
+
+    def context(self, doc_id: str, recipe: Recipe, rng: np.random.Generator) -> list[str]:
+        """The ids placed in the document's context for one training sequence (see the module docstring)."""
+        if recipe.k == 0:
+            return []
+        d = self.docs[doc_id]
+        r = rng.random()
+        lesson: str | None = None
+        if r < recipe.copy_rate:
+            lesson = doc_id
+        elif r < recipe.copy_rate + recipe.sibling_rate:
+            pool = self.siblings(doc_id) or self.other_styles(doc_id)
+            lesson = pool[int(rng.integers(len(pool)))] if pool else doc_id
+        elif r < recipe.copy_rate + recipe.sibling_rate + recipe.cross_style_rate:
+            pool = self.other_styles(doc_id)  # same caption first; None falls through to retrieval
+            lesson = pool[0] if pool else None
+        ctx: list[str]
+        cands = self.candidates.get(doc_id, {})
+        query = "text" if rng.random() < 0.5 else "image"
+        retrieved = [c for c in cands.get(query, []) if c != doc_id]
+        if lesson is not None:
+            # A lesson shares the context with a retrieved neighbour half the time: real contexts hold both.
+            ctx = [lesson]
+            if recipe.k > 1 and retrieved and rng.random() < 0.5:
+                ctx.append(retrieved[0])
+        else:
+            n = int(rng.integers(0, recipe.k + 1))  # k ~ U{0..K}: the model also learns to work without retrieval
+            ctx = retrieved[:n]
+        if len(ctx) < recipe.k and rng.random() < recipe.distractor_rate:
+            # A distractor: another concept's drawing, placed anywhere; the caption decides what to copy.
+            for _ in range(8):
+                other = self.ids[int(rng.integers(len(self.ids)))]
+                if self.docs[other].concept != d.concept and other not in ctx:
+                    ctx.insert(int(rng.integers(len(ctx) + 1)), other)
+                    break
+        return ctx[: recipe.k]
+
+    def sequence(self, doc_id: str, context: list[str], vocab: Vocab, recipe: Recipe, text_first: bool) -> Sequence:
+        """[<doc> c1 </doc>]...[main]: every document in the same order (caption first or image first)."""
+        return build_sequence(self.docs[doc_id].ids(text_first), [self.docs[c].ids(text_first) for c in context],
+                              vocab, alpha=recipe.alpha, max_len=recipe.max_len)
+
+    def sample(self, doc_id: str, vocab: Vocab, recipe: Recipe, rng: np.random.Generator) -> Sequence:
+        seq = self.sequence(doc_id, self.context(doc_id, recipe, rng), vocab, recipe,
+                            text_first=bool(rng.random() < recipe.text_first_rate))
+        return cm3_mask(seq, vocab, rng, mask_rate=recipe.mask_rate)
+
+
+def batch(seqs: list[Sequence], vocab: Vocab, image_base: int, tokens_per_image: int) -> dict[str, torch.Tensor]:
+    """collate + main_mask [B, T]: True on the main document's tokens (for L_main vs L_retrieved)."""
+    out = collate(seqs, vocab, image_base=image_base, tokens_per_image=tokens_per_image)
+    main = torch.zeros_like(out["attention_mask"], dtype=torch.bool)
+    for b, s in enumerate(seqs):
+        k = max(s.doc_index)
+        main[b, : len(s)] = torch.tensor([d == k for d in s.doc_index])
+    out["main_mask"] = main
+    return out
+
+
+def epoch_order(n: int, rng: np.random.Generator) -> list[int]:
+    return rng.permutation(n).tolist()

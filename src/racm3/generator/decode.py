@@ -1,0 +1,190 @@
+"""Decoding as small functions: modality-constrained sampling, classifier-free guidance, prefill and KV-cached steps.
+
+A caption->image prompt ends with <img>: exactly N image codes follow, each chosen among image ids only.
+An image->caption prompt ends with </img>: text ids follow (or <eos>, after at least one token).
+Guidance (CM3Leon, Yu et al. 2023, Sec. 3.2) mixes a conditional stream with an unconditional one whose
+prompt is masked: logp = logp_u + s * (logp_c - logp_u); s = 1 is plain conditional decoding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import inspect
+
+from transformers import DynamicCache, LlamaForCausalLM
+
+from racm3.tokenizers.sequence import position_ids
+from racm3.tokenizers.vocab import Vocab
+
+
+# transformers renamed `past_key_values` to `cache` (5.x deprecates the old name); use what this version takes.
+_CACHE_ARG = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """temperature 0 = greedy; top_k 0 = off; top_p 1 = off; guidance 1 = no unconditional stream."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    guidance: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1 or self.guidance < 0:
+            raise ValueError(f"invalid sampling settings {self}")
+
+
+def allowed_ids(vocab: Vocab, kind: str, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Bool [V]: the ids a position may take. 'image' = image codes; 'text' = text ids and <eos>."""
+    ids = torch.arange(vocab.size, device=device)
+    if kind == "image":
+        return vocab.is_image(ids)
+    if kind == "text":
+        return vocab.is_text(ids) | (ids == vocab.eos_id)
+    raise ValueError(f"unknown modality {kind!r}")
+
+
+def constrained_logprobs(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """log-softmax over the allowed ids only; -inf elsewhere. logits [B, V], allowed [V] or [B, V]."""
+    return torch.log_softmax(logits.float().masked_fill(~allowed, float("-inf")), dim=-1)
+
+
+def guide(cond: torch.Tensor, uncond: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Classifier-free guidance on log-probabilities [B, V]; -inf stays -inf (disallowed ids)."""
+    if uncond is None or scale == 1.0:
+        return cond
+    mixed = uncond + scale * (cond - uncond)
+    return mixed.masked_fill(torch.isinf(cond), float("-inf"))
+
+
+def filter_top(logp: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Keep the top_k ids and the smallest set whose probability reaches top_p; others get -inf."""
+    if top_k > 0:
+        kth = torch.topk(logp, min(top_k, logp.shape[-1]), dim=-1).values[..., -1:]
+        logp = logp.masked_fill(logp < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_lp, order = torch.sort(logp, descending=True, dim=-1)
+        probs = torch.softmax(sorted_lp, dim=-1)
+        # drop an id when the mass before it already reaches top_p (the first id is always kept)
+        drop_sorted = probs.cumsum(-1) - probs >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logp = logp.masked_fill(drop, float("-inf"))
+    return logp
+
+
+def sample(logp: torch.Tensor, s: Sampling, generator: torch.Generator | None) -> torch.Tensor:
+    """One id per row [B] from log-probabilities [B, V]."""
+    if s.temperature == 0:
+        return logp.argmax(-1)
+    logp = filter_top(logp / s.temperature, s.top_k, s.top_p)
+    return torch.multinomial(torch.softmax(logp, -1), 1, generator=generator).squeeze(-1)
+
+
+class Streams:
+    """A left-padded batch of prompts decoded together, with or without a KV cache.
+
+    Rows are independent sequences (samples, and the unconditional copies used by guidance). Positions
+    follow the image-aligned rule of tokenizers.sequence.position_ids; the caller gives each new token's.
+    """
+
+    def __init__(self, model, prompts: list[list[int]], vocab: Vocab, image_base: int, tokens_per_image: int,
+                 use_cache: bool = True):
+        self.model, self.use_cache = model, use_cache
+        device = next(model.parameters()).device
+        T = max(len(p) for p in prompts)
+        B = len(prompts)
+        self.ids = torch.full((B, T), vocab.pad_id, dtype=torch.long, device=device)
+        self.mask = torch.zeros((B, T), dtype=torch.long, device=device)
+        self.pos = torch.zeros((B, T), dtype=torch.long, device=device)
+        for b, p in enumerate(prompts):
+            self.ids[b, T - len(p):] = torch.tensor(p, device=device)
+            self.mask[b, T - len(p):] = 1
+            self.pos[b, T - len(p):] = position_ids(p, vocab, image_base, tokens_per_image).to(device)
+        self.lengths = torch.tensor([len(p) for p in prompts], device=device)  # unpadded lengths: text positions
+        self.cache = DynamicCache() if use_cache else None
+        self.logits = self._forward(self.ids, self.pos)
+
+    @torch.no_grad()
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        if self.use_cache:
+            out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=pos,
+                             use_cache=True, **{_CACHE_ARG: self.cache})
+        else:  # recompute the whole prefix: the reference the cache must reproduce
+            out = self.model(input_ids=self.ids, attention_mask=self.mask, position_ids=self.pos, use_cache=False)
+        return out.logits[:, -1]
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Append one token per row [B] at the given positions [B]; returns next-token logits [B, V]."""
+        self.ids = torch.cat([self.ids, tokens[:, None]], 1)
+        self.mask = torch.cat([self.mask, torch.ones_like(tokens)[:, None]], 1)
+        self.pos = torch.cat([self.pos, positions[:, None]], 1)
+        self.lengths = self.lengths + 1
+        self.logits = self._forward(tokens[:, None], positions[:, None])
+        return self.logits
+
+
+def _split(logits: torch.Tensor, n_cond: int, guided: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return (logits[:n_cond], logits[n_cond:]) if guided else (logits, None)
+
+
+@torch.no_grad()
+def generate_image_codes(model, vocab: Vocab, prompts: list[list[int]], tokens_per_image: int, image_base: int,
+                         sampling: Sampling = Sampling(), uncond_prompts: list[list[int]] | None = None,
+                         generator: torch.Generator | None = None, use_cache: bool = True) -> torch.Tensor:
+    """Codes [B, N] (0..image_size-1) for prompts that end with <img>; exactly N image ids, nothing else."""
+    if any(p[-1] != vocab.img_id for p in prompts):
+        raise ValueError("a caption->image prompt must end with <img>")
+    guided = uncond_prompts is not None and sampling.guidance != 1.0
+    rows = prompts + (uncond_prompts if guided else [])
+    streams = Streams(model, rows, vocab, image_base, tokens_per_image, use_cache)
+    allowed = allowed_ids(vocab, "image", streams.ids.device)
+    B = len(prompts)
+    out = []
+    for k in range(tokens_per_image):
+        cond, uncond = _split(streams.logits, B, guided)
+        uncond_lp = constrained_logprobs(uncond, allowed) if uncond is not None else None
+        logp = guide(constrained_logprobs(cond, allowed), uncond_lp, sampling.guidance)
+        tok = sample(logp, sampling, generator)  # [B]
+        out.append(tok)
+        if k + 1 < tokens_per_image:
+            both = torch.cat([tok, tok]) if guided else tok
+            # image code k sits at image_base + k in every image (image-aligned positions)
+            streams.step(both, torch.full_like(both, image_base + k))
+    return vocab.vocab_to_image(torch.stack(out, 1))
+
+
+@torch.no_grad()
+def generate_text_ids(model, vocab: Vocab, prompts: list[list[int]], tokens_per_image: int, image_base: int,
+                      sampling: Sampling = Sampling(), max_new_tokens: int = 32,
+                      uncond_prompts: list[list[int]] | None = None, generator: torch.Generator | None = None,
+                      use_cache: bool = True) -> list[list[int]]:
+    """Text vocabulary ids per prompt, up to <eos> (excluded); only text ids are ever produced."""
+    guided = uncond_prompts is not None and sampling.guidance != 1.0
+    rows = prompts + (uncond_prompts if guided else [])
+    streams = Streams(model, rows, vocab, image_base, tokens_per_image, use_cache)
+    allowed = allowed_ids(vocab, "text", streams.ids.device)
+    no_eos = allowed.clone()
+    no_eos[vocab.eos_id] = False  # a caption has at least one token
+    B = len(prompts)
+    out: list[list[int]] = [[] for _ in range(B)]
+    done = torch.zeros(B, dtype=torch.bool)
+    for k in range(max_new_tokens):
+        cond, uncond = _split(streams.logits, B, guided)
+        mask = no_eos if k == 0 else allowed
+        uncond_lp = constrained_logprobs(uncond, mask) if uncond is not None else None
+        tok = sample(guide(constrained_logprobs(cond, mask), uncond_lp, sampling.guidance), sampling, generator)
+        for b in range(B):
+            if not done[b]:
+                if int(tok[b]) == vocab.eos_id:
+                    done[b] = True
+                else:
+                    out[b].append(int(tok[b]))
+        if bool(done.all()) or k + 1 == max_new_tokens:
+            break
+        both = torch.cat([tok, tok]) if guided else tok
+        # a text token's position is its index in its own (unpadded) sequence
+        streams.step(both, streams.lengths.clone())
+    return out

@@ -1,0 +1,117 @@
+"""The RA-CM3 generator: a decoder-only Llama over the unified vocabulary, with presets as data."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from racm3.tokenizers.sequence import DEFAULT_IMAGE_BASE
+from racm3.tokenizers.vocab import Vocab
+
+RACM3_FILE = "racm3.json"  # beside config.json: what the generator needs beyond the Llama config
+
+
+@dataclass(frozen=True)
+class GeneratorConfig:
+    """Transformer size; the vocabulary and image layout come from the tokenizers."""
+
+    hidden_size: int = 256
+    num_layers: int = 6
+    num_heads: int = 8
+    intermediate_size: int = 688
+    max_len: int = 384  # tokens per training sequence: [doc1][doc2][main] at 64 codes per image fits
+    image_base: int = DEFAULT_IMAGE_BASE  # image code k sits at RoPE position image_base + k (image-aligned)
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.max_len > self.image_base:
+            raise ValueError(f"max_len {self.max_len} must not exceed image_base {self.image_base}")
+
+
+PRESETS: dict[str, GeneratorConfig] = {
+    # Unit tests: a few thousand parameters beyond the embeddings, trains in seconds.
+    "tiny": GeneratorConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, max_len=384),
+    # The shipped model: ~5M parameters, ~5k tokens/s of training on 2 CPU cores.
+    "emoji-small": GeneratorConfig(),
+}
+
+
+def list_presets() -> list[str]:
+    return sorted(PRESETS)
+
+
+def get_preset(name: str) -> GeneratorConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown generator preset {name!r}; choose from {', '.join(list_presets())}")
+    return PRESETS[name]
+
+
+def build_model(cfg: GeneratorConfig, vocab: Vocab, tokens_per_image: int) -> LlamaForCausalLM:
+    """A fresh Llama whose RoPE covers text positions and the image-aligned positions image_base + k."""
+    llama = LlamaConfig(
+        vocab_size=vocab.size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=cfg.image_base + tokens_per_image,
+        attention_dropout=cfg.dropout,
+        tie_word_embeddings=True,  # input and output embeddings shared: a third fewer parameters at this size
+        pad_token_id=vocab.pad_id,
+        bos_token_id=vocab.bos_id,
+        eos_token_id=vocab.eos_id,
+        rope_theta=10000.0,
+    )
+    model = LlamaForCausalLM(llama)
+    model.racm3 = {"generator": asdict(cfg), "text_size": vocab.text_size, "image_size": vocab.image_size,
+                   "tokens_per_image": tokens_per_image}
+    return model
+
+
+def save_generator(model: LlamaForCausalLM, out_dir: str | Path, dtype: torch.dtype | None = None) -> None:
+    """config.json + model.safetensors (Hugging Face layout) + racm3.json; dtype=bfloat16 halves the size."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    to_save = model
+    if dtype is not None and dtype != next(model.parameters()).dtype:
+        import copy
+
+        to_save = copy.deepcopy(model).to(dtype)
+    to_save.save_pretrained(out, safe_serialization=True)
+    (out / RACM3_FILE).write_text(json.dumps(model.racm3, indent=2))
+
+
+def load_generator(path: str | Path) -> LlamaForCausalLM:
+    """Load a generator folder; float32 for decoding (bf16 cached and uncached decoding disagree, DESIGN.md)."""
+    path = Path(path)
+    meta_file = path / RACM3_FILE
+    if not (path / "config.json").exists() or not meta_file.exists():
+        raise FileNotFoundError(f"{path} is not a racm3 generator folder (config.json and {RACM3_FILE} expected); "
+                                "train one with `racm3 train generator`")
+    model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.racm3 = json.loads(meta_file.read_text())
+    names = {f.name for f in fields(GeneratorConfig)}
+    model.racm3["generator"] = {k: v for k, v in model.racm3["generator"].items() if k in names}
+    model.eval()
+    return model
+
+
+def generator_config(model: LlamaForCausalLM) -> GeneratorConfig:
+    return GeneratorConfig(**model.racm3["generator"])
+
+
+def check_vocab(model: LlamaForCausalLM, vocab: Vocab, tokens_per_image: int, where: str = "") -> None:
+    """Refuse a generator trained with other tokenizers: its ids would mean other tokens."""
+    meta = model.racm3
+    mine = (meta["text_size"], meta["image_size"], meta["tokens_per_image"])
+    theirs = (vocab.text_size, vocab.image_size, tokens_per_image)
+    if mine != theirs:
+        raise ValueError(f"generator {where} was trained for text/image vocabularies and tokens per image {mine}, "
+                         f"but the tokenizers give {theirs}: use the tokenizers it was trained with")

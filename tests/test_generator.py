@@ -1,0 +1,185 @@
+"""The generator: the RA-CM3 loss, training lowers it, and decoding is constrained, cached and guided correctly."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from racm3.generator.data import ExampleBank, Recipe
+from racm3.generator.decode import Sampling, generate_image_codes, generate_text_ids
+from racm3.generator.loss import ra_cm3_loss
+from racm3.generator.model import build_model, check_vocab, get_preset, load_generator, save_generator
+from racm3.generator.train import TrainConfig, load_tokenizers, tokenize_documents, train
+
+sys.path.insert(0, str(Path(__file__).parent))
+from generator_fixtures import shape_documents, write_shape_dataset, write_tiny_tokenizers  # noqa: E402
+
+STEPS = 80
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny generator trained for STEPS steps on the shapes data (lessons only, no memory)."""
+    root = tmp_path_factory.mktemp("gen")
+    write_shape_dataset(root / "data")
+    write_tiny_tokenizers(root / "tok")
+    cfg = TrainConfig(dataset=root / "data", out=root / "run", tokenizers=root / "tok", preset="tiny", steps=STEPS,
+                      batch_size=16, lr=3e-3, warmup=5, log_every=5, eval_every=20, save_every=20, eval_docs=8,
+                      progress=False, save_dtype="float32", threads=1)
+    train(cfg)
+    mt = load_tokenizers(root / "tok")
+    model = load_generator(root / "run")
+    return root, cfg, mt, model
+
+
+def test_loss_is_main_plus_alpha_retrieved():
+    torch.manual_seed(0)
+    V, alpha = 7, 0.1
+    logits = torch.randn(1, 6, V)
+    ids = torch.tensor([[1, 3, 4, 5, 2, 6]])
+    weights = torch.tensor([[0.0, alpha, alpha, 1.0, 1.0, 0.0]])  # bos, 2 retrieved, 2 main, a weight-0 sentinel
+    main = torch.tensor([[False, False, False, True, True, True]])
+    lp = torch.log_softmax(logits, -1)[0]
+    nll = [-float(lp[t, ids[0, t + 1]]) for t in range(5)]  # predicting ids[1..5]
+    expected = (nll[2] + nll[3]) / 2 + alpha * (nll[0] + nll[1]) / 2
+    parts = ra_cm3_loss(logits, ids, weights, main)
+    assert math.isclose(float(parts["loss"]), expected, rel_tol=1e-5)
+    assert math.isclose(float(parts["retrieved"]), (nll[0] + nll[1]) / 2, rel_tol=1e-5)
+
+
+def test_training_lowers_the_loss_well_below_chance(trained):
+    root, cfg, mt, _ = trained
+    log = [json.loads(line) for line in (root / "run" / "train_log.jsonl").read_text().splitlines()]
+    chance = math.log(mt.vocab.size)
+    assert log[0]["main"] > 0.8 * chance
+    # Captions and the VQ codes of a few shapes are very predictable: 80 steps take the loss far below chance.
+    assert log[-1]["main"] < 0.6 * chance, (log[0]["main"], log[-1]["main"], chance)
+    assert "context_benefit" in log[-1]
+
+
+def test_resume_continues_from_the_checkpoint(trained, tmp_path):
+    root, cfg, _, _ = trained
+    ckpt = torch.load(root / "run" / "checkpoint.pt", weights_only=False)
+    assert ckpt["step"] == STEPS
+    from dataclasses import replace
+
+    more = replace(cfg, steps=STEPS + 5, resume=True)
+    last = train(more)
+    assert last["step"] == STEPS + 5
+
+
+def _prompts(mt, model, caption: str, context_docs=()):
+    vocab = mt.vocab
+    docs = {d.id: d for d in shape_documents()}
+    toks = tokenize_documents([docs[i] for i in context_docs], mt) if context_docs else {}
+    prompt = [vocab.bos_id]
+    for i in context_docs:
+        prompt += [vocab.doc_id, *toks[i].ids(text_first=True), vocab.doc_end_id]
+    prompt += [*vocab.text_to_vocab(mt.text.encode(caption)), vocab.img_id]
+    return prompt
+
+
+def test_kv_cache_decoding_equals_full_recompute(trained):
+    _, _, mt, model = trained
+    base = model.racm3["generator"]["image_base"]
+    n = mt.tokens_per_image
+    prompts = [_prompts(mt, model, "red circle", ["filled-red-circle"]), _prompts(mt, model, "blue bar")]
+    greedy = Sampling(temperature=0)
+    cached = generate_image_codes(model, mt.vocab, prompts, n, base, greedy, use_cache=True)
+    full = generate_image_codes(model, mt.vocab, prompts, n, base, greedy, use_cache=False)
+    assert torch.equal(cached, full)
+    # and for text, after an image
+    img = [mt.vocab.bos_id, mt.vocab.img_id, *mt.vocab.image_to_vocab(cached[0].tolist()), mt.vocab.img_end_id]
+    t_cached = generate_text_ids(model, mt.vocab, [img], n, base, greedy, max_new_tokens=6, use_cache=True)
+    t_full = generate_text_ids(model, mt.vocab, [img], n, base, greedy, max_new_tokens=6, use_cache=False)
+    assert t_cached == t_full and len(t_cached[0]) >= 1
+
+
+def test_image_spans_hold_exactly_n_image_codes(trained):
+    _, _, mt, model = trained
+    base, n, vocab = model.racm3["generator"]["image_base"], mt.tokens_per_image, mt.vocab
+    g = torch.Generator().manual_seed(0)
+    codes = generate_image_codes(model, vocab, [_prompts(mt, model, "green triangle")] * 3, n, base,
+                                 Sampling(temperature=1.5, top_k=50), generator=g)
+    assert codes.shape == (3, n)
+    assert int(codes.min()) >= 0 and int(codes.max()) < vocab.image_size
+    texts = generate_text_ids(model, vocab, [[vocab.bos_id, vocab.img_id, *vocab.image_to_vocab(codes[0].tolist()),
+                                              vocab.img_end_id]], n, base, Sampling(temperature=1.5), generator=g)
+    assert all(bool(vocab.is_text(t)) for t in texts[0])
+
+
+def test_guidance_one_equals_unguided_and_guidance_changes_output(trained):
+    _, _, mt, model = trained
+    vocab, base, n = mt.vocab, model.racm3["generator"]["image_base"], mt.tokens_per_image
+    prompt = _prompts(mt, model, "red square", ["filled-red-square"])
+    uncond = _prompts(mt, model, "red square", ["filled-red-square"])
+    cut = uncond.index(vocab.img_id)
+    uncond = [vocab.bos_id, *uncond[1:cut - len(mt.text.encode("red square"))], vocab.mask_id(0), vocab.img_id]
+
+    def run(guidance, with_uncond):
+        g = torch.Generator().manual_seed(7)
+        return generate_image_codes(model, vocab, [prompt] * 2, n, base, Sampling(guidance=guidance),
+                                    uncond_prompts=[uncond] * 2 if with_uncond else None, generator=g)
+
+    assert torch.equal(run(1.0, True), run(1.0, False))
+    greedy_plain = generate_image_codes(model, vocab, [prompt], n, base, Sampling(temperature=0))
+    greedy_guided = generate_image_codes(model, vocab, [prompt], n, base, Sampling(temperature=0, guidance=5.0),
+                                         uncond_prompts=[uncond])
+    assert not torch.equal(greedy_plain, greedy_guided)
+
+
+def test_save_load_round_trip_and_vocab_check(trained, tmp_path):
+    _, _, mt, model = trained
+    save_generator(model, tmp_path / "g")
+    again = load_generator(tmp_path / "g")
+    ids = torch.tensor([[mt.vocab.bos_id, mt.vocab.img_id]])
+    assert torch.allclose(model(input_ids=ids).logits, again(input_ids=ids).logits)
+    from racm3.tokenizers.vocab import Vocab
+
+    with pytest.raises(ValueError, match="tokenizers it was trained with"):
+        check_vocab(again, Vocab(mt.vocab.text_size + 1, mt.vocab.image_size), mt.tokens_per_image)
+    with pytest.raises(FileNotFoundError, match="not a racm3 generator folder"):
+        load_generator(tmp_path)
+
+
+def test_contexts_never_mix_splits_and_follow_the_recipe(trained):
+    root, _, mt, _ = trained
+    docs = [d for d in shape_documents() if d.split == "train"]
+    bank = ExampleBank(tokenize_documents(docs, mt))
+    rng = np.random.default_rng(0)
+    recipe = Recipe(copy_rate=1.0, sibling_rate=0.0, cross_style_rate=0.0, distractor_rate=0.0)
+    assert all(bank.context(i, recipe, rng) == [i] for i in bank.ids)
+    recipe = Recipe(copy_rate=0.0, sibling_rate=0.0, cross_style_rate=1.0, distractor_rate=0.0)
+    for i in bank.ids:
+        (other,) = bank.context(i, recipe, rng)
+        assert bank.docs[other].concept == bank.docs[i].concept and bank.docs[other].style != bank.docs[i].style
+    assert bank.context(bank.ids[0], Recipe(k=0), rng) == []
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo is exercised on Linux")
+def test_ddp_two_processes_train(tmp_path):
+    write_shape_dataset(tmp_path / "data")
+    write_tiny_tokenizers(tmp_path / "tok")
+    script = (
+        "from pathlib import Path; from racm3.generator.train import TrainConfig, train; "
+        f"train(TrainConfig(dataset=Path('{tmp_path / 'data'}'), out=Path('{tmp_path / 'run'}'), "
+        f"tokenizers=Path('{tmp_path / 'tok'}'), preset='tiny', steps=6, batch_size=4, log_every=3, eval_every=6, "
+        "eval_docs=4, progress=False, threads=1))"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--master-port", "29517", "--no-python", sys.executable, "-c", script],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    meta = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert meta["world_size"] == 2
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == 6 and math.isfinite(log[-1]["loss"])
