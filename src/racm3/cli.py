@@ -69,8 +69,94 @@ def data_emoji(
 
 # --- train -------------------------------------------------------------------------------------
 
+
+def _tokenizer_error(message: str) -> None:
+    """Print a user-actionable error and exit 1 (tokenizer commands)."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(1)
+
+
+@train_app.command("image-tokenizer")
+def train_image_tokenizer_cmd(
+    dataset_dir: Path = typer.Argument(..., help="Dataset folder (docs.jsonl + images/); only split == 'train' is used."),
+    out_dir: Path = typer.Argument(..., help="Where the tokenizer goes (config.json + model.safetensors + checkpoint.pt)."),
+    preset: str = typer.Option("emoji-8x8", help="Architecture preset: tiny, emoji-8x8, emoji-16x16."),
+    steps: int = typer.Option(2000, help="Optimiser steps in total (a resumed run continues up to this)."),
+    batch_size: int = typer.Option(32, help="Images per step."),
+    lr: float = typer.Option(1e-3, help="Peak learning rate (warm-up, then cosine decay)."),
+    seed: int = typer.Option(0, help="Random seed (initialisation and batches)."),
+    threads: int = typer.Option(1, help="torch CPU threads."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUT_DIR/checkpoint.pt."),
+) -> None:
+    """Train the VQ image tokenizer (reconstruction L2 + L1 + commitment); progress bar, checkpoints, resume."""
+    from racm3.tokenizers.image_train import ImageTrainConfig, train_image_tokenizer
+
+    try:
+        cfg = ImageTrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, threads=threads)
+        summary = train_image_tokenizer(dataset_dir, out_dir, preset, cfg, resume=resume)
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+        _tokenizer_error(str(exc))
+    typer.echo(f"saved image tokenizer ({summary['preset']}, {summary['steps']} steps, "
+               f"{summary['elapsed_s']:.0f} s of training) to {out_dir}")
+
+
+@train_app.command("text-tokenizer")
+def train_text_tokenizer_cmd(
+    dataset_dir: Path = typer.Argument(..., help="Dataset folder (docs.jsonl + images/); train split captions are used."),
+    out_dir: Path = typer.Argument(..., help="Where tokenizer.json goes."),
+    vocab_size: int = typer.Option(2048, help="BPE vocabulary size (256 bytes + merges)."),
+) -> None:
+    """Train the byte-level BPE text tokenizer on the train split's captions."""
+    from racm3.readers import read_jsonl_dataset
+    from racm3.tokenizers.text import TextTokenizer
+
+    try:
+        texts = [t for d in read_jsonl_dataset(dataset_dir) if d.meta.get("split") == "train" for t in d.texts]
+        if not texts:
+            _tokenizer_error(f"{dataset_dir}: no captions in the train split")
+        tok = TextTokenizer.train(texts, vocab_size=vocab_size)
+    except (FileNotFoundError, ValueError) as exc:
+        _tokenizer_error(str(exc))
+    path = tok.save_pretrained(out_dir)
+    typer.echo(f"trained on {len(texts)} captions: {tok.vocab_size} tokens, saved {path}")
+
+
 # --- generate ----------------------------------------------------------------------------------
 
 # --- eval --------------------------------------------------------------------------------------
+
+
+@eval_app.command("image-tokenizer")
+def eval_image_tokenizer_cmd(
+    tokenizer_dir: Path = typer.Argument(..., help="An image tokenizer folder (config.json + model.safetensors)."),
+    dataset_dir: Path = typer.Argument(..., help="Dataset folder (docs.jsonl + images/)."),
+    split: str = typer.Option("heldout", "--split", help="Images of this split ('all' for every one)."),
+    rfid: bool = typer.Option(True, "--rfid/--no-rfid", help="Compute rFID (Inception on CPU: minutes)."),
+    limit: Optional[int] = typer.Option(None, help="At most this many images."),
+    threads: int = typer.Option(1, help="torch CPU threads."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+) -> None:
+    """PSNR, codebook usage, tokens per image and rFID of the image tokenizer's reconstructions."""
+    import json
+
+    import torch
+
+    from racm3.tokenizers.image import ImageTokenizer
+    from racm3.tokenizers.image_train import evaluate_image_tokenizer, load_split_images
+
+    torch.set_num_threads(threads)
+    try:
+        tok = ImageTokenizer.from_pretrained(tokenizer_dir)
+        images = load_split_images(dataset_dir, None if split == "all" else split, tok.image_size, limit)
+    except (FileNotFoundError, ValueError) as exc:
+        _tokenizer_error(str(exc))
+    result = evaluate_image_tokenizer(tok, images, rfid=rfid)
+    result["split"] = split
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+    else:
+        for key, value in result.items():
+            typer.echo(f"{key}: {value}")
+
 
 # --- demo --------------------------------------------------------------------------------------

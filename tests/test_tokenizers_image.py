@@ -1,0 +1,106 @@
+"""VQ image tokenizer: quantizer invariant, shapes, save/load, and a tiny model that learns to reconstruct."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from racm3.tokenizers.image import ImageTokenizer, ImageTokenizerConfig, image_tokenizer_presets
+from racm3.tokenizers.image_train import ImageTrainConfig, evaluate_image_tokenizer, psnr, train_image_tokenizer
+
+
+def _shapes(n: int, size: int = 16, seed: int = 0) -> torch.Tensor:
+    """uint8 [n, 3, size, size]: coloured rectangles and discs on white, like flat emoji art."""
+    rng = np.random.default_rng(seed)
+    out = np.full((n, size, size, 3), 255, dtype=np.uint8)
+    yy, xx = np.mgrid[:size, :size]
+    for i in range(n):
+        colour = rng.integers(0, 256, 3)
+        cy, cx, r = rng.integers(4, size - 4, 2).tolist() + [int(rng.integers(2, 6))]
+        mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r if i % 2 else (abs(yy - cy) <= r) & (abs(xx - cx) <= r)
+        out[i][mask] = colour
+    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+
+def test_presets_are_data_with_the_documented_grids():
+    assert {"tiny", "emoji-8x8", "emoji-16x16"} <= set(image_tokenizer_presets())
+    assert ImageTokenizerConfig.from_preset("emoji-8x8").grid == (8, 8)
+    assert ImageTokenizerConfig.from_preset("emoji-16x16").tokens_per_image == 256
+    assert ImageTokenizerConfig.from_preset("emoji-8x8").codebook_size >= 512
+    with pytest.raises(ValueError, match="divisible"):
+        ImageTokenizerConfig(image_size=60, channels=(8, 16, 16, 16))
+    with pytest.raises(ValueError, match="preset"):
+        ImageTokenizerConfig.from_preset("huge")
+
+
+def test_quantized_latents_are_codebook_rows_at_the_returned_indices():
+    torch.manual_seed(0)
+    tok = ImageTokenizer("tiny")
+    x = _shapes(6).float() / 255
+    tok.train()
+    tok(x)  # first training batch: k-means initialises the codebook
+    tok.eval()
+    q, codes, _ = tok.quantize(x)  # [B, N, D], [B, N]
+    assert codes.shape == (6, tok.tokens_per_image) and codes.dtype == torch.long
+    assert torch.allclose(q, tok.codebook[codes], atol=1e-6)
+    assert torch.allclose(tok.decode(codes), tok.decode_latents(q).clamp(0, 1), atol=1e-6)
+
+
+def test_tiny_round_trip_shapes_and_pil(tmp_path):
+    torch.manual_seed(0)
+    tok = ImageTokenizer("tiny").eval()
+    pils = [Image.new("RGB", (16, 16), (255, 0, 0)), Image.new("RGB", (40, 40), (0, 0, 255))]  # 2nd is resized
+    codes = tok.encode(pils)
+    assert codes.shape == (2, 16) and 0 <= int(codes.min()) and int(codes.max()) < tok.codebook_size
+    assert torch.equal(codes, tok.encode(tok.to_tensor(pils)))  # PIL and tensor inputs agree
+    images = tok.decode(codes)
+    assert images.shape == (2, 3, 16, 16) and images.min() >= 0 and images.max() <= 1
+    out = tok.to_pil(images)
+    assert [im.size for im in out] == [(16, 16)] * 2 and out[0].mode == "RGB"
+    with pytest.raises(ValueError, match="codes"):
+        tok.decode(torch.zeros(1, 5, dtype=torch.long))
+
+
+def test_save_load_fp32_fp16_and_clear_errors(tmp_path):
+    torch.manual_seed(0)
+    tok = ImageTokenizer("tiny")
+    x = _shapes(4).float() / 255
+    tok.train(); tok(x); tok.eval()
+    tok.save_pretrained(tmp_path / "fp32")
+    again = ImageTokenizer.from_pretrained(tmp_path / "fp32")
+    assert torch.equal(again.encode(x), tok.encode(x))
+    assert torch.allclose(again.decode(tok.encode(x)), tok.decode(tok.encode(x)))
+    tok.save_pretrained(tmp_path / "fp16", dtype=torch.float16)
+    half = ImageTokenizer.from_pretrained(tmp_path / "fp16")
+    assert (half.decode(tok.encode(x)) - tok.decode(tok.encode(x))).abs().max() < 0.02
+    with pytest.raises(FileNotFoundError, match="racm3 train image-tokenizer"):
+        ImageTokenizer.from_pretrained(tmp_path / "missing")
+    cfg = json.loads((tmp_path / "fp32" / "config.json").read_text())
+    cfg["latent_dim"] = 4
+    (tmp_path / "fp32" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="does not match"):
+        ImageTokenizer.from_pretrained(tmp_path / "fp32")
+
+
+def test_tiny_training_beats_untrained_and_resumes(tmp_path):
+    images = _shapes(16)
+    torch.manual_seed(0)
+    before = evaluate_image_tokenizer(ImageTokenizer("tiny"), images, rfid=False)["psnr"]
+    cfg = ImageTrainConfig(steps=60, batch_size=8, lr=3e-3, warmup=10, checkpoint_every=30, log_every=30)
+    train_image_tokenizer(None, tmp_path, "tiny", cfg, images=images, progress=False)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train_image_tokenizer(None, tmp_path, "tiny", cfg, images=images, progress=False)
+    cfg = ImageTrainConfig(steps=120, batch_size=8, lr=3e-3, warmup=10, checkpoint_every=30, log_every=30)
+    summary = train_image_tokenizer(None, tmp_path, "tiny", cfg, resume=True, images=images, progress=False)
+    assert summary["steps"] == 120
+    after = evaluate_image_tokenizer(ImageTokenizer.from_pretrained(tmp_path), images, rfid=False)
+    print(f"tiny VQ PSNR untrained {before:.2f} dB -> trained {after['psnr']:.2f} dB")
+    assert after["psnr"] > before + 5 and after["psnr"] > 16.0
+    assert after["tokens_per_image"] == 16 and 0 < after["codebook_usage"] <= 1
+
+
+def test_psnr_known_answer():
+    a = torch.zeros(1, 3, 4, 4)
+    assert psnr(a, a + 0.1).item() == pytest.approx(20.0, abs=1e-4)
