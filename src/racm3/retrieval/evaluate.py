@@ -1,0 +1,105 @@
+"""Retrieval quality: recall@k through a memory, pure cross-modal recall@k, and cross-style recall (numpy over (D, I))."""
+
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import numpy as np
+
+from racm3.documents import Document
+from racm3.retrieval.encoder import Encoder
+from racm3.retrieval.memory import Memory
+
+KS = (1, 5, 10)
+
+
+def recall_at(hit_ranks: Sequence[int | None], ks: Sequence[int] = KS) -> dict[str, float]:
+    """hit_ranks: for each query, the rank (0-based) of its first correct result, or None."""
+    n = max(len(hit_ranks), 1)
+    return {f"recall@{k}": sum(r is not None and r < k for r in hit_ranks) / n for k in ks}
+
+
+def _first_hit(rows: np.ndarray, ok) -> int | None:
+    for rank, r in enumerate(rows):
+        if r >= 0 and ok(int(r)):
+            return rank
+    return None
+
+
+def memory_recall(memory: Memory, encoder: Encoder, docs: Sequence[Document], ks: Sequence[int] = KS) -> dict:
+    """Through the memory: a caption must find a document with that caption; an image must find its own document."""
+    memory.require_encoder(encoder.name)
+    kmax = max(ks)
+    docs_t = [d for d in docs if d.text is not None]
+    docs_i = [d for d in docs if d.image is not None]
+    out = {}
+    if docs_t:
+        hits = memory.search(encoder.embed_text([d.text for d in docs_t]), kmax)
+        ranks = [next((h.rank for h in hs if h.document.text == d.text), None) for d, hs in zip(docs_t, hits)]
+        out["text_to_image"] = recall_at(ranks, ks)
+    if docs_i:
+        hits = memory.search(encoder.embed_image([d.image for d in docs_i]), kmax)
+        ranks = [next((h.rank for h in hs if h.id == d.id), None) for d, hs in zip(docs_i, hits)]
+        out["image_to_text"] = recall_at(ranks, ks)
+    return out
+
+
+def cross_modal_recall(encoder: Encoder, docs: Sequence[Document], ks: Sequence[int] = KS) -> dict:
+    """Without a memory: captions against the documents' images alone, and images against the captions alone.
+
+    text->image: each distinct caption ranks all images; correct if an image of that caption is in the top k.
+    image->text: each image ranks all distinct captions; correct if its own caption is in the top k.
+    """
+    docs = [d for d in docs if d.text is not None and d.image is not None]
+    if not docs:
+        return {}
+    captions = sorted({d.text for d in docs})
+    cap_idx = {c: i for i, c in enumerate(captions)}
+    doc_cap = np.array([cap_idx[d.text] for d in docs])
+    t = encoder.embed_text(captions)  # (C, D)
+    im = encoder.embed_image([d.image for d in docs])  # (N, D)
+    sims = t @ im.T  # (C, N)
+    kmax = max(ks)
+    top_i = np.argsort(-sims, axis=1)[:, :kmax]  # (C, kmax) image indices
+    t2i = [_first_hit(row, lambda j, c=c: doc_cap[j] == c) for c, row in enumerate(top_i)]
+    top_t = np.argsort(-sims.T, axis=1)[:, :kmax]  # (N, kmax) caption indices
+    i2t = [_first_hit(row, lambda c, n=n: c == doc_cap[n]) for n, row in enumerate(top_t)]
+    return {"text_to_image": recall_at(t2i, ks), "image_to_text": recall_at(i2t, ks),
+            "captions": len(captions), "images": len(docs)}
+
+
+def cross_style_recall(memory: Memory, encoder: Encoder, docs: Sequence[Document], k: int = 5) -> dict:
+    """Ask with a document's image, with every document of its concept in its style removed from the memory;
+    correct if a document with the same caption in another style is in the top k."""
+    memory.require_encoder(encoder.name)
+    ids, meta, vecs = memory.scan()
+    texts = np.array([m.get("_text") or "" for m in meta], dtype=object)
+    concepts = np.array([m.get("concept") or "" for m in meta], dtype=object)
+    styles = np.array([m.get("style") or "" for m in meta], dtype=object)
+    queries = [d for d in docs if d.image is not None and d.meta.get("style") and d.meta.get("concept")]
+    if not queries:
+        return {f"recall@{k}": None, "queries": 0}
+    q = encoder.embed_image([d.image for d in queries])  # (Q, D)
+    sims = q @ vecs.T  # (Q, M)
+    ranks, answerable = [], 0
+    for n, d in enumerate(queries):
+        removed = (concepts == d.meta["concept"]) & (styles == d.meta["style"])
+        target = (texts == d.text) & (styles != d.meta["style"])
+        if not target.any():
+            continue  # no other-style drawing of this emoji in the memory
+        answerable += 1
+        s = np.where(removed, -np.inf, sims[n])
+        top = np.argsort(-s)[:k]
+        ranks.append(next((r for r, j in enumerate(top) if target[j]), None))
+    return {**recall_at(ranks, (1, k)), "queries": answerable}
+
+
+def text_query_latency(memory: Memory, encoder: Encoder, texts: Sequence[str], k: int = 2) -> float:
+    """Median milliseconds of one text query end to end (embedding + search), one query at a time."""
+    times = []
+    for t in texts:
+        t0 = time.perf_counter()
+        memory.search(encoder.embed_text([t]), k)
+        times.append((time.perf_counter() - t0) * 1000)
+    return float(np.median(times))

@@ -1,0 +1,213 @@
+"""Memory: round trips, remove/update, encoder identity, index rebuilds, a real SIGKILL mid-add, and the memory CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import faiss
+import numpy as np
+import pytest
+from PIL import Image
+
+from racm3.documents import Document
+from racm3.retrieval.memory import INDEX, INFO, EncoderMismatch, Memory, MemoryFolderError
+
+DIM = 8
+
+
+def make_docs(n: int, start: int = 0, seed: int = 0) -> tuple[list[Document], np.ndarray]:
+    rng = np.random.default_rng(seed)
+    docs = []
+    for i in range(start, start + n):
+        img = Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8))
+        segs = (img, f"caption {i}") if i % 3 else (f"caption {i}",)  # every third text-only
+        docs.append(Document(f"d{i}", segs, {"split": "train", "n": i}))
+    vecs = rng.normal(size=(n, DIM)).astype(np.float32)
+    return docs, vecs / np.linalg.norm(vecs, axis=1, keepdims=True)
+
+
+def consistent(mem: Memory) -> None:
+    """Store and index agree: same count, same rows, and every document is its own nearest neighbour."""
+    assert mem.index.ntotal == len(mem)
+    ids, _, vecs = mem.scan()
+    if ids:
+        hits = mem.search(vecs, 1)
+        assert [h[0].id for h in hits] == ids
+
+
+@pytest.mark.parametrize("index", ["flat", "hnsw", "ivfpq"])
+def test_add_search_get_round_trip(tmp_path, index):
+    docs, vecs = make_docs(60)
+    mem = Memory.create(tmp_path / "m", "enc-a", DIM, index=index)
+    mem.add(docs[:30], vecs[:30])
+    mem.add(docs[30:], vecs[30:])
+    assert len(mem) == 60 and mem.ids() == [d.id for d in docs]
+    hits = mem.search(vecs[[5, 7]], 3)
+    assert [h[0].id for h in hits] == ["d5", "d7"] and hits[0][0].rank == 0
+    if index != "ivfpq":  # PQ scores are approximate
+        assert hits[0][0].score == pytest.approx(1.0, abs=1e-5)
+    got = mem.get(["d7", "d3"])
+    assert got[0].text == "caption 7" and got[1].image is None
+    np.testing.assert_array_equal(np.asarray(got[0].image), np.asarray(docs[7].image))  # PNG is lossless
+    assert got[0].meta == {"split": "train", "n": 7}
+    np.testing.assert_allclose(mem.vectors(["d9"])[0], vecs[9])
+    mem.close()
+    with Memory.open(tmp_path / "m") as again:  # persisted, index loaded without a rebuild
+        assert again.info() == {"count": 60, "encoder": "enc-a", "dim": DIM, "index": index}
+        assert json.loads((tmp_path / "m" / INFO).read_text())["count"] == 60
+        consistent(again)
+
+
+@pytest.mark.parametrize("index", ["flat", "hnsw", "ivfpq"])
+def test_removed_documents_are_never_returned(tmp_path, index):
+    docs, vecs = make_docs(40)
+    mem = Memory.create(tmp_path / "m", "enc-a", DIM, index=index)
+    mem.add(docs, vecs)
+    mem.remove(["d3", "d10"])
+    returned = {h.id for hs in mem.search(vecs, 40) for h in hs}
+    assert "d3" not in returned and "d10" not in returned and len(mem) == 38
+    assert "d3" not in Memory.open(tmp_path / "m")
+    consistent(Memory.open(tmp_path / "m"))
+
+
+def test_remove_unknown_id_names_it_and_changes_nothing(tmp_path):
+    docs, vecs = make_docs(5)
+    mem = Memory.create(tmp_path / "m", "enc-a", DIM)
+    mem.add(docs, vecs)
+    gen = mem.generation
+    with pytest.raises(KeyError, match="nope"):
+        mem.remove(["d1", "nope"])
+    assert len(mem) == 5 and "d1" in mem and mem.generation == gen
+
+
+def test_add_existing_id_refused_and_update_replaces(tmp_path):
+    docs, vecs = make_docs(5)
+    mem = Memory.create(tmp_path / "m", "enc-a", DIM)
+    mem.add(docs, vecs)
+    with pytest.raises(KeyError, match="d2"):
+        mem.add(docs[2:3], vecs[2:3])
+    new = Document("d2", ("a new caption",), {})
+    fresh = np.full((1, DIM), DIM ** -0.5, np.float32)
+    mem.update([new], fresh)
+    assert mem.get(["d2"])[0].text == "a new caption" and len(mem) == 5
+    hit = mem.search(fresh, 1)[0][0]
+    assert hit.id == "d2" and hit.document.text == "a new caption" and hit.score == pytest.approx(1.0, abs=1e-5)
+    consistent(mem)
+
+
+def test_other_encoder_is_refused_naming_both(tmp_path):
+    docs, vecs = make_docs(3)
+    mem = Memory.create(tmp_path / "m", "enc-a", DIM)
+    mem.add(docs, vecs)
+    with pytest.raises(EncoderMismatch, match="enc-a.*enc-b"):
+        mem.search(vecs, 1, encoder_name="enc-b")
+    with pytest.raises(ValueError, match="dimension"):
+        mem.search(np.ones((1, DIM + 1), np.float32), 1)
+
+
+def test_open_missing_memory_and_create_twice(tmp_path):
+    with pytest.raises(MemoryFolderError, match="racm3 memory build"):
+        Memory.open(tmp_path / "none")
+    Memory.create(tmp_path / "m", "enc-a", DIM)
+    with pytest.raises(MemoryFolderError, match="already exists"):
+        Memory.create(tmp_path / "m", "enc-a", DIM)
+
+
+def test_lost_or_stale_index_is_rebuilt_from_store(tmp_path):
+    docs, vecs = make_docs(20)
+    mem = Memory.create(tmp_path / "m", "enc-a", DIM)
+    mem.add(docs[:10], vecs[:10])
+    stale = faiss.read_index(str(tmp_path / "m" / INDEX))
+    info = (tmp_path / "m" / INFO).read_text()
+    mem.add(docs[10:], vecs[10:])
+    # a crash after the store commit but before the index write: the old index and memory.json remain
+    faiss.write_index(stale, str(tmp_path / "m" / INDEX))
+    (tmp_path / "m" / INFO).write_text(info)
+    again = Memory.open(tmp_path / "m")
+    assert len(again) == 20
+    consistent(again)
+    os.remove(tmp_path / "m" / INDEX)
+    consistent(Memory.open(tmp_path / "m"))
+
+
+CHILD = textwrap.dedent("""
+    import sys
+    import numpy as np
+    from racm3.retrieval.memory import Memory
+    from tests.test_memory import make_docs
+    mem = Memory.open(sys.argv[1])
+    for b in range(1000):
+        docs, vecs = make_docs(20, start=100000 + b * 20, seed=b)
+        mem.add(docs, vecs)
+        print(b, flush=True)
+""")
+
+
+def test_sigkill_during_adds_leaves_a_consistent_memory(tmp_path):
+    docs, vecs = make_docs(50)
+    mem = Memory.create(tmp_path / "m", "enc-a", DIM)
+    mem.add(docs, vecs)
+    mem.close()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    rng = np.random.default_rng(0)
+    for attempt in range(3):
+        proc = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path / "m")], cwd=root,
+                                stdout=subprocess.PIPE, text=True)
+        for _ in range(3 + attempt):  # let it commit a few batches, then kill it at a random moment
+            proc.stdout.readline()
+        time.sleep(float(rng.uniform(0, 0.05)))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        again = Memory.open(tmp_path / "m")
+        assert len(again) >= 50 + 20 * 3 and (len(again) - 50) % 20 == 0  # whole batches only
+        consistent(again)
+        assert again.get(["d0"])[0].text == "caption 0"
+        again.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The memory CLI, with a tiny untrained encoder saved to a folder
+# ---------------------------------------------------------------------------------------------
+
+
+def test_memory_cli_build_info_search_remove(tmp_path):
+    from typer.testing import CliRunner
+
+    from racm3.cli import app
+    from racm3.documents import write_jsonl_dataset
+    from racm3.retrieval.encoder import EmojiEncoder, ImageTowerConfig
+
+    enc_dir = tmp_path / "enc"
+    EmojiEncoder.untrained(ImageTowerConfig(image_size=16, widths=(8, 16))).save_pretrained(enc_dir)
+    captions = ["flag: France", "pizza", "thumbs up", "red apple", "sun with face"]
+    docs = [Document(f"e{i}", (Image.new("RGB", (16, 16), (40 * i, 80, 200)), c), {"split": "train"})
+            for i, c in enumerate(captions)]
+    write_jsonl_dataset(docs, tmp_path / "data")
+    run = CliRunner().invoke
+    mem = str(tmp_path / "mem")
+    r = run(app, ["memory", "build", str(tmp_path / "data"), mem, "--encoder", str(enc_dir)])
+    assert r.exit_code == 0, r.output
+    r = run(app, ["memory", "info", mem, "--json"])
+    info = json.loads(r.stdout)
+    assert info["count"] == 5 and info["dim"] == 384 and info["index"] == "flat" and info["encoder"].startswith("emoji")
+    r = run(app, ["memory", "search", mem, "--text", "flag: France", "-k", "2", "--json", "--encoder", str(enc_dir)])
+    hits = json.loads(r.stdout)
+    assert hits[0]["text"] == "flag: France" and len(hits) == 2
+    assert set(hits[0]) == {"id", "score", "text", "image"} and os.path.exists(hits[0]["image"])
+    r = run(app, ["memory", "remove", mem, "e0"])
+    assert r.exit_code == 0
+    r = run(app, ["memory", "remove", mem, "e0"])
+    assert r.exit_code == 1 and "e0" in r.output
+    r = run(app, ["memory", "search", mem, "--text", "flag: France", "-k", "5", "--json", "--encoder", str(enc_dir)])
+    assert "e0" not in {h["id"] for h in json.loads(r.stdout)}
+    # another encoder (default: the shipped one, or a fresh tower) is refused with both names
+    other = tmp_path / "other"
+    EmojiEncoder.untrained(ImageTowerConfig(image_size=16, widths=(8, 16)), seed=5).save_pretrained(other)
+    r = run(app, ["memory", "search", mem, "--text", "pizza", "--encoder", str(other)])
+    assert r.exit_code == 1 and "built with encoder" in r.output
