@@ -67,7 +67,162 @@ def data_emoji(
 
 # --- memory ------------------------------------------------------------------------------------
 
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(1)
+
+
+def _add_dataset(memory, encoder, dataset_dir: Path, label: str) -> int:
+    """Embed every document of dataset_dir into memory with a progress bar; returns how many were added."""
+    from tqdm import tqdm
+
+    from racm3.retrieval.train_encoder import read_dataset
+
+    docs = read_dataset(dataset_dir)
+    with tqdm(total=len(docs), desc=label, unit="doc") as bar:
+        return memory.add_documents(docs, encoder, progress=bar.update)
+
+
+@memory_app.command("build")
+def memory_build(
+    dataset_dir: Path = typer.Argument(..., help="Dataset: docs.jsonl folder, Parquet, WebDataset shards, image folder."),
+    memory_dir: Path = typer.Argument(..., help="Memory folder (created if absent; documents added if present)."),
+    encoder: Optional[Path] = typer.Option(None, "--encoder", help="Encoder or model folder; default: the shipped one."),
+    index: str = typer.Option("flat", "--index", help="flat (exact), hnsw or ivfpq (approximate)."),
+) -> None:
+    """Embed a data set's documents into a memory (SQLite store + FAISS index)."""
+    import time
+
+    from racm3.retrieval import EncoderError, EncoderMismatch, Memory, load_encoder
+
+    t0 = time.perf_counter()
+    try:
+        enc = load_encoder(encoder)
+        mem = Memory.open_or_create(memory_dir, enc.name, enc.dim, index=index)
+        added = _add_dataset(mem, enc, dataset_dir, "embedding")
+    except (EncoderError, EncoderMismatch, KeyError, ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    typer.echo(f"added {added} documents to {memory_dir} ({len(mem)} in all, {mem.index_type} index) "
+               f"in {time.perf_counter() - t0:.1f}s", err=True)
+
+
+@memory_app.command("add")
+def memory_add(
+    memory_dir: Path = typer.Argument(..., help="An existing memory folder."),
+    dataset_dir: Path = typer.Argument(..., help="Documents to add (any reader format)."),
+    encoder: Optional[Path] = typer.Option(None, "--encoder", help="The encoder that built the memory; default: shipped."),
+) -> None:
+    """Add documents to a memory without retraining anything."""
+    from racm3.retrieval import EncoderError, EncoderMismatch, Memory, MemoryFolderError, load_encoder
+
+    try:
+        mem = Memory.open(memory_dir)
+        enc = load_encoder(encoder)
+        added = _add_dataset(mem, enc, dataset_dir, "adding")
+    except (EncoderError, EncoderMismatch, MemoryFolderError, KeyError, ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    typer.echo(f"added {added} documents ({len(mem)} in all)", err=True)
+
+
+@memory_app.command("remove")
+def memory_remove(
+    memory_dir: Path = typer.Argument(..., help="An existing memory folder."),
+    ids: list[str] = typer.Argument(..., help="Document ids to remove; an unknown id removes nothing."),
+) -> None:
+    """Remove documents from a memory; they are never returned again."""
+    from racm3.retrieval import Memory, MemoryFolderError
+
+    try:
+        mem = Memory.open(memory_dir)
+        mem.remove(ids)
+    except MemoryFolderError as exc:
+        _fail(str(exc))
+    except KeyError as exc:
+        _fail(f"{exc.args[0]}; nothing was removed")
+    typer.echo(f"removed {len(set(ids))} documents ({len(mem)} left)", err=True)
+
+
+@memory_app.command("info")
+def memory_info(
+    memory_dir: Path = typer.Argument(..., help="A memory folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print {count, encoder, dim, index} as JSON."),
+) -> None:
+    """What a memory holds and which encoder filled it."""
+    import json
+
+    from racm3.retrieval import Memory, MemoryFolderError
+
+    try:
+        info = Memory.open(memory_dir).info()
+    except MemoryFolderError as exc:
+        _fail(str(exc))
+    typer.echo(json.dumps(info) if as_json else "\n".join(f"{k}: {v}" for k, v in info.items()))
+
+
+@memory_app.command("search")
+def memory_search(
+    memory_dir: Path = typer.Argument(..., help="A memory folder."),
+    text: Optional[str] = typer.Option(None, "--text", help="Query text."),
+    image: Optional[Path] = typer.Option(None, "--image", help="Query image file."),
+    k: int = typer.Option(2, "-k", help="How many documents."),
+    encoder: Optional[Path] = typer.Option(None, "--encoder", help="The encoder that built the memory; default: shipped."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON list of {id, score, text, image}."),
+    save_images: Optional[Path] = typer.Option(None, "--save-images", help="Folder for the hits' images (JSON paths)."),
+) -> None:
+    """Search a memory with a text or an image (plain top-k by cosine, no selection rules)."""
+    import json
+    import tempfile
+
+    from racm3.documents import BadRecord, load_image
+    from racm3.retrieval import EncoderError, EncoderMismatch, Memory, MemoryFolderError, load_encoder
+
+    if (text is None) == (image is None):
+        _fail("give exactly one of --text TEXT or --image PATH")
+    try:
+        mem = Memory.open(memory_dir)
+        enc = load_encoder(encoder)
+        mem.require_encoder(enc.name)
+        query = enc.embed_text([text]) if text is not None else enc.embed_image([load_image(image)])
+        hits = mem.search(query, k)[0]
+    except (EncoderError, EncoderMismatch, MemoryFolderError, BadRecord) as exc:
+        _fail(str(exc))
+    out_dir = save_images
+    rows = []
+    for h in hits:
+        path = None
+        if h.document.image is not None:
+            if out_dir is None:
+                out_dir = Path(tempfile.mkdtemp(prefix="racm3-hits-"))
+            out_dir.mkdir(parents=True, exist_ok=True)
+            path = out_dir / f"{h.rank}-{''.join(c if c.isalnum() or c in '-_' else '_' for c in h.id)}.png"
+            h.document.image.save(path)
+        rows.append({"id": h.id, "score": round(h.score, 6), "text": h.document.text,
+                     "image": str(path) if path else None})
+    if as_json:
+        typer.echo(json.dumps(rows, ensure_ascii=False))
+    else:
+        for r in rows:
+            typer.echo(f"{r['score']:.3f}  {r['id']}  {r['text']!r}  {r['image'] or ''}")
+
 # --- train -------------------------------------------------------------------------------------
+
+
+@train_app.command("encoder")
+def train_encoder_cmd(
+    dataset_dir: Path = typer.Argument(..., help="Dataset (docs.jsonl folder, Parquet, shards, image folder); train split used."),
+    out_dir: Path = typer.Argument(..., help="Where the image tower goes (config.json + model.safetensors)."),
+    epochs: int = typer.Option(24, help="Passes over the train split."),
+    batch_size: int = typer.Option(128, help="Images per step."),
+    seed: int = typer.Option(0, help="Random seed (initialisation, order, augmentation)."),
+    threads: int = typer.Option(1, help="torch CPU threads."),
+) -> None:
+    """Train the embedded encoder's image tower into the frozen all-MiniLM-L6-v2 text space (LiT); resumes."""
+    from racm3.retrieval.train_encoder import TrainEncoderConfig, train_encoder
+
+    cfg = TrainEncoderConfig(epochs=epochs, batch_size=batch_size, seed=seed, threads=threads)
+    encoder = train_encoder(dataset_dir, out_dir, cfg, log=lambda m: typer.echo(m, err=True))
+    typer.echo(f"saved {encoder.name} to {out_dir}")
 
 
 def _tokenizer_error(message: str) -> None:
@@ -124,6 +279,44 @@ def train_text_tokenizer_cmd(
 # --- generate ----------------------------------------------------------------------------------
 
 # --- eval --------------------------------------------------------------------------------------
+
+
+@eval_app.command("retrieval")
+def eval_retrieval(
+    memory_dir: Path = typer.Argument(..., help="A memory folder built with the encoder under test."),
+    dataset_dir: Path = typer.Argument(..., help="Dataset whose documents are the queries."),
+    split: Optional[str] = typer.Option("heldout", "--split", help="Queries from this split only ('all' for every one)."),
+    encoder: Optional[Path] = typer.Option(None, "--encoder", help="The encoder that built the memory; default: shipped."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+) -> None:
+    """Recall@1/5/10 text->image and image->text: through the memory, and cross-modal within the split."""
+    import json
+
+    from racm3.retrieval import EncoderError, EncoderMismatch, Memory, MemoryFolderError, load_encoder
+    from racm3.retrieval.evaluate import cross_modal_recall, cross_style_recall, memory_recall, text_query_latency
+    from racm3.retrieval.train_encoder import read_dataset
+
+    try:
+        mem = Memory.open(memory_dir)
+        enc = load_encoder(encoder)
+        mem.require_encoder(enc.name)
+    except (EncoderError, EncoderMismatch, MemoryFolderError) as exc:
+        _fail(str(exc))
+    docs = read_dataset(dataset_dir, None if split in (None, "all") else split)
+    if not docs:
+        _fail(f"{dataset_dir}: no documents in split {split!r}")
+    result = {
+        "split": split, "queries": len(docs), "memory": mem.info(),
+        "through_memory": memory_recall(mem, enc, docs),
+        "cross_modal": cross_modal_recall(enc, docs),
+        "cross_style": cross_style_recall(mem, enc, docs, k=5),
+        "text_query_ms_median": round(text_query_latency(mem, enc, [d.text for d in docs[:100] if d.text]), 2),
+    }
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+    else:
+        for key, value in result.items():
+            typer.echo(f"{key}: {value}")
 
 
 @eval_app.command("image-tokenizer")
