@@ -29,7 +29,7 @@ def _image(seed: int) -> Image.Image:
 captions = st.text(min_size=1, max_size=30).filter(lambda s: s.strip())
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(st.lists(st.one_of(captions, st.integers(0, 1000)), min_size=1, max_size=4).filter(
     lambda segs: all(not (isinstance(a, str) and isinstance(b, str)) for a, b in zip(segs, segs[1:]))))
 def test_document_to_ids_and_back_is_exact(mm, segs):
@@ -79,3 +79,12 @@ def test_malformed_ids_give_clear_errors(mm):
         mm.ids_to_segments([v.mask_id(0)])
     with pytest.raises(ValueError, match="codes"):
         mm.codes_document_to_ids(["a", [1, 2, 3]])
+
+
+def test_save_and_load_the_model_folder_layout(mm, tmp_path):
+    mm.save_pretrained(tmp_path)
+    assert (tmp_path / "text_tokenizer" / "tokenizer.json").is_file()
+    assert (tmp_path / "image_tokenizer" / "model.safetensors").is_file()
+    again = MultimodalTokenizer.from_pretrained(tmp_path)
+    doc = Document("d", ("pizza", _image(5)))
+    assert again.document_to_ids(doc) == mm.document_to_ids(doc) and again.vocab == mm.vocab

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any, Sequence as Seq
 
 import torch
@@ -30,6 +32,20 @@ class MultimodalTokenizer:
             raise ValueError(f"Vocab(text_size={vocab.text_size}, image_size={vocab.image_size}) does not match the "
                              f"tokenizers (text {text.vocab_size}, codebook {image.codebook_size})")
         self.text, self.image, self.vocab = text, image, vocab
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | os.PathLike) -> "MultimodalTokenizer":
+        """Load MODEL_DIR/text_tokenizer/ and MODEL_DIR/image_tokenizer/ (DESIGN.md's model folder layout)."""
+        from racm3.tokenizers.image import ImageTokenizer
+
+        d = Path(model_dir)
+        return cls(TextTokenizer.from_pretrained(d / "text_tokenizer"), ImageTokenizer.from_pretrained(d / "image_tokenizer"))
+
+    def save_pretrained(self, model_dir: str | os.PathLike, **image_kwargs: Any) -> Path:
+        d = Path(model_dir)
+        self.text.save_pretrained(d / "text_tokenizer")
+        self.image.save_pretrained(d / "image_tokenizer", **image_kwargs)
+        return d
 
     @property
     def tokens_per_image(self) -> int:
