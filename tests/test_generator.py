@@ -17,27 +17,12 @@ from racm3.generator.data import ExampleBank, Recipe
 from racm3.generator.decode import Sampling, generate_image_codes, generate_text_ids
 from racm3.generator.loss import ra_cm3_loss
 from racm3.generator.model import build_model, check_vocab, get_preset, load_generator, save_generator
-from racm3.generator.train import TrainConfig, load_tokenizers, tokenize_documents, train
+from racm3.generator.train import TrainConfig, tokenize_documents, train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from generator_fixtures import shape_documents, write_shape_dataset, write_tiny_tokenizers  # noqa: E402
 
 STEPS = 80
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A tiny generator trained for STEPS steps on the shapes data (lessons only, no memory)."""
-    root = tmp_path_factory.mktemp("gen")
-    write_shape_dataset(root / "data")
-    write_tiny_tokenizers(root / "tok")
-    cfg = TrainConfig(dataset=root / "data", out=root / "run", tokenizers=root / "tok", preset="tiny", steps=STEPS,
-                      batch_size=16, lr=3e-3, warmup=5, log_every=5, eval_every=20, save_every=20, eval_docs=8,
-                      progress=False, save_dtype="float32", threads=1)
-    train(cfg)
-    mt = load_tokenizers(root / "tok")
-    model = load_generator(root / "run")
-    return root, cfg, mt, model
 
 
 def test_loss_is_main_plus_alpha_retrieved():

@@ -34,6 +34,11 @@ def _version(value: bool) -> None:
 def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                       help="Print the version and exit.")) -> None:
     """RA-CM3: retrieval-augmented multimodal generation."""
+    import os
+
+    # transformers draws a progress bar for every small checkpoint it loads or saves: noise on a command line.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 # --- data --------------------------------------------------------------------------------------
@@ -225,6 +230,46 @@ def train_encoder_cmd(
     typer.echo(f"saved {encoder.name} to {out_dir}")
 
 
+@train_app.command("generator")
+def train_generator_cmd(
+    dataset_dir: Path = typer.Argument(..., help="Dataset (docs.jsonl folder, Parquet, shards, image folder); train split used."),
+    memory_dir: Path = typer.Argument(..., help="Memory to retrieve training contexts from (train split only; unused with --k 0)."),
+    out_dir: Path = typer.Argument(..., help="Generator folder: config.json, model.safetensors, checkpoint.pt, train_log.jsonl."),
+    tokenizers: Optional[Path] = typer.Option(None, help="Model folder with text_tokenizer/ and image_tokenizer/; default: shipped."),
+    encoder: Optional[Path] = typer.Option(None, help="Encoder that filled the memory; default: shipped."),
+    preset: str = typer.Option("emoji-small", help="Generator size: tiny or emoji-small."),
+    k: int = typer.Option(2, "--k", help="At most k documents in context (0 = the no-retrieval CM3 baseline)."),
+    alpha: float = typer.Option(0.1, help="Loss weight of retrieved documents' tokens."),
+    copy_rate: float = typer.Option(0.35, help="Share of contexts holding the document itself (0 = the paper's rule)."),
+    sibling_rate: float = typer.Option(0.2, help="Share holding a same-concept, same-style sibling."),
+    cross_style_rate: float = typer.Option(0.2, help="Share holding the other art style's drawing of the concept."),
+    distractor_rate: float = typer.Option(0.25, help="Chance to add another concept's drawing where there is room."),
+    mask_rate: float = typer.Option(0.25, help="Share of sequences CM3-masked (the rest plain causal)."),
+    steps: int = typer.Option(1500, help="Optimizer steps."),
+    batch_size: int = typer.Option(24, help="Sequences per step (per process under torchrun)."),
+    lr: float = typer.Option(1e-3, help="Peak learning rate (AdamW, warmup then cosine)."),
+    seed: int = typer.Option(0, help="Random seed."),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's choice)."),
+    resume: bool = typer.Option(False, help="Continue from OUT_DIR/checkpoint.pt."),
+) -> None:
+    """Train the RA-CM3 generator on retrieval-augmented CM3 sequences (also under torchrun --nproc-per-node N)."""
+    from racm3.generator.data import Recipe
+    from racm3.generator.train import TrainConfig, train
+
+    try:
+        recipe = Recipe(k=k, alpha=alpha, copy_rate=copy_rate if k else 0.0, sibling_rate=sibling_rate if k else 0.0,
+                        cross_style_rate=cross_style_rate if k else 0.0, distractor_rate=distractor_rate,
+                        mask_rate=mask_rate)
+        cfg = TrainConfig(dataset=dataset_dir, memory=memory_dir if k else None, out=out_dir, tokenizers=tokenizers, encoder=encoder,
+                          preset=preset, steps=steps, batch_size=batch_size, lr=lr, seed=seed, threads=threads,
+                          resume=resume, recipe=recipe)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    last = train(cfg)
+    typer.echo(f"saved the generator to {out_dir}: " + ", ".join(f"{k_} {v:.3f}" for k_, v in last.items()
+                                                              if isinstance(v, float)))
+
+
 def _tokenizer_error(message: str) -> None:
     """Print a user-actionable error and exit 1 (tokenizer commands)."""
     typer.echo(f"error: {message}", err=True)
@@ -275,8 +320,98 @@ def train_text_tokenizer_cmd(
     path = tok.save_pretrained(out_dir)
     typer.echo(f"trained on {len(texts)} captions: {tok.vocab_size} tokens, saved {path}")
 
-
 # --- generate ----------------------------------------------------------------------------------
+
+
+def _load_model_and_memory(model_dir: Optional[Path], memory_dir: Optional[Path], k: int, generator: str = "generator"):
+    """The model (shipped by default) and the memory (the emoji memory, built on first use, by default)."""
+    from racm3.embedded import ensure_emoji_memory
+    from racm3.pipeline import RACM3
+    from racm3.retrieval.memory import Memory
+
+    try:
+        model = RACM3.from_pretrained(model_dir, generator=generator)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    if k == 0:
+        return model, None
+    log = lambda m: typer.echo(m, err=True)  # noqa: E731
+    path = memory_dir if memory_dir is not None else ensure_emoji_memory(model.encoder, log=log)
+    try:
+        return model, Memory.open(path)
+    except Exception as exc:  # a missing or foreign memory folder: say which and how to make one
+        _fail(f"{path}: {exc}")
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")[:60] or "output"
+
+
+@generate_app.command("image")
+def generate_image_cmd(
+    caption: str = typer.Argument(..., help="What to draw, e.g. 'flag: France'."),
+    memory: Optional[Path] = typer.Option(None, help="Memory folder; default: the emoji memory (built on first use)."),
+    model: Optional[Path] = typer.Option(None, help="Model folder; default: the shipped emoji-small."),
+    k: int = typer.Option(2, "-k", "--k", help="Documents retrieved into the context (0 = no retrieval)."),
+    samples: int = typer.Option(8, help="Images sampled; the best by the encoder's score is kept."),
+    guidance: float = typer.Option(3.0, help="Classifier-free guidance scale (1 = off)."),
+    temperature: float = typer.Option(1.0, help="Sampling temperature (0 = greedy)."),
+    top_p: float = typer.Option(0.9, help="Nucleus sampling mass."),
+    seed: int = typer.Option(0, help="Random seed."),
+    out: Optional[Path] = typer.Option(None, help="PNG to write; default racm3-output/CAPTION.png."),
+    as_json: bool = typer.Option(False, "--json", help="Print {image, sources, seconds} as JSON."),
+) -> None:
+    """Caption -> retrieve -> image: draw a caption, grounded in the documents retrieved for it."""
+    import json
+
+    m, mem = _load_model_and_memory(model, memory, k)
+    try:
+        result = m.generate_image(caption, memory=mem, k=k, num_samples=samples, guidance=guidance,
+                                  temperature=temperature, top_p=top_p, seed=seed)
+    except ValueError as exc:
+        _fail(str(exc))
+    path = out or Path("racm3-output") / f"{_slug(caption)}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    result.image.save(path)
+    payload = {"image": str(path), **{k_: v for k_, v in result.to_json().items() if k_ in ("sources", "seconds")}}
+    if as_json:
+        typer.echo(json.dumps(payload, ensure_ascii=False))
+    else:
+        typer.echo(f"wrote {path} in {result.seconds:.1f} s")
+        for h in result.sources:
+            typer.echo(f"  source {h.score:.3f}  {h.id}  {h.document.text!r}")
+
+
+@generate_app.command("text")
+def generate_text_cmd(
+    image_path: Path = typer.Argument(..., help="Image to caption (any size; converted to RGB)."),
+    memory: Optional[Path] = typer.Option(None, help="Memory folder; default: the emoji memory (built on first use)."),
+    model: Optional[Path] = typer.Option(None, help="Model folder; default: the shipped emoji-small."),
+    k: int = typer.Option(2, "-k", "--k", help="Documents retrieved into the context (0 = no retrieval)."),
+    samples: int = typer.Option(4, help="Captions sampled; the best by the encoder's score is kept."),
+    temperature: float = typer.Option(0.7, help="Sampling temperature (0 = greedy)."),
+    seed: int = typer.Option(0, help="Random seed."),
+    as_json: bool = typer.Option(False, "--json", help="Print {text, sources, seconds} as JSON."),
+) -> None:
+    """Image -> retrieve -> caption: name what an image shows, grounded in the documents retrieved for it."""
+    import json
+
+    from racm3.documents import BadRecord, load_image
+
+    try:
+        image = load_image(image_path)
+    except BadRecord as exc:
+        _fail(str(exc))
+    m, mem = _load_model_and_memory(model, memory, k)
+    result = m.generate_text(image, memory=mem, k=k, num_samples=samples, temperature=temperature, seed=seed)
+    payload = {"text": result.text, **{k_: v for k_, v in result.to_json().items() if k_ in ("sources", "seconds")}}
+    if as_json:
+        typer.echo(json.dumps(payload, ensure_ascii=False))
+    else:
+        typer.echo(result.text)
+        for h in result.sources:
+            typer.echo(f"  source {h.score:.3f}  {h.id}  {h.document.text!r}")
+
 
 # --- eval --------------------------------------------------------------------------------------
 
@@ -351,5 +486,21 @@ def eval_image_tokenizer_cmd(
         for key, value in result.items():
             typer.echo(f"{key}: {value}")
 
-
 # --- demo --------------------------------------------------------------------------------------
+
+
+@app.command("demo")
+def demo_cmd(
+    out: Path = typer.Option(Path("racm3-demo"), help="Folder for index.html and its images."),
+    model: Optional[Path] = typer.Option(None, help="Model folder; default: the shipped emoji-small."),
+    k: int = typer.Option(2, "-k", "--k", help="Documents retrieved into each context."),
+    samples: int = typer.Option(8, help="Images sampled per caption (best kept by the encoder's score)."),
+) -> None:
+    """Build the emoji data and memory if absent, generate both ways, write OUT/index.html with the sources."""
+    from racm3.demo import run_demo
+
+    try:
+        index = run_demo(out, model_dir=model, k=k, samples=samples, log=lambda m: typer.echo(m, err=True))
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    typer.echo(str(index.resolve()))

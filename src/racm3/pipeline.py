@@ -1,0 +1,146 @@
+"""RACM3: the public object tying retriever, tokenizers and generator together (caption->image, image->caption)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from PIL import Image
+
+from racm3.documents import Document, to_rgb
+from racm3.generator.decode import Sampling, generate_image_codes, generate_text_ids
+from racm3.generator.model import check_vocab, load_generator
+from racm3.retrieval.memory import Hit, Memory
+from racm3.tokenizers.multimodal import MultimodalTokenizer
+
+
+@dataclass
+class Output:
+    """One generation: the best sample, every sample with its encoder score, the sources it drew on."""
+
+    image: Image.Image | None = None
+    text: str | None = None
+    samples: list = field(default_factory=list)  # images or captions, best first
+    scores: list[float] = field(default_factory=list)  # encoder text-image cosine of each sample
+    sources: list[Hit] = field(default_factory=list)  # retrieved (or demonstration) documents, in context order
+    seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        return {"text": self.text, "scores": self.scores, "seconds": round(self.seconds, 3),
+                "sources": [{"id": h.id, "score": None if h.score is None else round(h.score, 4),
+                             "text": h.document.text} for h in self.sources]}
+
+
+def _caption(text: str) -> str:
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"the caption must be a non-empty string, got {text!r}")
+    return text.strip()
+
+
+class RACM3:
+    """Retrieval-augmented generation of images from text and text from images (Yasunaga et al. 2023).
+
+    A prompt's top-k documents from a memory (or the given demonstrations) are placed before it as
+    `<doc> ... </doc>` blocks, in the same order of caption and image as the prompt, and the generator
+    continues: after `<img>` exactly N image codes (caption->image), after `</img>` a caption.
+    """
+
+    def __init__(self, tokenizer: MultimodalTokenizer, generator, encoder):
+        self.tokenizer, self.generator, self.encoder = tokenizer, generator, encoder
+        self.vocab = tokenizer.vocab
+        check_vocab(generator, self.vocab, tokenizer.tokens_per_image)
+        self.image_base = int(generator.racm3["generator"]["image_base"])
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path | None = None, generator: str = "generator") -> "RACM3":
+        """A model folder with text_tokenizer/, image_tokenizer/, encoder/ and a generator folder; None = shipped."""
+        from racm3.generator.train import load_tokenizers
+        from racm3.pretrained import shipped_model_dir
+        from racm3.retrieval.encoder import load_encoder
+
+        root = Path(path) if path is not None else shipped_model_dir()
+        if not root.is_dir():
+            raise FileNotFoundError(f"{root}: no model folder here")
+        return cls(load_tokenizers(root), load_generator(root / generator), load_encoder(root / "encoder"))
+
+    # --- context -------------------------------------------------------------------------------
+    def retrieve(self, query: str | Image.Image, memory: Memory, k: int) -> list[Hit]:
+        """Top-k documents by the paper's rules, with no near-duplicate cut: a query found in memory answers itself."""
+        from racm3.retrieval.retriever import Retriever, RetrieverConfig
+
+        if k == 0:
+            return []
+        return Retriever(memory, self.encoder, RetrieverConfig(k=k, max_similarity=None)).retrieve(query)
+
+    def _context(self, query, memory: Memory | None, k: int, demos: Sequence[Document] | None) -> list[Hit]:
+        if demos is not None:
+            return [Hit(d.id, d, None, i) for i, d in enumerate(demos)]  # in-context learning: no retrieval
+        if memory is None or k == 0:
+            return []
+        return self.retrieve(query, memory, k)
+
+    def _doc_ids(self, doc: Document, text_first: bool) -> list[int]:
+        v, mt = self.vocab, self.tokenizer
+        text = v.text_to_vocab(mt.text.encode(doc.text)) if doc.text else []
+        image = []
+        if doc.image is not None:
+            image = [v.img_id, *v.image_to_vocab(mt.encode_images([doc.image])[0].tolist()), v.img_end_id]
+        return text + image if text_first else image + text
+
+    def _prefix(self, sources: list[Hit], text_first: bool) -> list[int]:
+        v = self.vocab
+        ids = [v.bos_id]
+        for h in sources:
+            ids += [v.doc_id, *self._doc_ids(h.document, text_first), v.doc_end_id]
+        return ids
+
+    # --- caption -> image ----------------------------------------------------------------------------
+    def generate_image(self, text: str, memory: Memory | None = None, k: int = 2, num_samples: int = 8,
+                       guidance: float = 3.0, temperature: float = 1.0, top_k: int = 0, top_p: float = 0.9,
+                       seed: int = 0, demos: Sequence[Document] | None = None) -> Output:
+        """Sample num_samples images for the caption and keep the best by the encoder's text-image score."""
+        t0 = time.perf_counter()
+        text = _caption(text)
+        sources = self._context(text, memory, k, demos)
+        v = self.vocab
+        prefix = self._prefix(sources, text_first=True)
+        prompt = prefix + v.text_to_vocab(self.tokenizer.text.encode(text)) + [v.img_id]
+        uncond = prefix + [v.mask_id(0), v.img_id]  # CM3Leon: the unconditional stream is the prompt masked
+        g = torch.Generator().manual_seed(seed)
+        codes = generate_image_codes(self.generator, v, [prompt] * num_samples, self.tokenizer.tokens_per_image,
+                                     self.image_base, Sampling(temperature, top_k, top_p, guidance),
+                                     uncond_prompts=[uncond] * num_samples, generator=g)
+        with torch.no_grad():
+            images = self.tokenizer.image.to_pil(self.tokenizer.image.decode(codes))
+        scores = (self.encoder.embed_image(images) @ self.encoder.embed_text([text])[0]).tolist()
+        order = sorted(range(num_samples), key=lambda i: -scores[i])
+        return Output(image=images[order[0]], samples=[images[i] for i in order], scores=[scores[i] for i in order],
+                      sources=sources, seconds=time.perf_counter() - t0)
+
+    # --- image -> caption ----------------------------------------------------------------------------
+    def generate_text(self, image: Image.Image, memory: Memory | None = None, k: int = 2, num_samples: int = 4,
+                      guidance: float = 1.0, temperature: float = 0.7, top_k: int = 0, top_p: float = 0.9,
+                      max_new_tokens: int = 32, seed: int = 0, demos: Sequence[Document] | None = None) -> Output:
+        """Sample num_samples captions for the image and keep the best by the encoder's text-image score."""
+        t0 = time.perf_counter()
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"generate_text takes a PIL image, got {type(image).__name__}")
+        image = to_rgb(image)
+        sources = self._context(image, memory, k, demos)
+        v = self.vocab
+        prefix = self._prefix(sources, text_first=False)
+        codes = self.tokenizer.encode_images([image])[0].tolist()
+        prompt = prefix + [v.img_id, *v.image_to_vocab(codes), v.img_end_id]
+        uncond = prefix + [v.img_id, v.mask_id(0), v.img_end_id]
+        g = torch.Generator().manual_seed(seed)
+        ids = generate_text_ids(self.generator, v, [prompt] * num_samples, self.tokenizer.tokens_per_image,
+                                self.image_base, Sampling(temperature, top_k, top_p, guidance),
+                                max_new_tokens=max_new_tokens, uncond_prompts=[uncond] * num_samples, generator=g)
+        captions = [self.tokenizer.text.decode(v.vocab_to_text(t)).strip() or "?" for t in ids]
+        scores = (self.encoder.embed_text(captions) @ self.encoder.embed_image([image])[0]).tolist()
+        order = sorted(range(num_samples), key=lambda i: -scores[i])
+        return Output(text=captions[order[0]], samples=[captions[i] for i in order],
+                      scores=[scores[i] for i in order], sources=sources, seconds=time.perf_counter() - t0)
