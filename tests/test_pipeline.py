@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from generator_fixtures import draw, shape_documents
@@ -63,3 +64,22 @@ def test_cli_generate_text_rejects_a_corrupt_image(tiny_model_dir, tmp_path):
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
     result = CliRunner().invoke(app, ["generate", "text", str(bad), "--model", str(tiny_model_dir[0])])
     assert result.exit_code != 0 and "not a readable image" in result.output
+
+
+def test_infill_image_keeps_the_visible_rows_and_redraws_the_hole(model):
+    image = draw("green", "triangle", "filled")
+    codes = model.tokenizer.encode_images([image])[0]
+    grid_w = model.tokenizer.image.grid[1]
+    out = model.infill_image(image, rows=(2, 4), caption="green triangle", memory=None, num_samples=2)
+    assert out.image.size == (16, 16) and out.codes.shape == (2, codes.numel())
+    first, last = 2 * grid_w, 4 * grid_w
+    for sample in out.codes:  # only the hidden rows change; the rest are the original codes
+        assert torch.equal(sample[:first], codes[:first]) and torch.equal(sample[last:], codes[last:])
+        assert int(sample.min()) >= 0 and int(sample.max()) < model.vocab.image_size
+    with pytest.raises(ValueError, match="code grid"):
+        model.infill_image(image, rows=(3, 9))
+
+
+def test_infill_text_fills_between_the_given_words(model):
+    out = model.infill_text(draw("red", "bar", "outline"), before="red", num_samples=2, max_new_tokens=4)
+    assert out.text.startswith("red") and len(out.samples) == 2

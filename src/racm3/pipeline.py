@@ -27,6 +27,7 @@ class Output:
     scores: list[float] = field(default_factory=list)  # encoder text-image cosine of each sample
     sources: list[Hit] = field(default_factory=list)  # retrieved (or demonstration) documents, in context order
     seconds: float = 0.0
+    codes: torch.Tensor | None = None  # image outputs: the VQ codes of each sample [num_samples, N], best first
 
     def to_json(self) -> dict:
         return {"text": self.text, "scores": self.scores, "seconds": round(self.seconds, 3),
@@ -118,7 +119,7 @@ class RACM3:
         scores = (self.encoder.embed_image(images) @ self.encoder.embed_text([text])[0]).tolist()
         order = sorted(range(num_samples), key=lambda i: -scores[i])
         return Output(image=images[order[0]], samples=[images[i] for i in order], scores=[scores[i] for i in order],
-                      sources=sources, seconds=time.perf_counter() - t0)
+                      sources=sources, seconds=time.perf_counter() - t0, codes=codes[order])
 
     # --- image -> caption ----------------------------------------------------------------------------
     def generate_text(self, image: Image.Image, memory: Memory | None = None, k: int = 2, num_samples: int = 4,
@@ -144,3 +145,66 @@ class RACM3:
         order = sorted(range(num_samples), key=lambda i: -scores[i])
         return Output(text=captions[order[0]], samples=[captions[i] for i in order],
                       scores=[scores[i] for i in order], sources=sources, seconds=time.perf_counter() - t0)
+
+    # --- infilling (CM3: the hole is a <mask:0> in place, its content generated after a trailing <mask:0>) -----
+    def infill_image(self, image: Image.Image, rows: tuple[int, int], caption: str | None = None,
+                     memory: Memory | None = None, k: int = 2, num_samples: int = 4, temperature: float = 1.0,
+                     top_p: float = 0.9, seed: int = 0, demos: Sequence[Document] | None = None) -> Output:
+        """Redraw code-grid rows [r0, r1) of an image, given the rest of it (and its caption, if any).
+
+        Retrieval uses the caption when given, else the image. Samples are reranked by the encoder's score
+        with the caption (or with the original image when there is no caption).
+        """
+        t0 = time.perf_counter()
+        image = to_rgb(image)
+        grid_h, grid_w = self.tokenizer.image.grid
+        r0, r1 = rows
+        if not 0 <= r0 < r1 <= grid_h:
+            raise ValueError(f"rows {rows} are not a range inside the {grid_h}-row code grid")
+        caption = _caption(caption) if caption is not None else None
+        sources = self._context(caption if caption is not None else image, memory, k, demos)
+        v = self.vocab
+        codes = self.tokenizer.encode_images([image])[0]  # [N], raster order
+        first, count = r0 * grid_w, (r1 - r0) * grid_w
+        kept = v.image_to_vocab(codes.tolist())
+        hole = [v.img_id, *kept[:first], v.mask_id(0), *kept[first + count:], v.img_end_id]
+        text = v.text_to_vocab(self.tokenizer.text.encode(caption)) if caption else []
+        prompt = self._prefix(sources, text_first=True) + text + hole + [v.mask_id(0)]
+        g = torch.Generator().manual_seed(seed)
+        new = generate_image_codes(self.generator, v, [prompt] * num_samples, self.tokenizer.tokens_per_image,
+                                   self.image_base, Sampling(temperature, 0, top_p), generator=g,
+                                   n_codes=count, first_cell=first)
+        full = codes.repeat(num_samples, 1)
+        full[:, first:first + count] = new
+        with torch.no_grad():
+            images = self.tokenizer.image.to_pil(self.tokenizer.image.decode(full))
+        target = self.encoder.embed_text([caption])[0] if caption else self.encoder.embed_image([image])[0]
+        scores = (self.encoder.embed_image(images) @ target).tolist()
+        order = sorted(range(num_samples), key=lambda i: -scores[i])
+        return Output(image=images[order[0]], samples=[images[i] for i in order], scores=[scores[i] for i in order],
+                      sources=sources, seconds=time.perf_counter() - t0, codes=full[order])
+
+    def infill_text(self, image: Image.Image, before: str, after: str = "", memory: Memory | None = None, k: int = 2,
+                    num_samples: int = 4, temperature: float = 0.7, max_new_tokens: int = 16, seed: int = 0,
+                    demos: Sequence[Document] | None = None) -> Output:
+        """Fill the blank between `before` and `after` in an image's caption ("flag: ___"); .text is the full caption."""
+        t0 = time.perf_counter()
+        image = to_rgb(image)
+        sources = self._context(image, memory, k, demos)
+        v, tt = self.vocab, self.tokenizer.text
+        codes = self.tokenizer.encode_images([image])[0].tolist()
+        img = [v.img_id, *v.image_to_vocab(codes), v.img_end_id]
+        hole = (v.text_to_vocab(tt.encode(before)) if before else []) + [v.mask_id(0)] + \
+            (v.text_to_vocab(tt.encode(after)) if after else [])
+        prompt = self._prefix(sources, text_first=False) + img + hole + [v.mask_id(0)]
+        g = torch.Generator().manual_seed(seed)
+        ids = generate_text_ids(self.generator, v, [prompt] * num_samples, self.tokenizer.tokens_per_image,
+                                self.image_base, Sampling(temperature, 0, 0.9), max_new_tokens=max_new_tokens,
+                                generator=g)
+        # decode the whole caption at once: byte-level BPE pieces only join correctly in one sequence
+        fills = [tt.decode(tt.encode(before) + v.vocab_to_text(t) + tt.encode(after)).strip() if before or after
+                 else tt.decode(v.vocab_to_text(t)).strip() for t in ids]
+        scores = (self.encoder.embed_text(fills) @ self.encoder.embed_image([image])[0]).tolist()
+        order = sorted(range(num_samples), key=lambda i: -scores[i])
+        return Output(text=fills[order[0]], samples=[fills[i] for i in order], scores=[scores[i] for i in order],
+                      sources=sources, seconds=time.perf_counter() - t0)

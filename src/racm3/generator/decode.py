@@ -133,26 +133,34 @@ def _split(logits: torch.Tensor, n_cond: int, guided: bool) -> tuple[torch.Tenso
 @torch.no_grad()
 def generate_image_codes(model, vocab: Vocab, prompts: list[list[int]], tokens_per_image: int, image_base: int,
                          sampling: Sampling = Sampling(), uncond_prompts: list[list[int]] | None = None,
-                         generator: torch.Generator | None = None, use_cache: bool = True) -> torch.Tensor:
-    """Codes [B, N] (0..image_size-1) for prompts that end with <img>; exactly N image ids, nothing else."""
-    if any(p[-1] != vocab.img_id for p in prompts):
-        raise ValueError("a caption->image prompt must end with <img>")
+                         generator: torch.Generator | None = None, use_cache: bool = True,
+                         n_codes: int | None = None, first_cell: int = 0) -> torch.Tensor:
+    """Codes [B, n] (0..image_size-1); exactly n image ids, nothing else.
+
+    Caption->image: prompts end with <img>, n = N cells from cell 0. Image infilling: prompts end with the
+    <mask:i> that opens the tail span, n = the hidden cells, first_cell = the first hidden cell.
+    """
+    if any(p[-1] != vocab.img_id and not vocab.is_mask(p[-1]) for p in prompts):
+        raise ValueError("an image prompt must end with <img> (generation) or <mask:i> (infilling)")
+    n_codes = tokens_per_image - first_cell if n_codes is None else n_codes
+    if first_cell < 0 or n_codes < 1 or first_cell + n_codes > tokens_per_image:
+        raise ValueError(f"cells {first_cell}..{first_cell + n_codes} do not fit an image of {tokens_per_image}")
     guided = uncond_prompts is not None and sampling.guidance != 1.0
     rows = prompts + (uncond_prompts if guided else [])
     streams = Streams(model, rows, vocab, image_base, tokens_per_image, use_cache)
     allowed = allowed_ids(vocab, "image", streams.ids.device)
     B = len(prompts)
     out = []
-    for k in range(tokens_per_image):
+    for k in range(n_codes):
         cond, uncond = _split(streams.logits, B, guided)
         uncond_lp = constrained_logprobs(uncond, allowed) if uncond is not None else None
         logp = guide(constrained_logprobs(cond, allowed), uncond_lp, sampling.guidance)
         tok = sample(logp, sampling, generator)  # [B]
         out.append(tok)
-        if k + 1 < tokens_per_image:
+        if k + 1 < n_codes:
             both = torch.cat([tok, tok]) if guided else tok
-            # image code k sits at image_base + k in every image (image-aligned positions)
-            streams.step(both, torch.full_like(both, image_base + k))
+            # the code of cell c sits at image_base + c in every image (image-aligned positions)
+            streams.step(both, torch.full_like(both, image_base + first_cell + k))
     return vocab.vocab_to_image(torch.stack(out, 1))
 
 
