@@ -129,3 +129,13 @@ def test_select_queries_one_per_concept_then_alternating_styles():
     assert [d.id for d in q] == [d.id for d in select_queries(_docs(), limit=6, seed=1)]  # deterministic
     with pytest.raises(ValueError, match="unknown rows"):
         KnowledgeConfig(rows=("ra_k3",))
+
+
+def test_cli_names_a_missing_model_folder(tmp_path):
+    from typer.testing import CliRunner
+
+    from racm3.cli import app
+
+    res = CliRunner().invoke(app, ["eval", "knowledge", "--model", str(tmp_path / "nope"), "--limit", "1"])
+    assert res.exit_code == 1
+    assert "nope" in res.output and "no model folder" in res.output

@@ -486,6 +486,45 @@ def eval_image_tokenizer_cmd(
         for key, value in result.items():
             typer.echo(f"{key}: {value}")
 
+
+@eval_app.command("knowledge")
+def eval_knowledge_cmd(
+    model: Optional[Path] = typer.Option(None, help="Model folder; default: the shipped emoji-small."),
+    baseline: Optional[Path] = typer.Option(None, help="No-retrieval baseline (model folder or generator folder); "
+                                            "default: generator_k0/ beside the model's generator."),
+    memory: Optional[Path] = typer.Option(None, help="Memory folder (only read); default: the emoji memory."),
+    dataset: Optional[Path] = typer.Option(None, help="Dataset folder (held-out split = queries); default: emoji."),
+    limit: int = typer.Option(100, help="Held-out query documents (one per concept first)."),
+    samples: int = typer.Option(4, help="Samples per output, reranked by the encoder."),
+    guidance: float = typer.Option(3.0, help="Classifier-free guidance for caption->image."),
+    rows: Optional[str] = typer.Option(None, help="Comma-separated rows to run; default: all seven."),
+    fid: bool = typer.Option(True, "--fid/--no-fid", help="Inception FID of each row's images."),
+    seed: int = typer.Option(0, help="Random seed (query choice and sampling)."),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's)."),
+    as_json: bool = typer.Option(False, "--json", help='Print {"rows": {...}} as JSON.'),
+) -> None:
+    """On held-out concepts: no retrieval vs retrieval only vs RA-CM3 (k=1, 2, cross-style, leave-one-out)."""
+    import json
+
+    import torch
+
+    from racm3.evaluation.knowledge import ROWS, KnowledgeConfig, format_table, knowledge
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    log = lambda m: typer.echo(m, err=True)  # noqa: E731  progress on stderr keeps --json clean
+    try:
+        cfg = KnowledgeConfig(limit=limit, samples=samples, guidance=guidance, seed=seed, fid=fid,
+                              rows=tuple(r.strip() for r in rows.split(",")) if rows else ROWS)
+        result = knowledge(model, baseline, memory, dataset, cfg, log=log)
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        _fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps(result, indent=2, ensure_ascii=False))
+    else:
+        typer.echo(format_table(result))
+        typer.echo(f"{result['queries']} held-out queries, {result['elapsed_s']} s")
+
 # --- demo --------------------------------------------------------------------------------------
 
 

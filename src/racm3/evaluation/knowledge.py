@@ -265,3 +265,39 @@ def format_table(result: dict) -> str:
                  (f"{vals[k]:.1f}" if k == "fid" and k in vals else str(vals.get(k, "-"))) for k, _ in COLUMNS]
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def load_models(model_dir: str | Path | None = None, baseline_dir: str | Path | None = None):
+    """The RA-CM3 model (shipped by default) and the no-retrieval baseline: `baseline_dir` (a model folder, or a
+    generator folder inside one), else the `generator_k0/` shipped beside the model's generator, else None."""
+    from racm3.pipeline import RACM3
+    from racm3.pretrained import shipped_model_dir
+
+    model = RACM3.from_pretrained(model_dir)
+    root = Path(model_dir) if model_dir is not None else shipped_model_dir()
+    if baseline_dir is None:
+        baseline = RACM3.from_pretrained(root, generator="generator_k0") if (root / "generator_k0").is_dir() else None
+    else:
+        b = Path(baseline_dir)
+        if not b.is_dir():
+            raise FileNotFoundError(f"{b}: no baseline here; pass a model folder or its generator_k0/ folder")
+        baseline = RACM3.from_pretrained(b) if (b / "text_tokenizer").is_dir() else \
+            RACM3.from_pretrained(b.parent, generator=b.name)
+    return model, baseline
+
+
+def knowledge(model_dir=None, baseline_dir=None, memory_dir=None, dataset_dir=None,
+              config: KnowledgeConfig | None = None, log: Callable[[str], None] = print) -> dict:
+    """`racm3 eval knowledge` end to end: defaults are the shipped model and the emoji data set and memory."""
+    from racm3.embedded import ensure_emoji_dataset, ensure_emoji_memory
+    from racm3.readers import read_documents
+
+    config = config or KnowledgeConfig()
+    model, baseline = load_models(model_dir, baseline_dir)
+    dataset = Path(dataset_dir) if dataset_dir is not None else ensure_emoji_dataset(log=log)
+    memory = Path(memory_dir) if memory_dir is not None else ensure_emoji_memory(model.encoder, log=log)
+    docs = list(read_documents(dataset))
+    result = run_knowledge_benchmark(model, memory, docs, config, baseline=baseline, log=log)
+    result.update(model=str(model_dir or "shipped"), baseline=str(baseline_dir or "generator_k0 beside the model"),
+                  memory=str(memory), dataset=str(dataset))
+    return result
