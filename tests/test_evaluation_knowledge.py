@@ -139,3 +139,44 @@ def test_cli_names_a_missing_model_folder(tmp_path):
     res = CliRunner().invoke(app, ["eval", "knowledge", "--model", str(tmp_path / "nope"), "--limit", "1"])
     assert res.exit_code == 1
     assert "nope" in res.output and "no model folder" in res.output
+
+
+def test_real_pipeline_rows_hide_the_right_documents(tmp_path):
+    """With the real RACM3 (tiny untrained generator, untrained encoder) and a real Memory: each row's retrieved
+    sources obey its rule, and the benchmark leaves the memory as it found it."""
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from generator_fixtures import shape_documents, write_tiny_tokenizers
+
+    from racm3.evaluation.knowledge import load_models, memory_copy, run_row, select_queries
+    from racm3.generator.model import build_model, get_preset, save_generator
+    from racm3.generator.train import load_tokenizers
+    from racm3.retrieval.encoder import EmojiEncoder
+
+    torch.manual_seed(0)
+    write_tiny_tokenizers(tmp_path)
+    mt = load_tokenizers(tmp_path)
+    save_generator(build_model(get_preset("tiny"), mt.vocab, mt.tokens_per_image), tmp_path / "generator")
+    EmojiEncoder.untrained().save_pretrained(tmp_path / "encoder")
+    model, baseline = load_models(tmp_path)
+    assert baseline is None  # no generator_k0/ here
+    docs = shape_documents()
+    with Memory.create(tmp_path / "mem", model.encoder.name, model.encoder.dim) as m:
+        m.add_documents(docs, model.encoder)
+    queries = select_queries(docs, 4)
+    cfg = KnowledgeConfig(limit=4, samples=1, directions=("caption_to_image",))
+    by_id = {d.id: d for d in docs}
+    with memory_copy(tmp_path / "mem") as mem:
+        ids, metas, _ = mem.scan()
+        meta = {i: (x.get("concept"), x.get("style")) for i, x in zip(ids, metas)}
+        for row, hidden in (("ra_k2_cross_style", lambda q, d: d.concept == q.concept and d.style == q.style),
+                            ("ra_k2_leave_one_out", lambda q, d: d.concept == q.concept)):
+            out = run_row(row, model, None, mem, queries, meta, cfg, log=lambda m: None)
+            assert len(out["images"]) == 4 and all(im.size == (16, 16) for im in out["images"])
+            assert all(len(src) == 2 for src in out["sources"])
+            assert not any(hidden(q, by_id[s]) for q, src in zip(queries, out["sources"]) for s in src)
+        assert len(mem) == len(docs)  # every hidden document was put back

@@ -154,7 +154,7 @@ def run_row(row: str, model, baseline, memory, queries: Sequence[Document], meta
     """Generate every query's image and caption under one row; returns outputs and timings (no metrics yet)."""
     who, k, removal = ROW_SPEC[row]
     gen = baseline if who == "baseline" else model
-    images, captions, t_img, t_cap, top_sources = [], [], [], [], []
+    images, captions, t_img, t_cap, sources = [], [], [], [], []
     for n, q in enumerate(queries):
         with without(memory, removed_ids(q, removal, meta)) as mem:
             mem = mem if k > 0 else None
@@ -167,7 +167,7 @@ def run_row(row: str, model, baseline, memory, queries: Sequence[Document], meta
                     image, hits, secs = out.image, out.sources, out.seconds
                 images.append(image)
                 t_img.append(secs)
-                top_sources.append(hits[0].id if hits else None)
+                sources.append([h.id for h in hits])
             if "image_to_caption" in config.directions:
                 if who == "retrieval":
                     text, _, secs = _retrieval_answer(model, q.image, memory, "text")
@@ -178,7 +178,7 @@ def run_row(row: str, model, baseline, memory, queries: Sequence[Document], meta
                 t_cap.append(secs)
         if (n + 1) % 25 == 0:
             log(f"  {row}: {n + 1}/{len(queries)}")
-    return {"images": images, "captions": captions, "t_img": t_img, "t_cap": t_cap, "top_sources": top_sources}
+    return {"images": images, "captions": captions, "t_img": t_img, "t_cap": t_cap, "sources": sources}
 
 
 def score_row(outputs: dict, queries: Sequence[Document], encoder, concept_names: Sequence[str],
