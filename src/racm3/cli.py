@@ -461,6 +461,7 @@ def eval_image_tokenizer_cmd(
     split: str = typer.Option("heldout", "--split", help="Images of this split ('all' for every one)."),
     rfid: bool = typer.Option(True, "--rfid/--no-rfid", help="Compute rFID (Inception on CPU: minutes)."),
     limit: Optional[int] = typer.Option(None, help="At most this many images."),
+    rfid_images: Optional[int] = typer.Option(None, help="rFID on the first N images only (default: all)."),
     threads: int = typer.Option(1, help="torch CPU threads."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ) -> None:
@@ -478,7 +479,7 @@ def eval_image_tokenizer_cmd(
         images = load_split_images(dataset_dir, None if split == "all" else split, tok.image_size, limit)
     except (FileNotFoundError, ValueError) as exc:
         _tokenizer_error(str(exc))
-    result = evaluate_image_tokenizer(tok, images, rfid=rfid)
+    result = evaluate_image_tokenizer(tok, images, rfid=rfid, rfid_images=rfid_images)
     result["split"] = split
     if as_json:
         typer.echo(json.dumps(result, indent=2))

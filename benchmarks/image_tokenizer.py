@@ -1,0 +1,52 @@
+"""Image tokenizer quality on held-out emoji: PSNR, codebook usage, rFID per tokenizer, plus a reconstruction sheet.
+
+Usage: python benchmarks/image_tokenizer.py DATASET_DIR TOKENIZER_DIR [TOKENIZER_DIR ...] [--no-rfid]
+Prints a table, writes benchmarks/results/image_tokenizer.json and image_tokenizer_recon.png (originals in the
+top row, then each tokenizer's reconstructions: the picture the README shows).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from racm3.tokenizers.image import ImageTokenizer
+from racm3.tokenizers.image_train import evaluate_image_tokenizer, load_split_images
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def main(argv: list[str]) -> None:
+    rfid = "--no-rfid" not in argv
+    args = [a for a in argv if not a.startswith("--")]
+    dataset, dirs = args[0], args[1:]
+    torch.set_num_threads(1)
+    images = load_split_images(dataset, "heldout")
+    rows, sheet_rows = [], [images[::100][:16]]
+    for d in dirs:
+        tok = ImageTokenizer.from_pretrained(d)
+        t0 = time.time()
+        res = evaluate_image_tokenizer(tok, images, rfid=rfid, rfid_images=800)
+        log = Path(d) / "train_log.jsonl"
+        train_s = json.loads(log.read_text().splitlines()[-1])["elapsed_s"] if log.is_file() else None
+        rows.append({"tokenizer": d, **res, "grid": list(tok.grid), "codebook_size": tok.codebook_size,
+                     "train_s": train_s, "eval_s": round(time.time() - t0, 1)})
+        with torch.no_grad():
+            sheet_rows.append((tok.decode(tok.encode(sheet_rows[0].float() / 255)) * 255).round().to(torch.uint8))
+    print(f"{'tokenizer':40s} {'grid':>6s} {'psnr':>7s} {'usage':>6s} {'rfid':>7s} {'train_s':>8s}")
+    for r in rows:
+        print(f"{r['tokenizer']:40s} {r['grid'][0]:>3d}x{r['grid'][1]:<2d} {r['psnr']:7.2f} {r['codebook_usage']:6.3f} "
+              f"{r['rfid'] if r['rfid'] is not None else float('nan'):7.2f} {r['train_s'] or float('nan'):8.0f}")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "image_tokenizer.json").write_text(json.dumps(rows, indent=2) + "\n")
+    grid = torch.cat([torch.cat(list(r), dim=2) for r in sheet_rows], dim=1)  # [3, rows*64, 16*64]
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(RESULTS / "image_tokenizer_recon.png")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
