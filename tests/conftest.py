@@ -25,7 +25,7 @@ def trained(tmp_path_factory):
     write_tiny_tokenizers(root / "tok")
     cfg = TrainConfig(dataset=root / "data", out=root / "run", tokenizers=root / "tok", preset="tiny", steps=STEPS,
                       batch_size=16, lr=3e-3, warmup=5, log_every=5, eval_every=20, save_every=20, eval_docs=8,
-                      progress=False, save_dtype="float32", threads=1)
+                      progress=False, save_dtype="float32", threads=1, snapshot_every=40)
     train(cfg)
     return root, cfg, load_tokenizers(root / "tok"), load_generator(root / "run")
 

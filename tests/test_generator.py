@@ -54,6 +54,8 @@ def test_resume_continues_from_the_checkpoint(trained, tmp_path):
     root, cfg, _, _ = trained
     ckpt = torch.load(root / "run" / "checkpoint.pt", weights_only=False)
     assert ckpt["step"] == STEPS
+    assert {p.name for p in (root / "run").glob("step-*")} == {"step-40", "step-80"}  # snapshots for curves
+    assert load_generator(root / "run" / "step-40").racm3 == load_generator(root / "run").racm3
     from dataclasses import replace
 
     more = replace(cfg, steps=STEPS + 5, resume=True)

@@ -251,6 +251,7 @@ def train_generator_cmd(
     seed: int = typer.Option(0, help="Random seed."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's choice)."),
     resume: bool = typer.Option(False, help="Continue from OUT_DIR/checkpoint.pt."),
+    snapshot_every: int = typer.Option(0, help="Keep a generator folder OUT_DIR/step-N every N steps (0 = off)."),
 ) -> None:
     """Train the RA-CM3 generator on retrieval-augmented CM3 sequences (also under torchrun --nproc-per-node N)."""
     from racm3.generator.data import Recipe
@@ -262,7 +263,7 @@ def train_generator_cmd(
                         mask_rate=mask_rate)
         cfg = TrainConfig(dataset=dataset_dir, memory=memory_dir if k else None, out=out_dir, tokenizers=tokenizers, encoder=encoder,
                           preset=preset, steps=steps, batch_size=batch_size, lr=lr, seed=seed, threads=threads,
-                          resume=resume, recipe=recipe)
+                          resume=resume, snapshot_every=snapshot_every, recipe=recipe)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     last = train(cfg)
