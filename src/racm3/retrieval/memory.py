@@ -192,7 +192,7 @@ class Memory:
             raise ValueError(f"query vectors have dimension {queries.shape[1]}, the memory {self.dim}")
         if k <= 0 or len(queries) == 0 or self.index.ntotal == 0:
             return [[] for _ in range(len(queries))]
-        scores, rows = self.index.search(queries, min(k, self.index.ntotal))
+        scores, rows = _search(self.index, queries, min(k, self.index.ntotal))
         wanted = sorted({int(r) for r in rows.ravel() if r >= 0})
         by_row = self._rows_by_row(wanted)
         out = []
@@ -398,6 +398,20 @@ CREATE TABLE documents (
 );
 CREATE TABLE images (row INTEGER NOT NULL, idx INTEGER NOT NULL, png BLOB NOT NULL, PRIMARY KEY (row, idx));
 """
+
+
+def _search(index: "faiss.Index", queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """index.search, on one thread for a few queries (OpenMP threads cost more than they save there)."""
+    import faiss
+
+    if len(queries) > 4:
+        return index.search(queries, k)
+    previous = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        return index.search(queries, k)
+    finally:
+        faiss.omp_set_num_threads(previous)
 
 
 def _connect(path: Path) -> sqlite3.Connection:
