@@ -271,6 +271,26 @@ def train_generator_cmd(
                                                               if isinstance(v, float)))
 
 
+@train_app.command("assemble")
+def train_assemble_cmd(
+    out_dir: Path = typer.Argument(..., help="Model folder to write into (e.g. src/racm3/pretrained/emoji-small)."),
+    text_tokenizer: Optional[Path] = typer.Option(None, help="Folder with tokenizer.json."),
+    image_tokenizer: Optional[Path] = typer.Option(None, help="Trained VQ folder (stored as float16)."),
+    encoder: Optional[Path] = typer.Option(None, help="Trained encoder folder."),
+    generator: Optional[Path] = typer.Option(None, help="Trained RA-CM3 generator folder."),
+    baseline: Optional[Path] = typer.Option(None, help="Trained no-retrieval (--k 0) generator folder."),
+) -> None:
+    """Put trained components into one model folder (weights and configs only); others already there stay."""
+    from racm3.pretrained import assemble
+
+    try:
+        path = assemble(out_dir, text_tokenizer=text_tokenizer, image_tokenizer=image_tokenizer, encoder=encoder,
+                        generator=generator, generator_k0=baseline)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    typer.echo(f"assembled {path}")
+
+
 def _tokenizer_error(message: str) -> None:
     """Print a user-actionable error and exit 1 (tokenizer commands)."""
     typer.echo(f"error: {message}", err=True)
