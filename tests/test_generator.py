@@ -170,3 +170,18 @@ def test_ddp_two_processes_train(tmp_path):
     assert meta["world_size"] == 2
     log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == 6 and math.isfinite(log[-1]["loss"])
+
+
+def test_training_retrieval_never_returns_heldout_or_self(tiny_model_dir):
+    """The memory holds held-out documents too; training candidates come from the train split only."""
+    from racm3.generator.train import retrieval_candidates
+
+    model_dir, memory_dir = tiny_model_dir
+    docs = shape_documents()
+    train_docs = [d for d in docs if d.split == "train"]
+    heldout_ids = {d.id for d in docs if d.split == "heldout"}
+    cands = retrieval_candidates(train_docs, memory_dir, model_dir / "encoder", k=4)
+    assert set(cands) == {d.id for d in train_docs}
+    found = [c for i, q in cands.items() for kind in ("text", "image") for c in q[kind]]
+    assert found and not heldout_ids & set(found)
+    assert all(i not in q["text"] + q["image"] for i, q in cands.items())

@@ -86,9 +86,10 @@ def test_remove_unknown_id_names_it_and_changes_nothing(tmp_path):
     assert len(mem) == 5 and "d1" in mem and mem.generation == gen
 
 
-def test_add_existing_id_refused_and_update_replaces(tmp_path):
+@pytest.mark.parametrize("index", ["flat", "hnsw", "ivfpq"])
+def test_add_existing_id_refused_and_update_replaces(tmp_path, index):
     docs, vecs = make_docs(5)
-    mem = Memory.create(tmp_path / "m", "enc-a", DIM)
+    mem = Memory.create(tmp_path / "m", "enc-a", DIM, index=index)
     mem.add(docs, vecs)
     with pytest.raises(KeyError, match="d2"):
         mem.add(docs[2:3], vecs[2:3])
@@ -98,7 +99,39 @@ def test_add_existing_id_refused_and_update_replaces(tmp_path):
     assert mem.get(["d2"])[0].text == "a new caption" and len(mem) == 5
     hit = mem.search(fresh, 1)[0][0]
     assert hit.id == "d2" and hit.document.text == "a new caption" and hit.score == pytest.approx(1.0, abs=1e-5)
+    assert mem.index.ntotal == 5  # the updated document is indexed once, in every index type
+    assert [h.id for h in mem.search(fresh, 5)[0]].count("d2") == 1
     consistent(mem)
+
+
+def test_ivfpq_retrains_as_the_memory_grows(tmp_path):
+    import faiss
+
+    mem = Memory.create(tmp_path / "m", "enc-a", DIM, index="ivfpq")
+    docs, vecs = make_docs(400)
+    mem.add(docs[:5], vecs[:5])
+    first = faiss.extract_index_ivf(mem.index).nlist
+    for s in range(5, 400, 50):  # batches, as add_documents writes them
+        mem.add(docs[s:s + 50], vecs[s:s + 50])
+    assert faiss.extract_index_ivf(mem.index).nlist > first  # retrained for the larger memory
+    assert mem.search(vecs[123:124], 1)[0][0].id == docs[123].id
+    consistent(mem)
+
+
+def test_add_documents_checks_every_id_before_writing(tmp_path):
+    docs, vecs = make_docs(6)
+
+    class Fixed:  # an encoder that returns the prepared vectors
+        name, dim = "enc-a", DIM
+
+        def embed_documents(self, ds):
+            return vecs[[int(d.id[1:]) for d in ds]]
+
+    mem = Memory.create(tmp_path / "m", "enc-a", DIM)
+    mem.add(docs[5:6], vecs[5:6])
+    with pytest.raises(KeyError, match="d5"):
+        mem.add_documents(docs, Fixed(), batch_size=2)  # d5 sits in the last batch
+    assert len(mem) == 1  # the first batches were not written
 
 
 def test_other_encoder_is_refused_naming_both(tmp_path):

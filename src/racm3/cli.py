@@ -78,13 +78,24 @@ def _fail(message: str) -> None:
     raise typer.Exit(1)
 
 
-def _add_dataset(memory, encoder, dataset_dir: Path, label: str) -> int:
-    """Embed every document of dataset_dir into memory with a progress bar; returns how many were added."""
+def _add_dataset(memory, encoder, dataset_dir: Path, label: str, strict: bool = False) -> int:
+    """Embed every document of dataset_dir into memory with a progress bar; returns how many were added.
+
+    Bad records (corrupt or huge images, empty captions, missing files) are skipped and summarised on stderr,
+    or stop the command at the first one with strict.
+    """
     from tqdm import tqdm
 
-    from racm3.retrieval.train_encoder import read_dataset
+    from racm3.documents import BadRecord
+    from racm3.readers import ReadReport, read_documents
 
-    docs = read_dataset(dataset_dir)
+    report = ReadReport()
+    try:
+        docs = list(read_documents(dataset_dir, strict=strict, report=report))
+    except BadRecord as exc:
+        _fail(f"{exc} (--strict)")
+    if report.skipped:
+        typer.echo(report.summary(), err=True)
     with tqdm(total=len(docs), desc=label, unit="doc") as bar:
         return memory.add_documents(docs, encoder, progress=bar.update)
 
@@ -94,7 +105,8 @@ def memory_build(
     dataset_dir: Path = typer.Argument(..., help="Dataset: docs.jsonl folder, Parquet, WebDataset shards, image folder."),
     memory_dir: Path = typer.Argument(..., help="Memory folder (created if absent; documents added if present)."),
     encoder: Optional[Path] = typer.Option(None, "--encoder", help="Encoder or model folder; default: the shipped one."),
-    index: str = typer.Option("flat", "--index", help="flat (exact), hnsw or ivfpq (approximate)."),
+    index: Optional[str] = typer.Option(None, "--index", help="flat (exact, the default), hnsw or ivfpq (approximate)."),
+    strict: bool = typer.Option(False, "--strict", help="Stop at the first bad record instead of skipping it."),
 ) -> None:
     """Embed a data set's documents into a memory (SQLite store + FAISS index)."""
     import time
@@ -104,8 +116,10 @@ def memory_build(
     t0 = time.perf_counter()
     try:
         enc = load_encoder(encoder)
-        mem = Memory.open_or_create(memory_dir, enc.name, enc.dim, index=index)
-        added = _add_dataset(mem, enc, dataset_dir, "embedding")
+        mem = Memory.open_or_create(memory_dir, enc.name, enc.dim, index=index or "flat")
+        if index is not None and mem.index_type != index:
+            _fail(f"{memory_dir} already holds a {mem.index_type} index; drop --index or build a new memory")
+        added = _add_dataset(mem, enc, dataset_dir, "embedding", strict)
     except (EncoderError, EncoderMismatch, KeyError, ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
     typer.echo(f"added {added} documents to {memory_dir} ({len(mem)} in all, {mem.index_type} index) "
@@ -117,6 +131,7 @@ def memory_add(
     memory_dir: Path = typer.Argument(..., help="An existing memory folder."),
     dataset_dir: Path = typer.Argument(..., help="Documents to add (any reader format)."),
     encoder: Optional[Path] = typer.Option(None, "--encoder", help="The encoder that built the memory; default: shipped."),
+    strict: bool = typer.Option(False, "--strict", help="Stop at the first bad record instead of skipping it."),
 ) -> None:
     """Add documents to a memory without retraining anything."""
     from racm3.retrieval import EncoderError, EncoderMismatch, Memory, MemoryFolderError, load_encoder
@@ -124,7 +139,7 @@ def memory_add(
     try:
         mem = Memory.open(memory_dir)
         enc = load_encoder(encoder)
-        added = _add_dataset(mem, enc, dataset_dir, "adding")
+        added = _add_dataset(mem, enc, dataset_dir, "adding", strict)
     except (EncoderError, EncoderMismatch, MemoryFolderError, KeyError, ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
     typer.echo(f"added {added} documents ({len(mem)} in all)", err=True)
@@ -291,12 +306,6 @@ def train_assemble_cmd(
     typer.echo(f"assembled {path}")
 
 
-def _tokenizer_error(message: str) -> None:
-    """Print a user-actionable error and exit 1 (tokenizer commands)."""
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(1)
-
-
 @train_app.command("image-tokenizer")
 def train_image_tokenizer_cmd(
     dataset_dir: Path = typer.Argument(..., help="Dataset folder (docs.jsonl + images/); only split == 'train' is used."),
@@ -316,7 +325,7 @@ def train_image_tokenizer_cmd(
         cfg = ImageTrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, threads=threads)
         summary = train_image_tokenizer(dataset_dir, out_dir, preset, cfg, resume=resume)
     except (FileNotFoundError, FileExistsError, ValueError) as exc:
-        _tokenizer_error(str(exc))
+        _fail(str(exc))
     typer.echo(f"saved image tokenizer ({summary['preset']}, {summary['steps']} steps, "
                f"{summary['elapsed_s']:.0f} s of training) to {out_dir}")
 
@@ -334,10 +343,10 @@ def train_text_tokenizer_cmd(
     try:
         texts = [t for d in read_jsonl_dataset(dataset_dir) if d.meta.get("split") == "train" for t in d.texts]
         if not texts:
-            _tokenizer_error(f"{dataset_dir}: no captions in the train split")
+            _fail(f"{dataset_dir}: no captions in the train split")
         tok = TextTokenizer.train(texts, vocab_size=vocab_size)
     except (FileNotFoundError, ValueError) as exc:
-        _tokenizer_error(str(exc))
+        _fail(str(exc))
     path = tok.save_pretrained(out_dir)
     typer.echo(f"trained on {len(texts)} captions: {tok.vocab_size} tokens, saved {path}")
 
@@ -386,10 +395,12 @@ def generate_image_cmd(
     import json
 
     m, mem = _load_model_and_memory(model, memory, k)
+    from racm3.retrieval.memory import MemoryFolderError
+
     try:
         result = m.generate_image(caption, memory=mem, k=k, num_samples=samples, guidance=guidance,
                                   temperature=temperature, top_p=top_p, seed=seed)
-    except ValueError as exc:
+    except (ValueError, MemoryFolderError) as exc:  # an empty caption; a memory filled by another encoder
         _fail(str(exc))
     path = out or Path("racm3-output") / f"{_slug(caption)}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -423,8 +434,13 @@ def generate_text_cmd(
         image = load_image(image_path)
     except BadRecord as exc:
         _fail(str(exc))
+    from racm3.retrieval.memory import MemoryFolderError
+
     m, mem = _load_model_and_memory(model, memory, k)
-    result = m.generate_text(image, memory=mem, k=k, num_samples=samples, temperature=temperature, seed=seed)
+    try:
+        result = m.generate_text(image, memory=mem, k=k, num_samples=samples, temperature=temperature, seed=seed)
+    except (ValueError, MemoryFolderError) as exc:
+        _fail(str(exc))
     payload = {"text": result.text, **{k_: v for k_, v in result.to_json().items() if k_ in ("sources", "seconds")}}
     if as_json:
         typer.echo(json.dumps(payload, ensure_ascii=False))
@@ -499,7 +515,7 @@ def eval_image_tokenizer_cmd(
         tok = ImageTokenizer.from_pretrained(tokenizer_dir)
         images = load_split_images(dataset_dir, None if split == "all" else split, tok.image_size, limit)
     except (FileNotFoundError, ValueError) as exc:
-        _tokenizer_error(str(exc))
+        _fail(str(exc))
     result = evaluate_image_tokenizer(tok, images, rfid=rfid, rfid_images=rfid_images)
     result["split"] = split
     if as_json:

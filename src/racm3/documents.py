@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -114,7 +115,7 @@ def load_image(source: str | os.PathLike | bytes, *, name: str = "") -> Image.Im
             raise
         except Image.DecompressionBombError as exc:  # Pillow's own guard fires first for huge headers
             raise BadRecord(f"{label}: image is over the pixel limit ({exc})") from None
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        except (OSError, SyntaxError, ValueError) as exc:
             raise BadRecord(f"{label}: not a readable image ({exc})") from None
     return to_rgb(image)
 
@@ -156,25 +157,30 @@ def document_from_record(record: dict[str, Any], root: Path) -> Document:
 def write_jsonl_dataset(docs: Iterable[Document], out_dir: str | os.PathLike) -> int:
     """Write documents as out_dir/docs.jsonl + out_dir/images/ID-N.png; returns the count.
 
-    The JSONL is written to a temporary file and renamed, so a crash never leaves half a dataset.
+    The JSONL is written to a temporary file and renamed, so a crash never leaves half a docs.jsonl (images
+    already written stay; they are named by document id, so a rerun overwrites them).
     """
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    tmp = out / "docs.jsonl.tmp"
+    fd, tmp_name = tempfile.mkstemp(prefix=".docs-", suffix=".jsonl", dir=out)
+    tmp = Path(tmp_name)
     count = 0
-    with open(tmp, "w", encoding="utf-8") as f:
-        for doc in docs:
-            segs = []
-            for i, seg in enumerate(doc.segments):
-                if isinstance(seg, str):
-                    segs.append({"text": seg})
-                else:
-                    rel = f"images/{_safe_name(doc.id)}-{i}.png"
-                    seg.save(out / rel)
-                    segs.append({"image": rel})
-            f.write(json.dumps({"id": doc.id, "segments": segs, **doc.meta}, ensure_ascii=False) + "\n")
-            count += 1
-    os.replace(tmp, out / "docs.jsonl")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for doc in docs:
+                segs = []
+                for i, seg in enumerate(doc.segments):
+                    if isinstance(seg, str):
+                        segs.append({"text": seg})
+                    else:
+                        rel = f"images/{_safe_name(doc.id)}-{i}.png"
+                        seg.save(out / rel)
+                        segs.append({"image": rel})
+                f.write(json.dumps({"id": doc.id, "segments": segs, **doc.meta}, ensure_ascii=False) + "\n")
+                count += 1
+        os.replace(tmp, out / "docs.jsonl")
+    finally:
+        tmp.unlink(missing_ok=True)  # after a failure: the old docs.jsonl, if any, stays as it was
     return count
 
 

@@ -48,7 +48,11 @@ def ensure_emoji_memory(encoder, path: Path | None = None, log=print) -> Path:
     try:
         with Memory.create(tmp / "memory", encoder.name, encoder.dim) as memory:
             memory.add_documents(list(read_documents(dataset)), encoder)
-        os.replace(tmp / "memory", path)
+        try:
+            os.replace(tmp / "memory", path)
+        except OSError:
+            if not (path / "memory.json").exists():  # another process finished first: use its memory
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path

@@ -40,7 +40,6 @@ _HAIR = re.compile(r"^(man|woman|person)_(red_hair|curly_hair|white_hair|blond_h
 # Sequences whose CLDR name lists the people in them after a colon ("family: man, woman, boy").
 _PEOPLE_LISTS = ("family", "kiss", "couple_with_heart")
 _PEOPLE = {"man", "woman", "boy", "girl", "adult", "child", "person"}
-_SKIN_MODIFIERS = {chr(c) for c in range(0x1F3FB, 0x1F400)}
 
 
 def is_flag(char: str) -> bool:

@@ -44,11 +44,6 @@ class Recipe:
         if self.k < 0:
             raise ValueError(f"k must be >= 0, got {self.k}")
 
-    @property
-    def retrieval_rate(self) -> float:
-        """The rest of the sequences use the paper's rule: retrieved candidates, k ~ U{0..K}."""
-        return 1.0 - self.copy_rate - self.sibling_rate - self.cross_style_rate
-
 
 @dataclass(frozen=True)
 class DocTokens:
@@ -115,7 +110,7 @@ class ExampleBank:
         if lesson is not None:
             # A lesson shares the context with a retrieved neighbour half the time: real contexts hold both.
             ctx = [lesson]
-            if recipe.k > 1 and retrieved and rng.random() < 0.5:
+            if recipe.k > 1 and retrieved and retrieved[0] != lesson and rng.random() < 0.5:
                 ctx.append(retrieved[0])
         else:
             n = int(rng.integers(0, recipe.k + 1))  # k ~ U{0..K}: the model also learns to work without retrieval
@@ -149,7 +144,3 @@ def batch(seqs: list[Sequence], vocab: Vocab, image_base: int, tokens_per_image:
         main[b, : len(s)] = torch.tensor([d == k for d in s.doc_index])
     out["main_mask"] = main
     return out
-
-
-def epoch_order(n: int, rng: np.random.Generator) -> list[int]:
-    return rng.permutation(n).tolist()

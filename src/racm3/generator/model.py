@@ -76,16 +76,29 @@ def build_model(cfg: GeneratorConfig, vocab: Vocab, tokens_per_image: int) -> Ll
 
 
 def save_generator(model: LlamaForCausalLM, out_dir: str | Path, dtype: torch.dtype | None = None) -> None:
-    """config.json + model.safetensors (Hugging Face layout) + racm3.json; dtype=bfloat16 halves the size."""
+    """config.json + model.safetensors (Hugging Face layout) + racm3.json; dtype=bfloat16 halves the size.
+
+    Written to a temporary folder beside out_dir and moved in file by file (weights last), so a kill
+    mid-save never leaves a truncated model.safetensors.
+    """
+    import copy
+    import os
+    import shutil
+    import tempfile
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     to_save = model
     if dtype is not None and dtype != next(model.parameters()).dtype:
-        import copy
-
         to_save = copy.deepcopy(model).to(dtype)
-    to_save.save_pretrained(out, safe_serialization=True)
-    (out / RACM3_FILE).write_text(json.dumps(model.racm3, indent=2))
+    tmp = Path(tempfile.mkdtemp(prefix=".saving-", dir=out))
+    try:
+        to_save.save_pretrained(tmp, safe_serialization=True)
+        (tmp / RACM3_FILE).write_text(json.dumps(model.racm3, indent=2))
+        for f in sorted(tmp.iterdir(), key=lambda p: p.name == "model.safetensors"):
+            os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_generator(path: str | Path) -> LlamaForCausalLM:
@@ -101,10 +114,6 @@ def load_generator(path: str | Path) -> LlamaForCausalLM:
     model.racm3["generator"] = {k: v for k, v in model.racm3["generator"].items() if k in names}
     model.eval()
     return model
-
-
-def generator_config(model: LlamaForCausalLM) -> GeneratorConfig:
-    return GeneratorConfig(**model.racm3["generator"])
 
 
 def check_vocab(model: LlamaForCausalLM, vocab: Vocab, tokens_per_image: int, where: str = "") -> None:

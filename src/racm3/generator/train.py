@@ -55,6 +55,14 @@ class TrainConfig:
     progress: bool = True
     recipe: Recipe = field(default_factory=Recipe)
 
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.lr <= 0 or self.warmup < 0:
+            raise ValueError(f"steps, batch_size and lr must be positive and warmup >= 0: {self.steps}, "
+                             f"{self.batch_size}, {self.lr}, {self.warmup}")
+        if self.save_dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"save_dtype must be float32, bfloat16 or float16, got {self.save_dtype!r}")
+        get_preset(self.preset)  # an unknown preset fails here, not after the precomputation
+
 
 # ---------------------------------------------------------------------------------------------
 # Precomputation: image codes and retrieval candidates, cached next to the run
@@ -170,7 +178,10 @@ def _load_split_documents(dataset: Path) -> tuple[list[Document], list[Document]
     for d in read_documents(dataset):
         if d.image is None or d.text is None:
             continue
-        (heldout if d.split == "heldout" else train).append(d)  # documents without a split train
+        if d.split in (None, "train"):  # documents without a split train; any other split is held out
+            train.append(d)
+        elif d.split == "heldout":
+            heldout.append(d)
     return train, heldout
 
 
@@ -198,12 +209,15 @@ def train(cfg: TrainConfig) -> dict:
     if not train_docs:
         raise ValueError(f"{cfg.dataset} holds no training documents with both an image and a caption")
     cache = out / "cache.pt"
-    if cache.exists():
-        cached = torch.load(cache, weights_only=False)
-    else:
+    # The cache is only valid for the inputs it was computed from: anything else recomputes it.
+    key = {"dataset": str(Path(cfg.dataset).resolve()), "memory": str(cfg.memory) if recipe.k else None,
+           "tokenizers": str(cfg.tokenizers), "encoder": str(cfg.encoder), "documents": len(train_docs),
+           "vocab": (vocab.text_size, vocab.image_size, n_img)}
+    cached = torch.load(cache, weights_only=False) if cache.exists() else None
+    if cached is None or cached.get("key") != key:
         cached = {"train": tokenize_documents(train_docs, mt), "heldout": tokenize_documents(heldout_docs, mt),
                   "candidates": (retrieval_candidates(train_docs, cfg.memory, cfg.encoder, seed=cfg.seed)
-                                 if cfg.memory is not None and recipe.k > 0 else {})}
+                                 if cfg.memory is not None and recipe.k > 0 else {}), "key": key}
         if rank == 0:
             _atomic_torch_save(cached, cache)
     bank = ExampleBank(cached["train"], cached["candidates"])
@@ -224,12 +238,14 @@ def train(cfg: TrainConfig) -> dict:
         opt.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
         rng = np.random.default_rng([cfg.seed, rank, step])
-    elif cfg.resume:
-        print(f"no checkpoint in {out}; starting from scratch")
+    elif ckpt_path.exists():
+        raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another OUT_DIR")
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     model.train()
 
     log_path = out / "train_log.jsonl"
+    if step == 0 and rank == 0 and log_path.exists():
+        log_path.unlink()  # a fresh run starts a fresh log; a resumed one appends
     meta = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
             "parameters": sum(p.numel() for p in model.parameters()), "world_size": world}
     if rank == 0:

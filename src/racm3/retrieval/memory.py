@@ -86,6 +86,7 @@ class Memory:
         self.dim = dim
         self.index_type = index_type
         self.index: "faiss.Index" = None  # type: ignore[assignment]
+        self._trained_on = 0  # vectors the ivfpq index was last trained on (set when it is built or loaded)
 
     # -- creation and opening ---------------------------------------------------------------------
 
@@ -221,15 +222,28 @@ class Memory:
         with self._conn:  # one transaction: all documents or none
             rows = [self._insert(doc, vec) for doc, vec in zip(docs, emb)]
             self._bump_generation()
-        if self.index_type == "ivfpq" and not self.index.is_trained:
-            self.rebuild_index()  # IVF-PQ trains on the stored vectors once there are some
+        if self.index_type == "ivfpq" and (not self.index.is_trained or len(self) >= 4 * max(self._trained_on, 1)):
+            # IVF-PQ trains on the stored vectors: first when there are some, again each time the memory has
+            # grown 4x since (lists and PQ codebooks sized for a tenth of the data serve it badly)
+            self.rebuild_index()
             return
         self.index.add_with_ids(emb, np.asarray(rows, dtype=np.int64))
         self._write_index()
 
     def add_documents(self, docs: Sequence[Document], encoder, batch_size: int = 512, progress=None) -> int:
-        """Embed documents with `encoder` (which must be the memory's) and add them, batch by batch."""
+        """Embed documents with `encoder` (which must be the memory's) and add them, batch by batch.
+
+        Ids are checked for repeats and presence before anything is written, so a bad list adds nothing.
+        """
         self.require_encoder(encoder.name)
+        ids = [d.id for d in docs]
+        if len(set(ids)) != len(ids):
+            repeated = next(i for i in ids if ids.count(i) > 1)
+            raise ValueError(f"the documents to add repeat the id {repeated!r}")
+        present = [i for i in ids if i in self]
+        if present:
+            raise KeyError(f"{self.path}: document id {present[0]!r} is already in the memory "
+                           f"({len(present)} ids in all); use update() to replace it")
         added = 0
         for s in range(0, len(docs), batch_size):
             chunk = docs[s:s + batch_size]
@@ -260,6 +274,9 @@ class Memory:
             self._conn.executemany("DELETE FROM documents WHERE row = ?", [(r,) for r in old])
             new = [self._insert(doc, vec) for doc, vec in zip(docs, emb)]
             self._bump_generation()
+        if self.index_type == "hnsw":  # HNSW cannot delete: one rebuild from the store covers old and new rows
+            self.rebuild_index()
+            return
         self._index_remove(old)
         self.index.add_with_ids(emb, np.asarray(new, dtype=np.int64))
         self._write_index()
@@ -272,6 +289,7 @@ class Memory:
             vecs.append(np.frombuffer(blob, dtype=np.float32))
         emb = np.stack(vecs) if vecs else np.zeros((0, self.dim), np.float32)
         index = _new_index(self.index_type, self.dim, n_train=len(rows))
+        self._trained_on = len(rows)
         if self.index_type == "ivfpq":
             if len(rows) == 0:
                 self.index = index
@@ -381,6 +399,7 @@ class Memory:
         elif self.index_type == "ivfpq":
             ivf = faiss.extract_index_ivf(index)
             ivf.nprobe = min(ivf.nlist, IVF_NPROBE)
+            self._trained_on = index.ntotal  # at least what it holds; a 4x growth from here retrains it
         return True
 
 
