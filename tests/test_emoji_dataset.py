@@ -1,6 +1,5 @@
 """The embedded emoji data set: CLDR names, concepts, the split, and the built set's contents."""
 
-import json
 from collections import Counter
 
 import numpy as np

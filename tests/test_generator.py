@@ -16,8 +16,8 @@ import torch
 from racm3.generator.data import ExampleBank, Recipe
 from racm3.generator.decode import Sampling, generate_image_codes, generate_text_ids
 from racm3.generator.loss import ra_cm3_loss
-from racm3.generator.model import build_model, check_vocab, get_preset, load_generator, save_generator
-from racm3.generator.train import TrainConfig, tokenize_documents, train
+from racm3.generator.model import check_vocab, load_generator, save_generator
+from racm3.generator.train import tokenize_documents, train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from generator_fixtures import shape_documents, write_shape_dataset, write_tiny_tokenizers  # noqa: E402

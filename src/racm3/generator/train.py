@@ -7,7 +7,6 @@ rank 0 evaluates, logs and saves).
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import tempfile
@@ -25,6 +24,7 @@ from racm3.generator.data import DocTokens, ExampleBank, Recipe, batch
 from racm3.generator.loss import ra_cm3_loss
 from racm3.generator.model import build_model, get_preset, save_generator
 from racm3.tokenizers.multimodal import MultimodalTokenizer
+from racm3.training import atomic_torch_save, warmup_cosine
 
 
 @dataclass
@@ -159,16 +159,7 @@ def context_benefit(model, bank: ExampleBank, eval_ids: list[str], vocab, recipe
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warmup, then cosine decay to min_lr_ratio * lr."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    t = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
-
-
-def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # a crash mid-save leaves the previous checkpoint intact
+    return warmup_cosine(step, cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio)
 
 
 def _load_split_documents(dataset: Path) -> tuple[list[Document], list[Document]]:
@@ -219,7 +210,7 @@ def train(cfg: TrainConfig) -> dict:
                   "candidates": (retrieval_candidates(train_docs, cfg.memory, cfg.encoder, seed=cfg.seed)
                                  if cfg.memory is not None and recipe.k > 0 else {}), "key": key}
         if rank == 0:
-            _atomic_torch_save(cached, cache)
+            atomic_torch_save(cached, cache)
     bank = ExampleBank(cached["train"], cached["candidates"])
     eval_bank = ExampleBank({**cached["heldout"]}) if cached["heldout"] else None
     eval_ids = []
@@ -285,7 +276,7 @@ def train(cfg: TrainConfig) -> dict:
             bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{tps:.0f}",
                             **({"ctx_benefit": f"{last['context_benefit']:.2f}"} if "context_benefit" in last else {}))
         if step % cfg.save_every == 0 or step == cfg.steps:
-            _atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step}, ckpt_path)
+            atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step}, ckpt_path)
             save_generator(model, out, dtype=getattr(torch, cfg.save_dtype))
         if cfg.snapshot_every and step % cfg.snapshot_every == 0:
             save_generator(model, out / f"step-{step}", dtype=getattr(torch, cfg.save_dtype))

@@ -16,6 +16,7 @@ import numpy as np
 from racm3.documents import Document
 from racm3.retrieval.encoder import (EmojiEncoder, ImageTowerConfig, MiniLMTextTower, build_image_tower,
                                      images_to_tensor)
+from racm3.training import atomic_torch_save, warmup_cosine
 
 
 @dataclass(frozen=True)
@@ -143,9 +144,7 @@ def train_encoder(dataset: str | os.PathLike | Sequence[Document], out_dir: str 
     total = cfg.epochs * steps_per_epoch
 
     def lr_at(step: int) -> float:  # linear warmup, cosine decay to 0
-        if step < cfg.warmup_steps:
-            return cfg.lr * (step + 1) / cfg.warmup_steps
-        return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)))
+        return warmup_cosine(step, total, cfg.lr, cfg.warmup_steps)
 
     gen = torch.Generator().manual_seed(cfg.seed)
     start_epoch, step = 0, 0
@@ -186,10 +185,8 @@ def train_encoder(dataset: str | os.PathLike | Sequence[Document], out_dir: str 
         acc = _train_accuracy(tower, images, targets, text_table)
         log(f"epoch {epoch + 1}: loss {running / steps_per_epoch:.4f}, temperature "
             f"{1 / parts['scale']:.4f}, train i->t top-1 {acc:.3f}, {time.time() - t_epoch:.0f}s")
-        torch.save({"config": asdict(cfg), "tower": tower.state_dict(), "logit_scale": float(logit_scale),
-                    "opt": opt.state_dict(), "gen": gen.get_state(), "epoch": epoch + 1, "step": step},
-                   out / "checkpoint.tmp")
-        os.replace(out / "checkpoint.tmp", ckpt)
+        atomic_torch_save({"config": asdict(cfg), "tower": tower.state_dict(), "logit_scale": float(logit_scale),
+                           "opt": opt.state_dict(), "gen": gen.get_state(), "epoch": epoch + 1, "step": step}, ckpt)
 
     tower.eval()
     encoder = EmojiEncoder(tower, cfg.tower, text_tower)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 
 from racm3.documents import BadRecord, load_image
 from racm3.tokenizers.image import ImageTokenizer, ImageTokenizerConfig
+from racm3.training import atomic_torch_save, warmup_cosine
 
 CHECKPOINT_FILE = "checkpoint.pt"
 LOG_FILE = "train_log.jsonl"
@@ -81,22 +81,13 @@ class ImageTrainConfig:
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up, then cosine decay to min_lr_ratio * lr."""
-        if step < self.warmup:
-            return self.lr * (step + 1) / self.warmup
-        t = (step - self.warmup) / max(1, self.steps - self.warmup)
-        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+        return warmup_cosine(step, self.steps, self.lr, self.warmup, self.min_lr_ratio)
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-image PSNR in dB of [B, 3, H, W] tensors in [0, 1] (capped at 100 dB for identical images)."""
     mse = (a.float() - b.float()).pow(2).flatten(1).mean(1)
     return (10 * torch.log10(1.0 / mse.clamp_min(1e-10))).clamp_max(100.0)
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def train_image_tokenizer(dataset_dir: str | os.PathLike, out_dir: str | os.PathLike, preset: str = "emoji-8x8",
@@ -137,7 +128,7 @@ def train_image_tokenizer(dataset_dir: str | os.PathLike, out_dir: str | os.Path
     model.train()
 
     def save(final: bool = False) -> None:
-        _atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+        atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
                             "elapsed_s": elapsed, "model_config": model_cfg.to_dict(),
                             "train_config": asdict(cfg)}, ckpt_path)
         model.save_pretrained(out)
