@@ -83,3 +83,20 @@ def test_infill_image_keeps_the_visible_rows_and_redraws_the_hole(model):
 def test_infill_text_fills_between_the_given_words(model):
     out = model.infill_text(draw("red", "bar", "outline"), before="red", num_samples=2, max_new_tokens=4)
     assert out.text.startswith("red") and len(out.samples) == 2
+
+
+def test_demo_writes_a_page_with_sources_and_outputs(tiny_model_dir, tmp_path):
+    from generator_fixtures import write_shape_dataset
+
+    from racm3.demo import run_demo
+
+    model_dir, memory_dir = tiny_model_dir
+    data = write_shape_dataset(tmp_path / "data")
+    index = run_demo(tmp_path / "demo", model_dir=model_dir, samples=2, log=lambda m: None,
+                     dataset_dir=data, memory_dir=memory_dir)
+    page = index.read_text()
+    assert page.count("<tr>") == 2 + 8 + 8  # two header rows, 8 captions, 8 images
+    assert "heldout" in page and "train" in page
+    images = list((tmp_path / "demo" / "images").glob("*.png"))
+    assert len([p for p in images if p.name.endswith("-out.png")]) == 8  # one generated image per caption
+    assert (tmp_path / "demo" / "summary.png").exists()

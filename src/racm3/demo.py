@@ -39,8 +39,33 @@ def _sources_html(images_dir: Path, prefix: str, sources) -> str:
     return "".join(cells) or "<small>none</small>"
 
 
-def run_demo(out_dir: Path, model_dir: Path | None = None, k: int = 2, samples: int = 8, log=print) -> Path:
-    """Build what is missing (data set, memory), generate both ways, write out_dir/index.html; returns its path."""
+def summary_sheet(rows: list[tuple[str, list, object, object]], path: Path, cell: int = 64) -> None:
+    """A PNG of caption->image rows: label, source thumbnails, generated image, reference (for the README)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=13)
+    label_w, pad = 260, 6
+    width = label_w + (2 + 2) * (cell + pad) + pad
+    sheet = Image.new("RGB", (width, len(rows) * (cell + pad) + pad + 20), "white")
+    draw = ImageDraw.Draw(sheet)
+    for x, head in ((label_w, "retrieved sources"), (label_w + 2 * (cell + pad), "generated"),
+                    (label_w + 3 * (cell + pad), "reference")):
+        draw.text((x, 2), head, fill="black", font=font)
+    for r, (label, sources, generated, reference) in enumerate(rows):
+        y = 20 + pad + r * (cell + pad)
+        draw.text((pad, y + cell // 2 - 8), label, fill="black", font=font)
+        for j, img in enumerate(sources[:2] + [None] * (2 - len(sources[:2])) + [generated, reference]):
+            if img is not None:
+                sheet.paste(img.resize((cell, cell)), (label_w + j * (cell + pad), y))
+    sheet.save(path)
+
+
+def run_demo(out_dir: Path, model_dir: Path | None = None, k: int = 2, samples: int = 8, log=print,
+             dataset_dir: Path | None = None, memory_dir: Path | None = None) -> Path:
+    """Build what is missing (data set, memory), generate both ways, write out_dir/index.html; returns its path.
+
+    dataset_dir / memory_dir default to the emoji set and its memory in the user cache (built on first use).
+    """
     from racm3.embedded import ensure_emoji_dataset, ensure_emoji_memory
     from racm3.pipeline import RACM3
     from racm3.readers import read_documents
@@ -48,15 +73,16 @@ def run_demo(out_dir: Path, model_dir: Path | None = None, k: int = 2, samples: 
 
     t0 = time.perf_counter()
     model = RACM3.from_pretrained(model_dir)
-    docs = list(read_documents(ensure_emoji_dataset(log=log)))
-    memory = Memory.open(ensure_emoji_memory(model.encoder, log=log))
+    docs = list(read_documents(dataset_dir or ensure_emoji_dataset(log=log)))
+    memory = Memory.open(memory_dir or ensure_emoji_memory(model.encoder, log=log))
     out_dir = Path(out_dir)
     images_dir = out_dir / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
-    rows_img, rows_txt = [], []
+    rows_img, rows_txt, sheet_rows = [], [], []
     for i, d in enumerate(pick_prompts(docs)):
         res = model.generate_image(d.text, memory=memory, k=k, num_samples=samples, seed=i)
         log(f"image for {d.text!r} ({d.split}) in {res.seconds:.1f} s")
+        sheet_rows.append((f"{d.text} ({d.split})", [h.document.image for h in res.sources], res.image, d.image))
         rows_img.append(f"<tr><td>{html.escape(d.text)}<br><small>{d.split}</small></td>"
                         f"<td>{_sources_html(images_dir, f'i{i}', res.sources)}</td>"
                         f"<td>{_img(images_dir, f'i{i}-out', res.image, 128)}</td>"
@@ -69,12 +95,14 @@ def run_demo(out_dir: Path, model_dir: Path | None = None, k: int = 2, samples: 
                         f"<td>{_sources_html(images_dir, f't{i}', res.sources)}</td>"
                         f"<td><b>{html.escape(res.text)}</b> {ok}</td><td>{html.escape(d.text)}</td></tr>")
     memory.close()
+    summary_sheet(sheet_rows, out_dir / "summary.png")
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>racm3 demo</title><style>
 body{{font-family:sans-serif;margin:2em}} td{{padding:6px;border-bottom:1px solid #ddd;vertical-align:middle}}
 .src{{display:inline-block;text-align:center;margin:0 8px;width:150px}} img{{image-rendering:pixelated}}
 </style></head><body><h1>racm3 demo</h1>
 <p>RA-CM3 on the embedded emoji memory ({len(docs)} documents), k={k}. Held-out concepts were never seen by the
 generator in training: what it draws or names for them comes from the retrieved sources.</p>
+<p><img src="summary.png" alt="caption to image summary"></p>
 <h2>Caption → image</h2><table><tr><th>caption</th><th>retrieved sources (score)</th><th>generated</th>
 <th>reference</th></tr>{''.join(rows_img)}</table>
 <h2>Image → caption</h2><table><tr><th>image</th><th>retrieved sources (score)</th><th>generated caption</th>
