@@ -2,7 +2,8 @@
 
     python benchmarks/generator_checks.py [--model DIR] [--memory DIR] [--dataset DIR] [--samples 4] [--limit 60]
 
-Rows (judge: the generated image's nearest concept name under the encoder is the right one):
+Rows (judge: the generated image's nearest concept name under the encoder is the right one; drawing judge:
+its nearest real drawing under the encoder's image tower belongs to the right concept, see judge.drawing_judge):
   flags_k2 / flags_k0    every held-out flag, caption -> image, default memory, with and without retrieval
   concepts_k2 / _k0      held-out concepts (one document each), caption -> image
   cross_style            only the other style's drawing of the concept as context (demos=)
@@ -29,7 +30,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from racm3.embedded import ensure_emoji_dataset, ensure_emoji_memory
-    from racm3.evaluation.judge import image_judge, name_accuracy
+    from racm3.evaluation.judge import drawing_judge, image_judge, name_accuracy
     from racm3.pipeline import RACM3
     from racm3.readers import read_documents
     from racm3.retrieval.memory import Memory
@@ -49,6 +50,8 @@ def main(argv: list[str] | None = None) -> dict:
     memory = Memory.open(args.memory or ensure_emoji_memory(model.encoder))
     names = sorted({d.concept for d in docs})
     name_vectors = model.encoder.embed_text(names)
+    drawn = [d for d in docs if d.image is not None]
+    drawings = (model.encoder.embed_image([d.image for d in drawn]), [d.concept for d in drawn])
     held = [d for d in docs if d.split == "heldout"]
     rng = random.Random(0)
     by_concept: dict[str, list] = {}
@@ -72,12 +75,27 @@ def main(argv: list[str] | None = None) -> dict:
     def judge(name, captions, concepts_, contexts=None, k=2, distractors=None):
         images, sec = caption_rows(captions, contexts or [None] * len(captions), k)
         res = image_judge(model.encoder, images, concepts_, names, name_vectors)
-        row = {"judge_accuracy": round(res.accuracy, 3), "n": len(captions), "seconds_per_image": round(sec, 2)}
+        dj = drawing_judge(model.encoder, images, concepts_, *drawings)
+        row = {"judge_accuracy": round(res.accuracy, 3), "drawing_judge_accuracy": round(dj.accuracy, 3),
+               "n": len(captions), "seconds_per_image": round(sec, 2)}
         if distractors is not None:
-            row["copied_distractor"] = round(sum(p == d for p, d in zip(res.predictions, distractors)) / len(captions), 3)
+            row["copied_distractor"] = round(sum(p == d for p, d in zip(dj.predictions, distractors)) / len(captions), 3)
         rows[name] = row
         print(f"{name:18s} {row}", file=sys.stderr, flush=True)
 
+    # Ceilings: the judges on the real held-out drawings and on their VQ reconstructions (what a perfect copy gets).
+    import torch as _t
+
+    refs = queries
+    with _t.no_grad():
+        recon = model.tokenizer.image.to_pil(model.tokenizer.image.decode(model.tokenizer.encode_images(
+            [q.image for q in refs])))
+    for name, imgs in (("real_drawings", [q.image for q in refs]), ("vq_reconstructions", recon)):
+        res = image_judge(model.encoder, imgs, [q.concept for q in refs], names, name_vectors)
+        dj = drawing_judge(model.encoder, imgs, [q.concept for q in refs], *drawings)
+        rows[name] = {"judge_accuracy": round(res.accuracy, 3), "drawing_judge_accuracy": round(dj.accuracy, 3),
+                      "n": len(refs)}
+        print(f"{name:18s} {rows[name]}", file=sys.stderr, flush=True)
     judge("flags_k2", flags, flags, k=2)
     judge("flags_k0", flags, flags, k=0)
     caps = [q.text for q in queries]
@@ -104,10 +122,10 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"rows": rows, "samples": args.samples, "model": str(args.model or "shipped")}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "generator_checks.json").write_text(json.dumps(result, indent=2, ensure_ascii=False))
-    print(f"{'row':18s} {'judge':>6s} {'name':>6s} {'copied distractor':>18s} {'n':>4s}")
+    print(f"{'row':18s} {'judge':>6s} {'drawing judge':>14s} {'name':>6s} {'copied distractor':>18s} {'n':>4s}")
     for name, r in rows.items():
-        print(f"{name:18s} {r.get('judge_accuracy', ''):>6} {r.get('name_accuracy', ''):>6} "
-              f"{r.get('copied_distractor', ''):>18} {r['n']:>4}")
+        print(f"{name:18s} {r.get('judge_accuracy', ''):>6} {r.get('drawing_judge_accuracy', ''):>14} "
+              f"{r.get('name_accuracy', ''):>6} {r.get('copied_distractor', ''):>18} {r['n']:>4}")
     return result
 
 

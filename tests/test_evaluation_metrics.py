@@ -144,6 +144,20 @@ def test_image_judge_picks_the_nearest_concept_name():
         image_judge(ColourEncoder(), images[:1], ["purple circle"], names)
 
 
+def test_drawing_judge_reads_the_concept_of_the_nearest_real_drawing():
+    from racm3.evaluation.judge import drawing_judge
+
+    enc = ColourEncoder()
+    refs = _blobs((230, 20, 20), 1, 0) + _blobs((20, 200, 20), 1, 0) + _blobs((20, 20, 230), 1, 0)
+    ref_concepts = ["tomato", "leaf", "sea"]
+    vectors = enc.embed_image(refs)
+    generated = _blobs((20, 20, 230), 1, 0) + _blobs((220, 30, 30), 1, 0)  # a sea-like and a tomato-like image
+    res = drawing_judge(enc, generated, ["sea", "leaf"], vectors, ref_concepts)
+    assert res.predictions == ["sea", "tomato"] and res.correct == [True, False] and res.accuracy == 0.5
+    with pytest.raises(ValueError, match="reference vectors"):
+        drawing_judge(enc, generated, ["sea", "leaf"], vectors[:2], ref_concepts)
+
+
 def test_name_match_normalises_and_works_at_concept_level():
     assert normalize("  Flag:   FRANCE. ") == "flag france"
     assert name_match("flag france", "flag: France")

@@ -87,3 +87,26 @@ def image_judge(encoder, images: Sequence[Image.Image], true_concepts: Sequence[
     predictions = [names[j] for j in best]
     correct = [p == c for p, c in zip(predictions, true_concepts)]
     return JudgeResult(float(np.mean(correct)), predictions, correct)
+
+
+def drawing_judge(encoder, images: Sequence[Image.Image], true_concepts: Sequence[str],
+                  reference_vectors: np.ndarray, reference_concepts: Sequence[str]) -> JudgeResult:
+    """Each image's nearest real drawing (cosine of the encoder's image vectors) belongs to its true concept.
+
+    image_judge needs an image tower that can *name* a drawing; the shipped one never saw held-out concepts
+    and names real held-out drawings right 31% of the time (held-out flags: 0%; train drawings: 98%).
+    Image-to-image neighbours generalise far better, so this judge reads a generated image's concept from
+    the closest drawing among reference_vectors (every drawing of the data set, both styles and splits;
+    reference_vectors = encoder.embed_image(those drawings), rows aligned with reference_concepts).
+    """
+    if len(images) != len(true_concepts):
+        raise ValueError(f"{len(images)} images but {len(true_concepts)} true concepts")
+    if len(reference_vectors) != len(reference_concepts):
+        raise ValueError(f"{len(reference_vectors)} reference vectors for {len(reference_concepts)} concepts")
+    if not images:
+        return JudgeResult(0.0, [], [])
+    im = encoder.embed_image(list(images))  # (N, D)
+    best = np.argmax(im @ np.asarray(reference_vectors).T, axis=1)  # (N,)
+    predictions = [reference_concepts[j] for j in best]
+    correct = [p == c for p, c in zip(predictions, true_concepts)]
+    return JudgeResult(float(np.mean(correct)), predictions, correct)

@@ -15,7 +15,7 @@ import numpy as np
 
 from racm3.documents import Document
 from racm3.evaluation.cider import cider_scores
-from racm3.evaluation.judge import image_judge, name_match
+from racm3.evaluation.judge import drawing_judge, image_judge, name_match
 
 # Rows of issue 6, item 2, in table order: (model, k, memory view). "baseline" is the generator trained with k=0.
 ROWS = ("no_retrieval", "ra_k0", "retrieval_only", "ra_k1", "ra_k2", "ra_k2_cross_style", "ra_k2_leave_one_out")
@@ -183,7 +183,7 @@ def run_row(row: str, model, baseline, memory, queries: Sequence[Document], meta
 
 def score_row(outputs: dict, queries: Sequence[Document], encoder, concept_names: Sequence[str],
               name_vectors: np.ndarray, reference_features: np.ndarray | None,
-              features_fn: Callable | None) -> dict:
+              features_fn: Callable | None, drawings: tuple[np.ndarray, list[str]] | None = None) -> dict:
     """FID and judge accuracy of the images, CIDEr-D and name accuracy of the captions, seconds per output."""
     from racm3.evaluation.fid import fid_from_features
 
@@ -192,6 +192,9 @@ def score_row(outputs: dict, queries: Sequence[Document], encoder, concept_names
         judge = image_judge(encoder, outputs["images"], [q.meta["concept"] for q in queries], concept_names,
                             name_vectors=name_vectors)
         res["judge_accuracy"] = round(judge.accuracy, 4)
+        if drawings is not None:  # the nearest real drawing's concept (see judge.drawing_judge)
+            dj = drawing_judge(encoder, outputs["images"], [q.meta["concept"] for q in queries], *drawings)
+            res["drawing_judge_accuracy"] = round(dj.accuracy, 4)
         if reference_features is not None and features_fn is not None and len(queries) >= 2:
             res["fid"] = round(fid_from_features(features_fn(outputs["images"]), reference_features), 2)
         res["seconds_per_image"] = round(float(np.mean(outputs["t_img"])), 3)
@@ -225,6 +228,8 @@ def run_knowledge_benchmark(model, memory_dir: str | Path, docs: Sequence[Docume
     concept_names = sorted({d.meta["concept"] for d in docs if d.meta.get("concept")})
     encoder = model.encoder
     name_vectors = encoder.embed_text(concept_names)  # (C, D), shared by every row's judge
+    drawn = [d for d in docs if d.image is not None and d.meta.get("concept")]
+    drawings = (encoder.embed_image([d.image for d in drawn]), [d.meta["concept"] for d in drawn])
     want_fid = config.fid and "caption_to_image" in config.directions
     ref = features_fn([q.image for q in queries]) if want_fid else None
     log(f"knowledge benchmark: {len(queries)} held-out queries over {len({q.meta['concept'] for q in queries})} "
@@ -241,7 +246,7 @@ def run_knowledge_benchmark(model, memory_dir: str | Path, docs: Sequence[Docume
             t0 = time.perf_counter()
             outputs = run_row(row, model, baseline, memory, queries, meta, config, log)
             rows[row] = score_row(outputs, queries, encoder, concept_names, name_vectors, ref,
-                                  features_fn if want_fid else None)
+                                  features_fn if want_fid else None, drawings)
             rows[row]["seconds"] = round(time.perf_counter() - t0, 1)
             log(f"{row}: " + ", ".join(f"{k}={v}" for k, v in rows[row].items() if not k.endswith("examples")))
     return {"rows": rows, "config": asdict(config), "queries": len(queries),
@@ -249,7 +254,7 @@ def run_knowledge_benchmark(model, memory_dir: str | Path, docs: Sequence[Docume
             "elapsed_s": round(time.perf_counter() - t_start, 1)}
 
 
-COLUMNS = (("fid", "c->i FID"), ("judge_accuracy", "c->i judge"), ("cider", "i->c CIDEr"),
+COLUMNS = (("fid", "c->i FID"), ("judge_accuracy", "c->i judge"), ("drawing_judge_accuracy", "c->i drawing judge"), ("cider", "i->c CIDEr"),
            ("name_accuracy", "i->c name"), ("seconds_per_image", "s/image"), ("seconds_per_caption", "s/caption"))
 
 
