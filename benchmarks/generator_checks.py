@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--samples", type=int, default=4)
     p.add_argument("--limit", type=int, default=60, help="held-out concepts for the non-flag rows")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rerank", choices=("caption", "source"), default="source")
+    p.add_argument("--out", type=Path, default=RESULTS / "generator_checks.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -66,7 +68,8 @@ def main(argv: list[str] | None = None) -> dict:
     def caption_rows(captions, contexts, k):
         images, t = [], time.perf_counter()
         for i, (cap, demos) in enumerate(zip(captions, contexts)):
-            out = model.generate_image(cap, memory=memory, k=k, num_samples=args.samples, seed=i, demos=demos)
+            out = model.generate_image(cap, memory=memory, k=k, num_samples=args.samples, seed=i, demos=demos,
+                                       rerank=args.rerank)
             images.append(out.image)
         return images, (time.perf_counter() - t) / max(1, len(captions))
 
@@ -119,9 +122,9 @@ def main(argv: list[str] | None = None) -> dict:
                                  "examples": [[c, g] for c, g in list(zip(caps, texts))[:8]]}
         print(f"caption_k{k:<10d} {rows[f'caption_k{k}']['name_accuracy']}", file=sys.stderr, flush=True)
     memory.close()
-    result = {"rows": rows, "samples": args.samples, "model": str(args.model or "shipped")}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "generator_checks.json").write_text(json.dumps(result, indent=2, ensure_ascii=False))
+    result = {"rows": rows, "samples": args.samples, "rerank": args.rerank, "model": str(args.model or "shipped")}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2, ensure_ascii=False))
     print(f"{'row':18s} {'judge':>6s} {'drawing judge':>14s} {'name':>6s} {'copied distractor':>18s} {'n':>4s}")
     for name, r in rows.items():
         print(f"{name:18s} {r.get('judge_accuracy', ''):>6} {r.get('drawing_judge_accuracy', ''):>14} "

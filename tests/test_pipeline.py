@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -100,3 +101,15 @@ def test_demo_writes_a_page_with_sources_and_outputs(tiny_model_dir, tmp_path):
     images = list((tmp_path / "demo" / "images").glob("*.png"))
     assert len([p for p in images if p.name.endswith("-out.png")]) == 8  # one generated image per caption
     assert (tmp_path / "demo" / "summary.png").exists()
+
+
+def test_source_reranking_scores_against_the_matching_source(model):
+    """rerank='source' anchors on the demo whose caption matches the prompt, whatever its position."""
+    demos = [d for d in shape_documents() if d.id in ("filled-blue-bar", "filled-red-circle")]
+    target = model._rerank_target("red circle", [model._context(None, None, 2, demos)[i] for i in (0, 1)], "source")
+    red = model.encoder.embed_image([next(d for d in demos if d.id == "filled-red-circle").image])[0]
+    assert np.allclose(target, red)
+    caption = model._rerank_target("red circle", [], "source")  # no sources: the caption's own vector
+    assert np.allclose(caption, model.encoder.embed_text(["red circle"])[0])
+    with pytest.raises(ValueError, match="rerank"):
+        model.generate_image("red circle", rerank="best")

@@ -101,8 +101,16 @@ class RACM3:
     # --- caption -> image ----------------------------------------------------------------------------
     def generate_image(self, text: str, memory: Memory | None = None, k: int = 2, num_samples: int = 8,
                        guidance: float = 3.0, temperature: float = 1.0, top_k: int = 0, top_p: float = 0.9,
-                       seed: int = 0, demos: Sequence[Document] | None = None) -> Output:
-        """Sample num_samples images for the caption and keep the best by the encoder's text-image score."""
+                       seed: int = 0, demos: Sequence[Document] | None = None, rerank: str = "source") -> Output:
+        """Sample num_samples images for the caption and keep the best by the encoder's score.
+
+        rerank="caption" is the paper's rule: the text-image score with the caption. rerank="source" (default)
+        scores each sample by image similarity to the source whose caption matches the prompt best (the text
+        tower is pretrained and knows every name; the image tower cannot name concepts it never saw, so the
+        caption score is near chance on held-out concepts), falling back to "caption" without image sources.
+        """
+        if rerank not in ("caption", "source"):
+            raise ValueError(f"rerank must be 'caption' or 'source', got {rerank!r}")
         t0 = time.perf_counter()
         text = _caption(text)
         sources = self._context(text, memory, k, demos)
@@ -116,10 +124,19 @@ class RACM3:
                                      uncond_prompts=[uncond] * num_samples, generator=g)
         with torch.no_grad():
             images = self.tokenizer.image.to_pil(self.tokenizer.image.decode(codes))
-        scores = (self.encoder.embed_image(images) @ self.encoder.embed_text([text])[0]).tolist()
+        scores = (self.encoder.embed_image(images) @ self._rerank_target(text, sources, rerank)).tolist()
         order = sorted(range(num_samples), key=lambda i: -scores[i])
         return Output(image=images[order[0]], samples=[images[i] for i in order], scores=[scores[i] for i in order],
                       sources=sources, seconds=time.perf_counter() - t0, codes=codes[order])
+
+    def _rerank_target(self, text: str, sources: list[Hit], rerank: str):
+        """The vector samples are scored against: the caption's, or the image of the best-matching source."""
+        caption = self.encoder.embed_text([text])[0]
+        drawn = [h.document for h in sources if h.document.image is not None and h.document.text]
+        if rerank == "caption" or not drawn:
+            return caption
+        anchor = drawn[int((self.encoder.embed_text([d.text for d in drawn]) @ caption).argmax())]
+        return self.encoder.embed_image([anchor.image])[0]
 
     # --- image -> caption ----------------------------------------------------------------------------
     def generate_text(self, image: Image.Image, memory: Memory | None = None, k: int = 2, num_samples: int = 4,
