@@ -51,10 +51,11 @@ def main(argv: list[str]) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "training_efficiency.json").write_text(json.dumps(res, indent=2))
     png = plot_efficiency(res, RESULTS / "training_efficiency.png")
-    print(f"| run | step | judge | FID |\n|---|---|---|---|")
+    print(f"| run | step | caption judge | drawing judge | FID |\n|---|---|---|---|---|")
     for label, points in res["curves"].items():
         for pt in points:
-            print(f"| {label} | {pt['step']} | {pt['judge_accuracy']:.3f} | {pt.get('fid', '-')} |")
+            print(f"| {label} | {pt['step']} | {pt['judge_accuracy']:.3f} | {pt.get('drawing_judge_accuracy', '-')} "
+                  f"| {pt.get('fid', '-')} |")
     print(f"wrote {RESULTS / 'training_efficiency.json'} and {png}")
 
 
