@@ -374,7 +374,10 @@ def _load_model_and_memory(model_dir: Optional[Path], memory_dir: Optional[Path]
 
 
 def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")[:60] or "output"
+    """A file name for a caption: 'flag: France' -> 'flag-france'."""
+    import re
+
+    return re.sub(r"[^0-9a-z]+", "-", text.lower()).strip("-")[:60] or "output"
 
 
 @generate_app.command("image")
