@@ -137,7 +137,7 @@ def test_save_load_round_trip_and_vocab_check(trained, tmp_path):
         load_generator(tmp_path)
 
 
-def test_contexts_never_mix_splits_and_follow_the_recipe(trained):
+def test_contexts_follow_the_recipe(trained):
     root, _, mt, _ = trained
     docs = [d for d in shape_documents() if d.split == "train"]
     bank = ExampleBank(tokenize_documents(docs, mt))

@@ -44,7 +44,8 @@ def test_no_retrieval_and_generate_text(model, tiny_model_dir):
     assert out.sources == []
     with Memory.open(tiny_model_dir[1]) as memory:
         cap = model.generate_text(draw("blue", "square", "filled"), memory=memory, k=1, num_samples=2)
-    assert cap.text and len(cap.sources) == 1
+    assert len(cap.sources) == 1 and cap.text == cap.samples[0]
+    assert cap.scores == sorted(cap.scores, reverse=True) and all(isinstance(c, str) and c for c in cap.samples)
     with pytest.raises(ValueError, match="non-empty"):
         model.generate_image("   ", memory=None)
 
