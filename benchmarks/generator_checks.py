@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> dict:
     from racm3.evaluation.judge import drawing_judge, image_judge, name_accuracy
     from racm3.pipeline import RACM3
     from racm3.readers import read_documents
+    from racm3.retrieval.encoder import load_encoder
     from racm3.retrieval.memory import Memory
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -43,6 +44,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--limit", type=int, default=60, help="held-out concepts for the non-flag rows")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rerank", choices=("caption", "source"), default="source")
+    p.add_argument("--judge-encoder", type=Path, help="encoder the judges use (default: the model's own); e.g. "
+                   "a tower trained on every concept: racm3 train encoder DATA OUT --split all")
     p.add_argument("--out", type=Path, default=RESULTS / "generator_checks.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -50,10 +53,11 @@ def main(argv: list[str] | None = None) -> dict:
     model = RACM3.from_pretrained(args.model)
     docs = list(read_documents(args.dataset or ensure_emoji_dataset()))
     memory = Memory.open(args.memory or ensure_emoji_memory(model.encoder))
+    judge_encoder = load_encoder(args.judge_encoder) if args.judge_encoder else model.encoder
     names = sorted({d.concept for d in docs})
-    name_vectors = model.encoder.embed_text(names)
+    name_vectors = judge_encoder.embed_text(names)
     drawn = [d for d in docs if d.image is not None]
-    drawings = (model.encoder.embed_image([d.image for d in drawn]), [d.concept for d in drawn])
+    drawings = (judge_encoder.embed_image([d.image for d in drawn]), [d.concept for d in drawn])
     held = [d for d in docs if d.split == "heldout"]
     rng = random.Random(0)
     by_concept: dict[str, list] = {}
@@ -77,8 +81,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     def judge(name, captions, concepts_, contexts=None, k=2, distractors=None):
         images, sec = caption_rows(captions, contexts or [None] * len(captions), k)
-        res = image_judge(model.encoder, images, concepts_, names, name_vectors)
-        dj = drawing_judge(model.encoder, images, concepts_, *drawings)
+        res = image_judge(judge_encoder, images, concepts_, names, name_vectors)
+        dj = drawing_judge(judge_encoder, images, concepts_, *drawings)
         row = {"judge_accuracy": round(res.accuracy, 3), "drawing_judge_accuracy": round(dj.accuracy, 3),
                "n": len(captions), "seconds_per_image": round(sec, 2)}
         if distractors is not None:
@@ -94,8 +98,8 @@ def main(argv: list[str] | None = None) -> dict:
         recon = model.tokenizer.image.to_pil(model.tokenizer.image.decode(model.tokenizer.encode_images(
             [q.image for q in refs])))
     for name, imgs in (("real_drawings", [q.image for q in refs]), ("vq_reconstructions", recon)):
-        res = image_judge(model.encoder, imgs, [q.concept for q in refs], names, name_vectors)
-        dj = drawing_judge(model.encoder, imgs, [q.concept for q in refs], *drawings)
+        res = image_judge(judge_encoder, imgs, [q.concept for q in refs], names, name_vectors)
+        dj = drawing_judge(judge_encoder, imgs, [q.concept for q in refs], *drawings)
         rows[name] = {"judge_accuracy": round(res.accuracy, 3), "drawing_judge_accuracy": round(dj.accuracy, 3),
                       "n": len(refs)}
         print(f"{name:18s} {rows[name]}", file=sys.stderr, flush=True)
@@ -122,7 +126,8 @@ def main(argv: list[str] | None = None) -> dict:
                                  "examples": [[c, g] for c, g in list(zip(caps, texts))[:8]]}
         print(f"caption_k{k:<10d} {rows[f'caption_k{k}']['name_accuracy']}", file=sys.stderr, flush=True)
     memory.close()
-    result = {"rows": rows, "samples": args.samples, "rerank": args.rerank, "model": str(args.model or "shipped")}
+    result = {"rows": rows, "samples": args.samples, "rerank": args.rerank, "model": str(args.model or "shipped"),
+              "judge_encoder": judge_encoder.name}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2, ensure_ascii=False))
     print(f"{'row':18s} {'judge':>6s} {'drawing judge':>14s} {'name':>6s} {'copied distractor':>18s} {'n':>4s}")

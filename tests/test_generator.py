@@ -76,18 +76,24 @@ def _prompts(mt, model, caption: str, context_docs=()):
 
 def test_kv_cache_decoding_equals_full_recompute(trained):
     _, _, mt, model = trained
-    base = model.racm3["generator"]["image_base"]
+    base, text_base = model.racm3["generator"]["image_base"], model.racm3["generator"]["text_base"]
+    assert text_base is not None  # the tiny preset uses caption-aligned positions: test that rule's decoding
     n = mt.tokens_per_image
     prompts = [_prompts(mt, model, "red circle", ["filled-red-circle"]), _prompts(mt, model, "blue bar")]
     greedy = Sampling(temperature=0)
-    cached = generate_image_codes(model, mt.vocab, prompts, n, base, greedy, use_cache=True)
-    full = generate_image_codes(model, mt.vocab, prompts, n, base, greedy, use_cache=False)
+    cached = generate_image_codes(model, mt.vocab, prompts, n, base, greedy, use_cache=True, text_base=text_base)
+    full = generate_image_codes(model, mt.vocab, prompts, n, base, greedy, use_cache=False, text_base=text_base)
     assert torch.equal(cached, full)
-    # and for text, after an image
-    img = [mt.vocab.bos_id, mt.vocab.img_id, *mt.vocab.image_to_vocab(cached[0].tolist()), mt.vocab.img_end_id]
-    t_cached = generate_text_ids(model, mt.vocab, [img], n, base, greedy, max_new_tokens=6, use_cache=True)
-    t_full = generate_text_ids(model, mt.vocab, [img], n, base, greedy, max_new_tokens=6, use_cache=False)
-    assert t_cached == t_full and len(t_cached[0]) >= 1
+    # and for text, after an image, with a retrieved document before it (two prompts of different lengths)
+    v = mt.vocab
+    img = [v.img_id, *v.image_to_vocab(cached[0].tolist()), v.img_end_id]
+    ctx = [v.doc_id, *img, *v.text_to_vocab(mt.text.encode("red circle")), v.doc_end_id]
+    text_prompts = [[v.bos_id, *img], [v.bos_id, *ctx, *img]]
+    t_cached = generate_text_ids(model, v, text_prompts, n, base, greedy, max_new_tokens=6, use_cache=True,
+                                 text_base=text_base)
+    t_full = generate_text_ids(model, v, text_prompts, n, base, greedy, max_new_tokens=6, use_cache=False,
+                               text_base=text_base)
+    assert t_cached == t_full and all(len(t) >= 1 for t in t_cached)
 
 
 def test_image_spans_hold_exactly_n_image_codes(trained):

@@ -236,11 +236,16 @@ def train_encoder_cmd(
     batch_size: int = typer.Option(128, help="Images per step."),
     seed: int = typer.Option(0, help="Random seed (initialisation, order, augmentation)."),
     threads: int = typer.Option(1, help="torch CPU threads."),
+    split: str = typer.Option("train", help="train (a retriever), or all: an evaluation judge that knows every "
+                                            "concept (the benchmarks' --judge-encoder); never retrieve with it."),
 ) -> None:
     """Train the embedded encoder's image tower into the frozen all-MiniLM-L6-v2 text space (LiT); resumes."""
     from racm3.retrieval.train_encoder import TrainEncoderConfig, train_encoder
 
-    cfg = TrainEncoderConfig(epochs=epochs, batch_size=batch_size, seed=seed, threads=threads)
+    try:
+        cfg = TrainEncoderConfig(epochs=epochs, batch_size=batch_size, seed=seed, threads=threads, split=split)
+    except ValueError as exc:
+        _fail(str(exc))
     encoder = train_encoder(dataset_dir, out_dir, cfg, log=lambda m: typer.echo(m, err=True))
     typer.echo(f"saved {encoder.name} to {out_dir}")
 

@@ -54,6 +54,7 @@ class RACM3:
         self.vocab = tokenizer.vocab
         check_vocab(generator, self.vocab, tokenizer.tokens_per_image)
         self.image_base = int(generator.racm3["generator"]["image_base"])
+        self.text_base = generator.racm3["generator"].get("text_base")  # None: plain text positions
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, generator: str = "generator") -> "RACM3":
@@ -121,7 +122,8 @@ class RACM3:
         g = torch.Generator().manual_seed(seed)
         codes = generate_image_codes(self.generator, v, [prompt] * num_samples, self.tokenizer.tokens_per_image,
                                      self.image_base, Sampling(temperature, top_k, top_p, guidance),
-                                     uncond_prompts=[uncond] * num_samples, generator=g)
+                                     uncond_prompts=[uncond] * num_samples, generator=g,
+                                     text_base=self.text_base)
         with torch.no_grad():
             images = self.tokenizer.image.to_pil(self.tokenizer.image.decode(codes))
         scores = (self.encoder.embed_image(images) @ self._rerank_target(text, sources, rerank)).tolist()
@@ -156,7 +158,8 @@ class RACM3:
         g = torch.Generator().manual_seed(seed)
         ids = generate_text_ids(self.generator, v, [prompt] * num_samples, self.tokenizer.tokens_per_image,
                                 self.image_base, Sampling(temperature, top_k, top_p, guidance),
-                                max_new_tokens=max_new_tokens, uncond_prompts=[uncond] * num_samples, generator=g)
+                                max_new_tokens=max_new_tokens, uncond_prompts=[uncond] * num_samples, generator=g,
+                                text_base=self.text_base)
         captions = [self.tokenizer.text.decode(v.vocab_to_text(t)).strip() or "?" for t in ids]
         scores = (self.encoder.embed_text(captions) @ self.encoder.embed_image([image])[0]).tolist()
         order = sorted(range(num_samples), key=lambda i: -scores[i])
@@ -190,7 +193,7 @@ class RACM3:
         g = torch.Generator().manual_seed(seed)
         new = generate_image_codes(self.generator, v, [prompt] * num_samples, self.tokenizer.tokens_per_image,
                                    self.image_base, Sampling(temperature, 0, top_p), generator=g,
-                                   n_codes=count, first_cell=first)
+                                   n_codes=count, first_cell=first, text_base=self.text_base)
         full = codes.repeat(num_samples, 1)
         full[:, first:first + count] = new
         with torch.no_grad():
@@ -217,7 +220,7 @@ class RACM3:
         g = torch.Generator().manual_seed(seed)
         ids = generate_text_ids(self.generator, v, [prompt] * num_samples, self.tokenizer.tokens_per_image,
                                 self.image_base, Sampling(temperature, 0, 0.9), max_new_tokens=max_new_tokens,
-                                generator=g)
+                                generator=g, text_base=self.text_base)
         # decode the whole caption at once: byte-level BPE pieces only join correctly in one sequence
         fills = [tt.decode(tt.encode(before) + v.vocab_to_text(t) + tt.encode(after)).strip() if before or after
                  else tt.decode(v.vocab_to_text(t)).strip() for t in ids]

@@ -91,7 +91,7 @@ class Streams:
     """
 
     def __init__(self, model, prompts: list[list[int]], vocab: Vocab, image_base: int, tokens_per_image: int,
-                 use_cache: bool = True):
+                 use_cache: bool = True, text_base: int | None = None):
         self.model, self.use_cache = model, use_cache
         device = next(model.parameters()).device
         T = max(len(p) for p in prompts)
@@ -102,8 +102,12 @@ class Streams:
         for b, p in enumerate(prompts):
             self.ids[b, T - len(p):] = torch.tensor(p, device=device)
             self.mask[b, T - len(p):] = 1
-            self.pos[b, T - len(p):] = position_ids(p, vocab, image_base, tokens_per_image).to(device)
-        self.lengths = torch.tensor([len(p) for p in prompts], device=device)  # unpadded lengths: text positions
+            self.pos[b, T - len(p):] = position_ids(p, vocab, image_base, tokens_per_image, text_base).to(device)
+        # where the next text token of each row goes (its plain index, or its caption-aligned slot); each
+        # further text token sits one position later under both rules
+        dummy = vocab.text_to_vocab([0])[0]
+        self.next_text = torch.tensor([int(position_ids(p + [dummy], vocab, image_base, tokens_per_image,
+                                                        text_base)[-1]) for p in prompts], device=device)
         self.cache = DynamicCache() if use_cache else None
         self.logits = self._forward(self.ids, self.pos)
 
@@ -121,7 +125,6 @@ class Streams:
         self.ids = torch.cat([self.ids, tokens[:, None]], 1)
         self.mask = torch.cat([self.mask, torch.ones_like(tokens)[:, None]], 1)
         self.pos = torch.cat([self.pos, positions[:, None]], 1)
-        self.lengths = self.lengths + 1
         self.logits = self._forward(tokens[:, None], positions[:, None])
         return self.logits
 
@@ -134,7 +137,7 @@ def _split(logits: torch.Tensor, n_cond: int, guided: bool) -> tuple[torch.Tenso
 def generate_image_codes(model, vocab: Vocab, prompts: list[list[int]], tokens_per_image: int, image_base: int,
                          sampling: Sampling = Sampling(), uncond_prompts: list[list[int]] | None = None,
                          generator: torch.Generator | None = None, use_cache: bool = True,
-                         n_codes: int | None = None, first_cell: int = 0) -> torch.Tensor:
+                         n_codes: int | None = None, first_cell: int = 0, text_base: int | None = None) -> torch.Tensor:
     """Codes [B, n] (0..image_size-1); exactly n image ids, nothing else.
 
     Caption->image: prompts end with <img>, n = N cells from cell 0. Image infilling: prompts end with the
@@ -147,7 +150,7 @@ def generate_image_codes(model, vocab: Vocab, prompts: list[list[int]], tokens_p
         raise ValueError(f"cells {first_cell}..{first_cell + n_codes} do not fit an image of {tokens_per_image}")
     guided = uncond_prompts is not None and sampling.guidance != 1.0
     rows = prompts + (uncond_prompts if guided else [])
-    streams = Streams(model, rows, vocab, image_base, tokens_per_image, use_cache)
+    streams = Streams(model, rows, vocab, image_base, tokens_per_image, use_cache, text_base)
     allowed = allowed_ids(vocab, "image", streams.ids.device)
     B = len(prompts)
     out = []
@@ -168,11 +171,11 @@ def generate_image_codes(model, vocab: Vocab, prompts: list[list[int]], tokens_p
 def generate_text_ids(model, vocab: Vocab, prompts: list[list[int]], tokens_per_image: int, image_base: int,
                       sampling: Sampling = Sampling(), max_new_tokens: int = 32,
                       uncond_prompts: list[list[int]] | None = None, generator: torch.Generator | None = None,
-                      use_cache: bool = True) -> list[list[int]]:
+                      use_cache: bool = True, text_base: int | None = None) -> list[list[int]]:
     """Text vocabulary ids per prompt, up to <eos> (excluded); only text ids are ever produced."""
     guided = uncond_prompts is not None and sampling.guidance != 1.0
     rows = prompts + (uncond_prompts if guided else [])
-    streams = Streams(model, rows, vocab, image_base, tokens_per_image, use_cache)
+    streams = Streams(model, rows, vocab, image_base, tokens_per_image, use_cache, text_base)
     allowed = allowed_ids(vocab, "text", streams.ids.device)
     no_eos = allowed.clone()
     no_eos[vocab.eos_id] = False  # a caption has at least one token
@@ -193,6 +196,5 @@ def generate_text_ids(model, vocab: Vocab, prompts: list[list[int]], tokens_per_
         if bool(done.all()) or k + 1 == max_new_tokens:
             break
         both = torch.cat([tok, tok]) if guided else tok
-        # a text token's position is its index in its own (unpadded) sequence
-        streams.step(both, streams.lengths.clone())
+        streams.step(both, streams.next_text + k)
     return out

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from racm3.tokenizers.sequence import DEFAULT_IMAGE_BASE
+from racm3.tokenizers.sequence import DEFAULT_IMAGE_BASE, DEFAULT_TEXT_BASE
 from racm3.tokenizers.vocab import Vocab
 
 RACM3_FILE = "racm3.json"  # beside config.json: what the generator needs beyond the Llama config
@@ -25,6 +25,7 @@ class GeneratorConfig:
     intermediate_size: int = 688
     max_len: int = 384  # tokens per training sequence: [doc1][doc2][main] at 64 codes per image fits
     image_base: int = DEFAULT_IMAGE_BASE  # image code k sits at RoPE position image_base + k (image-aligned)
+    text_base: int | None = None  # caption token j sits at text_base + j (caption-aligned); None: plain positions
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
@@ -32,13 +33,17 @@ class GeneratorConfig:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.max_len > self.image_base:
             raise ValueError(f"max_len {self.max_len} must not exceed image_base {self.image_base}")
+        if self.text_base is not None and self.text_base < self.image_base + self.max_len:
+            raise ValueError(f"text_base {self.text_base} must be at least image_base + max_len "
+                             f"({self.image_base + self.max_len}) so caption and image positions stay apart")
 
 
 PRESETS: dict[str, GeneratorConfig] = {
     # Unit tests: a few thousand parameters beyond the embeddings, trains in seconds.
-    "tiny": GeneratorConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, max_len=384),
+    "tiny": GeneratorConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, max_len=384,
+                            text_base=DEFAULT_TEXT_BASE),
     # The shipped model: ~5M parameters, ~5k tokens/s of training on 2 CPU cores.
-    "emoji-small": GeneratorConfig(),
+    "emoji-small": GeneratorConfig(text_base=DEFAULT_TEXT_BASE),
 }
 
 
@@ -61,7 +66,7 @@ def build_model(cfg: GeneratorConfig, vocab: Vocab, tokens_per_image: int) -> Ll
         num_hidden_layers=cfg.num_layers,
         num_attention_heads=cfg.num_heads,
         num_key_value_heads=cfg.num_heads,
-        max_position_embeddings=cfg.image_base + tokens_per_image,
+        max_position_embeddings=max(cfg.image_base + tokens_per_image, (cfg.text_base or 0) + cfg.max_len),
         attention_dropout=cfg.dropout,
         tie_word_embeddings=True,  # input and output embeddings shared: a third fewer parameters at this size
         pad_token_id=vocab.pad_id,

@@ -125,29 +125,36 @@ def retrieval_candidates(train_docs: list[Document], memory_dir: Path, encoder_p
 
 
 @torch.no_grad()
-def image_nll(model, seqs, vocab, image_base: int, tokens_per_image: int) -> float:
-    """Mean NLL per image code of the main document's image (text-first sequences, no masking)."""
-    b = batch(seqs, vocab, image_base, tokens_per_image)
+def main_nll(model, seqs, vocab, image_base: int, tokens_per_image: int, text_base: int | None = None,
+             modality: str = "image") -> float:
+    """Mean NLL per token of the main document's image codes or caption tokens (unmasked sequences)."""
+    b = batch(seqs, vocab, image_base, tokens_per_image, text_base)
     logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
                    position_ids=b["position_ids"]).logits.float()
     targets = b["input_ids"][:, 1:]
     ce = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, reduction="none")
-    is_code = vocab.is_image(targets) & b["main_mask"][:, 1:]
-    return float((ce * is_code).sum() / is_code.sum())
+    kind = vocab.is_image(targets) if modality == "image" else vocab.is_text(targets)
+    keep = kind & b["main_mask"][:, 1:]
+    return float((ce * keep).sum() / keep.sum())
 
 
 def context_benefit(model, bank: ExampleBank, eval_ids: list[str], vocab, recipe: Recipe, image_base: int,
-                    tokens_per_image: int) -> dict[str, float]:
-    """Held-out per-code NLL with no context, with the document's own drawing, with the other style's."""
+                    tokens_per_image: int, text_base: int | None = None) -> dict[str, float]:
+    """Held-out per-code NLL (caption first) with no context, with the document's own drawing, with the other
+    style's; and per caption token (image first) with no context and with the document itself."""
     was_training = model.training
     model.eval()
     out = {}
     for name, ctx in (("none", lambda i: []), ("self", lambda i: [i]),
                       ("cross_style", lambda i: bank.other_styles(i)[:1])):
         seqs = [bank.sequence(i, ctx(i), vocab, recipe, text_first=True) for i in eval_ids]
-        out[f"nll_{name}"] = image_nll(model, seqs, vocab, image_base, tokens_per_image)
+        out[f"nll_{name}"] = main_nll(model, seqs, vocab, image_base, tokens_per_image, text_base)
+    for name, ctx in (("none", lambda i: []), ("self", lambda i: [i])):
+        seqs = [bank.sequence(i, ctx(i), vocab, recipe, text_first=False) for i in eval_ids]
+        out[f"caption_nll_{name}"] = main_nll(model, seqs, vocab, image_base, tokens_per_image, text_base, "text")
     out["context_benefit"] = out["nll_none"] - out["nll_self"]
     out["cross_style_benefit"] = out["nll_none"] - out["nll_cross_style"]
+    out["caption_benefit"] = out["caption_nll_none"] - out["caption_nll_self"]
     model.train(was_training)
     return out
 
@@ -249,7 +256,7 @@ def train(cfg: TrainConfig) -> dict:
             order += rng.permutation(len(bank)).tolist()
         picks, order = order[:cfg.batch_size], order[cfg.batch_size:]
         seqs = [bank.sample(bank.ids[i], vocab, recipe, rng) for i in picks]
-        b = batch(seqs, vocab, gen_cfg.image_base, n_img)
+        b = batch(seqs, vocab, gen_cfg.image_base, n_img, gen_cfg.text_base)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
@@ -270,11 +277,13 @@ def train(cfg: TrainConfig) -> dict:
             last = {"step": step, "loss": float(parts["loss"].detach()), "main": float(parts["main"]),
                     "retrieved": float(parts["retrieved"]), "lr": lr_at(step - 1, cfg), "tokens_per_s": tps}
             if eval_ids and (step % cfg.eval_every == 0 or step == cfg.steps):
-                last.update(context_benefit(model, eval_bank, eval_ids, vocab, recipe, gen_cfg.image_base, n_img))
+                last.update(context_benefit(model, eval_bank, eval_ids, vocab, recipe, gen_cfg.image_base, n_img,
+                                            gen_cfg.text_base))
             with open(log_path, "a") as f:
                 f.write(json.dumps(last) + "\n")
             bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{tps:.0f}",
-                            **({"ctx_benefit": f"{last['context_benefit']:.2f}"} if "context_benefit" in last else {}))
+                            **({"ctx_benefit": f"{last['context_benefit']:.2f}",
+                                "caption_benefit": f"{last['caption_benefit']:.2f}"} if "context_benefit" in last else {}))
         if step % cfg.save_every == 0 or step == cfg.steps:
             atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step}, ckpt_path)
             save_generator(model, out, dtype=getattr(torch, cfg.save_dtype))

@@ -31,6 +31,9 @@ class TrainEncoderConfig:
     scale_range: tuple[float, float] = (0.9, 1.1)  # random zoom; no flips or colour jitter: both change meaning
     seed: int = 0
     threads: int = 1
+    # "train" for the retriever. "all" (both splits) only for an evaluation judge: a tower that has seen every
+    # concept can name a held-out drawing, as a large CLIP judges the paper's outputs; never retrieve with it.
+    split: str = "train"
     tower: ImageTowerConfig = field(default_factory=ImageTowerConfig)
 
     def __post_init__(self) -> None:
@@ -38,6 +41,8 @@ class TrainEncoderConfig:
             raise ValueError(f"bad training config: epochs={self.epochs}, batch_size={self.batch_size}, lr={self.lr}")
         if not 0 <= self.max_shift < 0.5 or not 0 < self.scale_range[0] <= self.scale_range[1]:
             raise ValueError(f"bad augmentation: max_shift={self.max_shift}, scale_range={self.scale_range}")
+        if self.split not in ("train", "all"):
+            raise ValueError(f"split must be 'train' or 'all', got {self.split!r}")
 
 
 def read_dataset(path: str | os.PathLike, split: str | None = None) -> list[Document]:
@@ -104,7 +109,8 @@ def lit_loss(img, caption_idx, text_table, logit_scale):
 def train_encoder(dataset: str | os.PathLike | Sequence[Document], out_dir: str | os.PathLike,
                   config: TrainEncoderConfig | None = None, text_tower: MiniLMTextTower | None = None,
                   progress: bool = True, log=print) -> EmojiEncoder:
-    """Train on the dataset's train split (split == "train"; all documents when none carries a split).
+    """Train on the dataset's train split (split == "train"; all documents when none carries a split, or with
+    config.split == "all").
 
     Checkpoints every epoch to out_dir/checkpoint.pt and resumes from it; writes the final tower with
     save_pretrained(out_dir). Returns the trained encoder.
@@ -118,7 +124,7 @@ def train_encoder(dataset: str | os.PathLike | Sequence[Document], out_dir: str 
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
     docs = read_dataset(dataset) if isinstance(dataset, (str, os.PathLike)) else list(dataset)
-    if any(d.meta.get("split") is not None for d in docs):
+    if cfg.split == "train" and any(d.meta.get("split") is not None for d in docs):
         docs = [d for d in docs if d.meta.get("split") == "train"]
     docs = [d for d in docs if d.text is not None and d.image is not None]
     if len(docs) < 2:

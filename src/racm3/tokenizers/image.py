@@ -216,8 +216,9 @@ class ImageTokenizer(nn.Module):
     def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """[B, 3, S, S] in [0, 1] -> (quantized latents [B, N, D], codes [B, N], commitment loss)."""
         z = self.encoder(x * 2 - 1)  # [B, D, h, w]
-        z = z.flatten(2).transpose(1, 2)  # [B, N, D], cells in row-major order
-        return self.quantizer(z)
+        z = z.flatten(2).transpose(1, 2).float()  # [B, N, D], cells in row-major order
+        with torch.autocast(z.device.type, enabled=False):  # k-means, EMA and distances stay in float32
+            return self.quantizer(z)
 
     def decode_latents(self, q: torch.Tensor) -> torch.Tensor:
         """[B, N, D] -> [B, 3, S, S] in [0, 1] space (unclamped, for the loss)."""
