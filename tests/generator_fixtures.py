@@ -48,7 +48,8 @@ def write_shape_dataset(out: Path) -> Path:
 
 
 def write_tiny_tokenizers(out: Path) -> Path:
-    """text_tokenizer/ trained on the captions, image_tokenizer/ the untrained 'tiny' VQ (deterministic codes)."""
+    """text_tokenizer/ trained on the captions; image_tokenizer/ the 'tiny' VQ with its codebook k-means-initialised
+    on the shapes' images (one training-mode pass, no gradient step): varied, deterministic codes."""
     import torch
 
     from racm3.tokenizers.image import ImageTokenizer
@@ -57,5 +58,9 @@ def write_tiny_tokenizers(out: Path) -> Path:
     captions = [d.text for d in shape_documents()]
     TextTokenizer.train(captions * 4, vocab_size=300, min_frequency=1).save_pretrained(out / "text_tokenizer")
     torch.manual_seed(0)
-    ImageTokenizer("tiny").save_pretrained(out / "image_tokenizer")
+    vq = ImageTokenizer("tiny")
+    docs = shape_documents()
+    with torch.no_grad():
+        vq.train()(vq.to_tensor([d.image.resize((vq.image_size, vq.image_size)) for d in docs]))
+    vq.save_pretrained(out / "image_tokenizer")
     return out

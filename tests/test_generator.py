@@ -143,6 +143,22 @@ def test_save_load_round_trip_and_vocab_check(trained, tmp_path):
         load_generator(tmp_path)
 
 
+def test_generator_refuses_an_image_tokenizer_whose_codes_mean_other_pictures(trained):
+    from racm3.tokenizers.image import ImageTokenizer
+
+    _, _, mt, model = trained
+    assert model.racm3["image_codes"] == mt.image.code_fingerprint()
+    check_vocab(model, mt.vocab, mt.tokens_per_image, image_codes=mt.image.code_fingerprint())  # its own: fine
+    torch.manual_seed(123)
+    other = ImageTokenizer(mt.image.config)  # same shapes, other weights: the same ids would be other codes
+    with pytest.raises(ValueError, match="retrain the generator"):
+        check_vocab(model, mt.vocab, mt.tokens_per_image, image_codes=other.code_fingerprint())
+    # a float16 copy (what the shipped model stores) keeps the fingerprint
+    half = ImageTokenizer(mt.image.config)
+    half.load_state_dict({k: v.half().float() if v.is_floating_point() else v for k, v in mt.image.state_dict().items()})
+    assert half.code_fingerprint() == mt.image.code_fingerprint()
+
+
 def test_contexts_follow_the_recipe(trained):
     root, _, mt, _ = trained
     docs = [d for d in shape_documents() if d.split == "train"]

@@ -52,7 +52,9 @@ class RACM3:
     def __init__(self, tokenizer: MultimodalTokenizer, generator, encoder):
         self.tokenizer, self.generator, self.encoder = tokenizer, generator, encoder
         self.vocab = tokenizer.vocab
-        check_vocab(generator, self.vocab, tokenizer.tokens_per_image)
+        fingerprint = getattr(tokenizer.image, "code_fingerprint", None)
+        check_vocab(generator, self.vocab, tokenizer.tokens_per_image,
+                    image_codes=fingerprint() if fingerprint is not None else None)
         self.image_base = int(generator.racm3["generator"]["image_base"])
         self.text_base = generator.racm3["generator"].get("text_base")  # None: plain text positions
 

@@ -121,9 +121,15 @@ def load_generator(path: str | Path) -> LlamaForCausalLM:
     return model
 
 
-def check_vocab(model: LlamaForCausalLM, vocab: Vocab, tokens_per_image: int, where: str = "") -> None:
-    """Refuse a generator trained with other tokenizers: its ids would mean other tokens."""
+def check_vocab(model: LlamaForCausalLM, vocab: Vocab, tokens_per_image: int, where: str = "",
+                image_codes: str | None = None) -> None:
+    """Refuse a generator trained with other tokenizers: its ids would mean other tokens. image_codes is the
+    image tokenizer's code_fingerprint(), compared with the one recorded at training (older generators: none)."""
     meta = model.racm3
+    if image_codes and meta.get("image_codes") and meta["image_codes"] != image_codes:
+        raise ValueError(f"generator {where} was trained on the codes of image tokenizer {meta['image_codes']}, "
+                         f"but this image tokenizer's codes are {image_codes}: its image ids would mean other "
+                         "pictures; use the image tokenizer it was trained with, or retrain the generator")
     mine = (meta["text_size"], meta["image_size"], meta["tokens_per_image"])
     theirs = (vocab.text_size, vocab.image_size, tokens_per_image)
     if mine != theirs:

@@ -177,6 +177,18 @@ class ImageTokenizer(nn.Module):
     tokens_per_image = property(lambda self: self.config.tokens_per_image)
     image_size = property(lambda self: self.config.image_size)
 
+    def code_fingerprint(self) -> str:
+        """12 hex digits naming what the codes mean: a hash of the encoder and codebook (float16-rounded, so a
+        float16 copy keeps it). A generator records it; the decoder may be retrained without changing it."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for key, value in sorted(self.state_dict().items()):
+            if key.startswith("encoder.") or key.endswith("_codebook.embed"):  # not the EMA statistics
+                h.update(key.encode())
+                h.update(value.detach().cpu().to(torch.float16).contiguous().numpy().tobytes())
+        return h.hexdigest()[:12]
+
     @property
     def codebook(self) -> torch.Tensor:
         """[codebook_size, latent_dim]: the rows the quantized latents are made of."""
@@ -291,4 +303,7 @@ class ImageTokenizer(nn.Module):
             first = str(exc).splitlines()[0:3]
             raise ValueError(f"{weights} does not match {cfg_file} ({' '.join(first)}); the two files come from "
                              "different models: re-save the tokenizer or retrain it") from None
+        # A loaded tokenizer is fixed: even a never-trained one must not k-means-initialise its codebook from
+        # the first images it encodes (codes would depend on what was encoded first).
+        model.quantizer._codebook.initted.fill_(True)
         return model.eval()
