@@ -11,7 +11,7 @@ mkdir -p "$RUNS"
 [ -f "$DATA/docs.jsonl" ] || racm3 data emoji "$DATA"
 [ -f "$RUNS/text_tokenizer/tokenizer.json" ] || racm3 train text-tokenizer "$DATA" "$RUNS/text_tokenizer"
 racm3 train image-tokenizer "$DATA" "$RUNS/vq-8x8" --preset emoji-8x8 --steps 1500 --resume
-racm3 train encoder "$DATA" "$RUNS/encoder" --epochs 30
+racm3 train encoder "$DATA" "$RUNS/encoder" --epochs 45
 # The generators must see image codes exactly as the shipped (float16) VQ gives them: assemble it first.
 racm3 train assemble "$MODEL" --text-tokenizer "$RUNS/text_tokenizer" --image-tokenizer "$RUNS/vq-8x8" \
   --encoder "$RUNS/encoder"

@@ -237,7 +237,7 @@ def train_encoder_cmd(
     seed: int = typer.Option(0, help="Random seed (initialisation, order, augmentation)."),
     threads: int = typer.Option(1, help="torch CPU threads."),
     split: str = typer.Option("train", help="train (a retriever), or all: an evaluation judge that knows every "
-                                            "concept (the benchmarks' --judge-encoder); never retrieve with it."),
+                                            "concept (racm3 eval knowledge --judge-encoder); never retrieve with it."),
 ) -> None:
     """Train the embedded encoder's image tower into the frozen all-MiniLM-L6-v2 text space (LiT); resumes."""
     from racm3.retrieval.train_encoder import TrainEncoderConfig, train_encoder
@@ -540,6 +540,8 @@ def eval_knowledge_cmd(
                                             "default: generator_k0/ beside the model's generator."),
     memory: Optional[Path] = typer.Option(None, help="Memory folder (only read); default: the emoji memory."),
     dataset: Optional[Path] = typer.Option(None, help="Dataset folder (held-out split = queries); default: emoji."),
+    judge_encoder: Optional[Path] = typer.Option(None, help="Encoder the judges use; default: the model's. E.g. "
+                                                 "one that knows every concept: racm3 train encoder --split all."),
     limit: int = typer.Option(100, help="Held-out query documents (one per concept first)."),
     samples: int = typer.Option(4, help="Samples per output, reranked by the encoder."),
     guidance: float = typer.Option(3.0, help="Classifier-free guidance for caption->image."),
@@ -562,7 +564,7 @@ def eval_knowledge_cmd(
     try:
         cfg = KnowledgeConfig(limit=limit, samples=samples, guidance=guidance, seed=seed, fid=fid,
                               rows=tuple(r.strip() for r in rows.split(",")) if rows else ROWS)
-        result = knowledge(model, baseline, memory, dataset, cfg, log=log)
+        result = knowledge(model, baseline, memory, dataset, cfg, log=log, judge_encoder_dir=judge_encoder)
     except (FileNotFoundError, ValueError, KeyError) as exc:
         _fail(str(exc))
     if as_json:

@@ -214,11 +214,12 @@ def score_row(outputs: dict, queries: Sequence[Document], encoder, concept_names
 
 def run_knowledge_benchmark(model, memory_dir: str | Path, docs: Sequence[Document], config: KnowledgeConfig,
                             baseline=None, features_fn: Callable | None = None,
-                            log: Callable[[str], None] = print) -> dict:
+                            log: Callable[[str], None] = print, judge_encoder=None) -> dict:
     """Every row of the benchmark on `config.limit` held-out queries; the memory at memory_dir is only read.
 
     model, baseline: RACM3-like objects (generate_image, generate_text, retrieve, encoder). baseline None skips
     no_retrieval (reported as skipped). features_fn: images -> (n, d) features for FID (default Inception).
+    judge_encoder: the encoder the judges use (default: the model's; e.g. one trained on every concept).
     """
     from racm3.evaluation.fid import inception_features
 
@@ -226,7 +227,7 @@ def run_knowledge_benchmark(model, memory_dir: str | Path, docs: Sequence[Docume
     features_fn = features_fn or inception_features
     queries = select_queries(docs, config.limit, config.seed)
     concept_names = sorted({d.meta["concept"] for d in docs if d.meta.get("concept")})
-    encoder = model.encoder
+    encoder = judge_encoder or model.encoder
     name_vectors = encoder.embed_text(concept_names)  # (C, D), shared by every row's judge
     drawn = [d for d in docs if d.image is not None and d.meta.get("concept")]
     drawings = (encoder.embed_image([d.image for d in drawn]), [d.meta["concept"] for d in drawn])
@@ -292,7 +293,8 @@ def load_models(model_dir: str | Path | None = None, baseline_dir: str | Path | 
 
 
 def knowledge(model_dir=None, baseline_dir=None, memory_dir=None, dataset_dir=None,
-              config: KnowledgeConfig | None = None, log: Callable[[str], None] = print) -> dict:
+              config: KnowledgeConfig | None = None, log: Callable[[str], None] = print,
+              judge_encoder_dir=None) -> dict:
     """`racm3 eval knowledge` end to end: defaults are the shipped model and the emoji data set and memory."""
     from racm3.embedded import ensure_emoji_dataset, ensure_emoji_memory
     from racm3.readers import read_documents
@@ -302,7 +304,12 @@ def knowledge(model_dir=None, baseline_dir=None, memory_dir=None, dataset_dir=No
     dataset = Path(dataset_dir) if dataset_dir is not None else ensure_emoji_dataset(log=log)
     memory = Path(memory_dir) if memory_dir is not None else ensure_emoji_memory(model.encoder, log=log)
     docs = list(read_documents(dataset))
-    result = run_knowledge_benchmark(model, memory, docs, config, baseline=baseline, log=log)
-    result.update(model=str(model_dir or "shipped"), baseline=str(baseline_dir or "generator_k0 beside the model"),
+    judge = None
+    if judge_encoder_dir is not None:
+        from racm3.retrieval.encoder import load_encoder
+
+        judge = load_encoder(judge_encoder_dir)
+    result = run_knowledge_benchmark(model, memory, docs, config, baseline=baseline, log=log, judge_encoder=judge)
+    result.update(judge_encoder=(judge or model.encoder).name, model=str(model_dir or "shipped"), baseline=str(baseline_dir or "generator_k0 beside the model"),
                   memory=str(memory), dataset=str(dataset))
     return result
