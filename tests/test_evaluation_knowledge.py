@@ -114,6 +114,21 @@ def test_rows_measure_what_they_claim(memory_dir):
     after.close()
 
 
+def test_judges_use_the_judge_encoder_when_one_is_given(memory_dir):
+    class ColourBlind(KeywordColourEncoder):
+        name = "colour-blind"
+
+        def embed_image(self, images):  # sees every drawing as black
+            return np.eye(len(NAMES), dtype=np.float32)[[NAMES.index("black")] * len(images)]
+
+    cfg = KnowledgeConfig(limit=4, samples=1, rows=("ra_k2",), directions=("caption_to_image",), fid=False)
+    own = run_knowledge_benchmark(CopyingModel(), memory_dir, _docs(), cfg, log=lambda m: None)
+    blind = run_knowledge_benchmark(CopyingModel(), memory_dir, _docs(), cfg, log=lambda m: None,
+                                    judge_encoder=ColourBlind())
+    assert own["rows"]["ra_k2"]["judge_accuracy"] == 1.0
+    assert blind["rows"]["ra_k2"]["judge_accuracy"] == 0.0  # same outputs, judged by the other encoder
+
+
 def test_missing_baseline_is_reported_as_skipped(memory_dir):
     cfg = KnowledgeConfig(limit=2, samples=1, rows=("no_retrieval", "ra_k2"), directions=("image_to_caption",))
     result = run_knowledge_benchmark(CopyingModel(), memory_dir, _docs(), cfg, baseline=None, log=lambda m: None)
