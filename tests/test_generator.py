@@ -173,6 +173,27 @@ def test_contexts_follow_the_recipe(trained):
     assert bank.context(bank.ids[0], Recipe(k=0), rng) == []
 
 
+def test_relabel_lessons_can_only_be_solved_by_copying_the_context(trained):
+    _, _, mt, _ = trained
+    docs = [d for d in shape_documents() if d.split == "train"]
+    bank, v = ExampleBank(tokenize_documents(docs, mt)), mt.vocab
+    rng = np.random.default_rng(0)
+    recipe = Recipe(relabel_rate=1.0, mask_rate=0.0)
+    for i in bank.ids[:12]:
+        seq = bank.sample(i, v, recipe, rng)
+        d = bank.docs[i]
+        doc_start = [t for t, tok in enumerate(seq.ids) if tok == v.doc_id]
+        doc_end = [t for t, tok in enumerate(seq.ids) if tok == v.doc_end_id]
+        contexts = [seq.ids[a + 1:b] for a, b in zip(doc_start, doc_end)]
+        main = seq.ids[doc_end[-1] + 1:-1]  # after the last </doc>, before <eos>
+        assert main[:len(d.image)] == list(d.image)  # image first: this document's drawing...
+        caption = main[len(d.image):]
+        assert caption != list(d.text) and all(v.is_text(t) for t in caption)  # ...named as another concept
+        other = [bank.docs[j] for j in bank.ids if list(bank.docs[j].text) == caption]
+        assert other and all(o.concept != d.concept for o in other)
+        assert main in contexts  # the relabelled copy is in context: copying it is the only way to be right
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo is exercised on Linux")
 def test_ddp_two_processes_train(tmp_path):
     write_shape_dataset(tmp_path / "data")

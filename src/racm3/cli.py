@@ -265,6 +265,8 @@ def train_generator_cmd(
     cross_style_rate: float = typer.Option(0.2, help="Share holding the other art style's drawing of the concept."),
     distractor_rate: float = typer.Option(0.25, help="Chance to add another concept's drawing where there is room."),
     mask_rate: float = typer.Option(0.25, help="Share of sequences CM3-masked (the rest plain causal)."),
+    relabel_rate: float = typer.Option(0.0, help="Share of relabel lessons: image first, caption swapped for another "
+                                                 "concept's in the document and its copy in context (copy, not recall)."),
     steps: int = typer.Option(1500, help="Optimizer steps."),
     batch_size: int = typer.Option(24, help="Sequences per step (per process under torchrun)."),
     lr: float = typer.Option(1e-3, help="Peak learning rate (AdamW, warmup then cosine)."),
@@ -280,7 +282,7 @@ def train_generator_cmd(
     try:
         recipe = Recipe(k=k, alpha=alpha, copy_rate=copy_rate if k else 0.0, sibling_rate=sibling_rate if k else 0.0,
                         cross_style_rate=cross_style_rate if k else 0.0, distractor_rate=distractor_rate,
-                        mask_rate=mask_rate)
+                        mask_rate=mask_rate, relabel_rate=relabel_rate if k else 0.0)
         cfg = TrainConfig(dataset=dataset_dir, memory=memory_dir if k else None, out=out_dir, tokenizers=tokenizers, encoder=encoder,
                           preset=preset, steps=steps, batch_size=batch_size, lr=lr, seed=seed, threads=threads,
                           resume=resume, snapshot_every=snapshot_every, recipe=recipe)

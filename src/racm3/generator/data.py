@@ -32,11 +32,16 @@ class Recipe:
     distractor_rate: float = 0.25  # add another concept's drawing where the context has room
     mask_rate: float = 0.25  # share of sequences CM3-masked; the rest are plain causal (the generation tasks)
     text_first_rate: float = 0.5  # caption-then-image (caption->image) vs image-then-caption (image->caption)
+    # Relabel lessons: image first, the document's caption swapped for another concept's, in the main document
+    # and in its copy in context. Only the context says what this image is called, so the model must copy the
+    # caption rather than recall the one it memorised for the image (see ExampleBank.relabel).
+    relabel_rate: float = 0.0
     max_len: int = 384
 
     def __post_init__(self) -> None:
         lessons = self.copy_rate + self.sibling_rate + self.cross_style_rate
-        for name in ("copy_rate", "sibling_rate", "cross_style_rate", "distractor_rate", "mask_rate", "text_first_rate"):
+        for name in ("copy_rate", "sibling_rate", "cross_style_rate", "distractor_rate", "mask_rate", "text_first_rate",
+                     "relabel_rate"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
         if lessons > 1.0:
@@ -129,9 +134,28 @@ class ExampleBank:
         return build_sequence(self.docs[doc_id].ids(text_first), [self.docs[c].ids(text_first) for c in context],
                               vocab, alpha=recipe.alpha, max_len=recipe.max_len)
 
+    def relabel(self, doc_id: str, vocab: Vocab, recipe: Recipe, rng: np.random.Generator) -> Sequence:
+        """A relabel lesson: [<doc> image, other caption </doc>] (+ a retrieved neighbour, in random order)
+        [image, other caption], where the other caption is a different concept's."""
+        d = self.docs[doc_id]
+        for _ in range(8):
+            other = self.docs[self.ids[int(rng.integers(len(self.ids)))]]
+            if other.concept != d.concept:
+                break
+        main = list(d.image + other.text)
+        ctx = [main]
+        cands = self.candidates.get(doc_id, {}).get("image", [])
+        neighbour = next((c for c in cands if c != doc_id), None)
+        if recipe.k > 1 and neighbour is not None and rng.random() < 0.5:
+            ctx.insert(int(rng.integers(2)), self.docs[neighbour].ids(text_first=False))
+        return build_sequence(main, ctx, vocab, alpha=recipe.alpha, max_len=recipe.max_len)
+
     def sample(self, doc_id: str, vocab: Vocab, recipe: Recipe, rng: np.random.Generator) -> Sequence:
-        seq = self.sequence(doc_id, self.context(doc_id, recipe, rng), vocab, recipe,
-                            text_first=bool(rng.random() < recipe.text_first_rate))
+        if recipe.k and recipe.relabel_rate and rng.random() < recipe.relabel_rate:
+            seq = self.relabel(doc_id, vocab, recipe, rng)
+        else:
+            seq = self.sequence(doc_id, self.context(doc_id, recipe, rng), vocab, recipe,
+                                text_first=bool(rng.random() < recipe.text_first_rate))
         return cm3_mask(seq, vocab, rng, mask_rate=recipe.mask_rate)
 
 

@@ -43,7 +43,10 @@ PRESETS: dict[str, GeneratorConfig] = {
     "tiny": GeneratorConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, max_len=384,
                             text_base=DEFAULT_TEXT_BASE),
     # The shipped model: ~5M parameters, ~5k tokens/s of training on 2 CPU cores.
-    "emoji-small": GeneratorConfig(text_base=DEFAULT_TEXT_BASE),
+    "emoji-small": GeneratorConfig(),
+    # The same with caption-aligned positions: held-out caption NLL with the document in context 1.12 against
+    # 1.82, but no better at naming held-out concepts and worse at copying images (README, "Generator").
+    "emoji-small-aligned": GeneratorConfig(text_base=DEFAULT_TEXT_BASE),
 }
 
 
