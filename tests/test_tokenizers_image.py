@@ -101,6 +101,16 @@ def test_tiny_training_beats_untrained_and_resumes(tmp_path):
     assert after["tokens_per_image"] == 16 and 0 < after["codebook_usage"] <= 1
 
 
+def test_bf16_autocast_training_learns_as_well(tmp_path):
+    images = _shapes(16)
+    torch.manual_seed(0)
+    before = evaluate_image_tokenizer(ImageTokenizer("tiny"), images, rfid=False)["psnr"]
+    cfg = ImageTrainConfig(steps=120, batch_size=8, lr=3e-3, warmup=10, checkpoint_every=60, log_every=60, bf16=True)
+    train_image_tokenizer(None, tmp_path, "tiny", cfg, images=images, progress=False)
+    after = evaluate_image_tokenizer(ImageTokenizer.from_pretrained(tmp_path), images, rfid=False)["psnr"]
+    assert after > before + 5 and after > 16.0
+
+
 def test_psnr_known_answer():
     a = torch.zeros(1, 3, 4, 4)
     assert psnr(a, a + 0.1).item() == pytest.approx(20.0, abs=1e-4)

@@ -324,12 +324,14 @@ def train_image_tokenizer_cmd(
     seed: int = typer.Option(0, help="Random seed (initialisation and batches)."),
     threads: int = typer.Option(1, help="torch CPU threads."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT_DIR/checkpoint.pt."),
+    bf16: bool = typer.Option(False, "--bf16", help="bf16 autocast for the encoder and decoder (~1.4x faster on "
+                                                    "AVX512-BF16 CPUs; the quantizer stays float32)."),
 ) -> None:
     """Train the VQ image tokenizer (reconstruction L2 + L1 + commitment); progress bar, checkpoints, resume."""
     from racm3.tokenizers.image_train import ImageTrainConfig, train_image_tokenizer
 
     try:
-        cfg = ImageTrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, threads=threads)
+        cfg = ImageTrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, threads=threads, bf16=bf16)
         summary = train_image_tokenizer(dataset_dir, out_dir, preset, cfg, resume=resume)
     except (FileNotFoundError, FileExistsError, ValueError) as exc:
         _fail(str(exc))

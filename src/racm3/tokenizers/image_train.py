@@ -74,6 +74,7 @@ class ImageTrainConfig:
     checkpoint_every: int = 200
     log_every: int = 50
     threads: int = 1
+    bf16: bool = False  # autocast the encoder and decoder (the shipped VQ was trained in float32)
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.lr <= 0 or self.checkpoint_every < 1:
@@ -149,7 +150,9 @@ def train_image_tokenizer(dataset_dir: str | os.PathLike, out_dir: str | os.Path
                 x[flip] = x[flip].flip(-1)
             for g in opt.param_groups:
                 g["lr"] = cfg.lr_at(step)
-            recon, codes, commit = model(x)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+                recon, codes, commit = model(x)
+            recon = recon.float()
             loss = F.mse_loss(recon, x) + cfg.l1_weight * F.l1_loss(recon, x) + commit
             opt.zero_grad(set_to_none=True)
             loss.backward()
