@@ -34,3 +34,9 @@ def test_shipped_folder_is_small_and_complete():
     size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
     assert size < 80 * 2**20
     assert {p.name for p in root.iterdir()} >= {"text_tokenizer", "image_tokenizer", "encoder", "generator"}
+    # both generators name the VQ whose codes they were trained on, so a swapped image tokenizer is refused
+    import json
+
+    fingerprint = ImageTokenizer.from_pretrained(root / "image_tokenizer").code_fingerprint()
+    for name in ("generator", "generator_k0"):
+        assert json.loads((root / name / "racm3.json").read_text())["image_codes"] == fingerprint
