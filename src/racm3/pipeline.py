@@ -52,9 +52,7 @@ class RACM3:
     def __init__(self, tokenizer: MultimodalTokenizer, generator, encoder):
         self.tokenizer, self.generator, self.encoder = tokenizer, generator, encoder
         self.vocab = tokenizer.vocab
-        fingerprint = getattr(tokenizer.image, "code_fingerprint", None)
-        check_vocab(generator, self.vocab, tokenizer.tokens_per_image,
-                    image_codes=fingerprint() if fingerprint is not None else None)
+        check_vocab(generator, self.vocab, tokenizer.tokens_per_image, image_codes=tokenizer.image_code_fingerprint())
         self.image_base = int(generator.racm3["generator"]["image_base"])
         self.text_base = generator.racm3["generator"].get("text_base")  # None: plain text positions
 

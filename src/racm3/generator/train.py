@@ -69,11 +69,6 @@ class TrainConfig:
 # ---------------------------------------------------------------------------------------------
 
 
-def _code_fingerprint(mt: MultimodalTokenizer) -> str | None:
-    fingerprint = getattr(mt.image, "code_fingerprint", None)
-    return fingerprint() if fingerprint is not None else None
-
-
 def load_tokenizers(path: Path | None) -> MultimodalTokenizer:
     from racm3.pretrained import shipped_model_dir
     from racm3.tokenizers.image import ImageTokenizer
@@ -215,7 +210,7 @@ def train(cfg: TrainConfig) -> dict:
     # The cache is only valid for the inputs it was computed from: anything else recomputes it.
     key = {"dataset": str(Path(cfg.dataset).resolve()), "memory": str(cfg.memory) if recipe.k else None,
            "tokenizers": str(cfg.tokenizers), "encoder": str(cfg.encoder), "documents": len(train_docs),
-           "vocab": (vocab.text_size, vocab.image_size, n_img), "image_codes": _code_fingerprint(mt)}
+           "vocab": (vocab.text_size, vocab.image_size, n_img), "image_codes": mt.image_code_fingerprint()}
     cached = torch.load(cache, weights_only=False) if cache.exists() else None
     if cached is None or cached.get("key") != key:
         cached = {"train": tokenize_documents(train_docs, mt), "heldout": tokenize_documents(heldout_docs, mt),
@@ -232,7 +227,7 @@ def train(cfg: TrainConfig) -> dict:
         eval_ids = sorted(random.Random(cfg.seed).sample(eligible, min(cfg.eval_docs, len(eligible))))
 
     model = build_model(gen_cfg, vocab, n_img)
-    model.racm3["image_codes"] = _code_fingerprint(mt)  # checked at load: these ids mean this VQ's codes
+    model.racm3["image_codes"] = mt.image_code_fingerprint()  # checked at load: these ids mean this VQ's codes
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     step = 0
     ckpt_path = out / "checkpoint.pt"

@@ -52,6 +52,11 @@ class MultimodalTokenizer:
         return int(self.image.tokens_per_image)
 
     # --- documents -> ids -------------------------------------------------------------------------
+    def image_code_fingerprint(self) -> str | None:
+        """The image tokenizer's code_fingerprint() (None for one without): what its codes mean."""
+        fingerprint = getattr(self.image, "code_fingerprint", None)
+        return fingerprint() if fingerprint is not None else None
+
     def encode_images(self, images: list[Image.Image]) -> torch.Tensor:
         """VQ codes [B, N] for a batch of PIL images (no gradient)."""
         with torch.no_grad():
