@@ -310,6 +310,7 @@ def knowledge(model_dir=None, baseline_dir=None, memory_dir=None, dataset_dir=No
 
         judge = load_encoder(judge_encoder_dir)
     result = run_knowledge_benchmark(model, memory, docs, config, baseline=baseline, log=log, judge_encoder=judge)
-    result.update(judge_encoder=(judge or model.encoder).name, model=str(model_dir or "shipped"), baseline=str(baseline_dir or "generator_k0 beside the model"),
+    result.update(judge_encoder=(judge or model.encoder).name, model=str(model_dir or "shipped"),
+                  baseline=str(baseline_dir or "generator_k0 beside the model"),
                   memory=str(memory), dataset=str(dataset))
     return result

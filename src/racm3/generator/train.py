@@ -208,9 +208,10 @@ def train(cfg: TrainConfig) -> dict:
         raise ValueError(f"{cfg.dataset} holds no training documents with both an image and a caption")
     cache = out / "cache.pt"
     # The cache is only valid for the inputs it was computed from: anything else recomputes it.
+    image_codes = mt.image_code_fingerprint()  # what the image ids mean: keys the cache, recorded in the model
     key = {"dataset": str(Path(cfg.dataset).resolve()), "memory": str(cfg.memory) if recipe.k else None,
            "tokenizers": str(cfg.tokenizers), "encoder": str(cfg.encoder), "documents": len(train_docs),
-           "vocab": (vocab.text_size, vocab.image_size, n_img), "image_codes": mt.image_code_fingerprint()}
+           "vocab": (vocab.text_size, vocab.image_size, n_img), "image_codes": image_codes}
     cached = torch.load(cache, weights_only=False) if cache.exists() else None
     if cached is None or cached.get("key") != key:
         cached = {"train": tokenize_documents(train_docs, mt), "heldout": tokenize_documents(heldout_docs, mt),
@@ -227,7 +228,7 @@ def train(cfg: TrainConfig) -> dict:
         eval_ids = sorted(random.Random(cfg.seed).sample(eligible, min(cfg.eval_docs, len(eligible))))
 
     model = build_model(gen_cfg, vocab, n_img)
-    model.racm3["image_codes"] = mt.image_code_fingerprint()  # checked at load: these ids mean this VQ's codes
+    model.racm3["image_codes"] = image_codes  # checked at load (check_vocab)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     step = 0
     ckpt_path = out / "checkpoint.pt"
