@@ -2,6 +2,7 @@
 
     python benchmarks/retrieval_speed.py            # 100k vectors, a few minutes on one core
     python benchmarks/retrieval_speed.py --full     # 100k and 1M vectors
+    python benchmarks/retrieval_speed.py --sizes 1000000 --ef-sweep 64 128 256 512   # HNSW's efSearch trade-off
 
 The indexes are the ones racm3's Memory builds (racm3.retrieval.memory._new_index), with its search settings.
 """
@@ -45,6 +46,17 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found, truth)]))
 
 
+def timed_search(index, xq: np.ndarray, single: int) -> tuple[np.ndarray, float, float]:
+    """Top-K ids of every query in one batch, with queries/s batched and one at a time (the first `single`)."""
+    t0 = time.perf_counter()
+    _, found = index.search(xq, K)
+    batched = len(xq) / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    for q in xq[:single]:
+        index.search(q[None], K)
+    return found, batched, single / (time.perf_counter() - t0)
+
+
 def bench(kind: str, xb: np.ndarray, xq: np.ndarray, truth: np.ndarray, single: int) -> dict:
     ids = np.arange(len(xb), dtype=np.int64)
     t0 = time.perf_counter()
@@ -53,13 +65,7 @@ def bench(kind: str, xb: np.ndarray, xq: np.ndarray, truth: np.ndarray, single: 
         index.train(xb)
     index.add_with_ids(xb, ids)
     build = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    _, found = index.search(xq, K)
-    batched = len(xq) / (time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    for q in xq[:single]:
-        index.search(q[None], K)
-    one = single / (time.perf_counter() - t0)
+    found, batched, one = timed_search(index, xq, single)
     # As the memory answers a Retriever: RERANK candidates rescored exactly, best K kept.
     _, cands = index.search(xq, RERANK)
     exact = np.einsum("qd,qcd->qc", xq, xb[np.maximum(cands, 0)])  # (Q, RERANK)
@@ -71,6 +77,21 @@ def bench(kind: str, xb: np.ndarray, xq: np.ndarray, truth: np.ndarray, single: 
             "bytes": len(faiss.serialize_index(index))}
 
 
+def ef_sweep(xb: np.ndarray, xq: np.ndarray, truth: np.ndarray, single: int, efs: list[int]) -> list[dict]:
+    """One HNSW index as the memory builds it, searched at each efSearch (the search-time accuracy knob)."""
+    t0 = time.perf_counter()
+    index = _new_index("hnsw", DIM)
+    index.add_with_ids(xb, np.arange(len(xb), dtype=np.int64))
+    build = time.perf_counter() - t0
+    rows = []
+    for ef in efs:
+        faiss.downcast_index(index.index).hnsw.efSearch = ef
+        found, batched, one = timed_search(index, xq, single)
+        rows.append({"index": "hnsw", "n": len(xb), "ef_search": ef, "recall@10": round(recall_at_k(found, truth), 4),
+                     "qps_batched": round(batched, 1), "qps_single": round(one, 1), "build_s": round(build, 2)})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--full", action="store_true", help="also run 1M vectors")
@@ -78,6 +99,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--queries", type=int, default=1000)
     p.add_argument("--single", type=int, default=200, help="queries timed one at a time")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--ef-sweep", type=int, nargs="*", help="only HNSW, searched at each of these efSearch values")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "retrieval_speed.json")
     args = p.parse_args(argv)
     faiss.omp_set_num_threads(args.threads)
@@ -88,24 +110,37 @@ def main(argv: list[str] | None = None) -> list[dict]:
         exact = faiss.IndexFlatIP(DIM)
         exact.add(xb)
         _, truth = exact.search(xq, K)
+        if args.ef_sweep:
+            for r in ef_sweep(xb, xq, truth, args.single, args.ef_sweep):
+                print(f"{r['n']:>9,} hnsw efSearch {r['ef_search']:>4}  recall@10 {r['recall@10']:.3f}  batched "
+                      f"{r['qps_batched']:>7,.0f} q/s  single {r['qps_single']:>7,.0f} q/s", flush=True)
+                rows.append(r)
+            continue
         for kind in INDEX_TYPES:
             rows.append(bench(kind, xb, xq, truth, args.single))
             r = rows[-1]
             print(f"{r['n']:>9,} {r['index']:<6} recall@10 {r['recall@10']:.3f} (reranked {r['recall@10_rerank32']:.3f})  batched {r['qps_batched']:>9,.0f} q/s  "
                   f"single {r['qps_single']:>8,.0f} q/s  build {r['build_s']:>7.1f} s  {r['bytes'] / 2**20:>8.1f} MiB",
                   flush=True)
-    print()
-    print("| n | index | recall@10 | recall@10, top-32 reranked | QPS batched | QPS single | build (s) | MiB |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['n']:,} | {r['index']} | {r['recall@10']:.3f} | {r['recall@10_rerank32']:.3f} | {r['qps_batched']:,.0f} | {r['qps_single']:,.0f} | "
-              f"{r['build_s']:.1f} | {r['bytes'] / 2**20:.1f} |")
+    if args.ef_sweep:
+        args.out = args.out.with_name("retrieval_speed_ef_sweep.json") if args.out.name == "retrieval_speed.json" else args.out
+    else:
+        _print_table(rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"dim": DIM, "k": K, "queries": args.queries, "threads": args.threads, "faiss": faiss.__version__,
             "machine": platform.processor() or platform.machine()}
     args.out.write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
     print(f"\nwrote {args.out}")
     return rows
+
+
+def _print_table(rows: list[dict]) -> None:
+    print()
+    print("| n | index | recall@10 | recall@10, top-32 reranked | QPS batched | QPS single | build (s) | MiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['n']:,} | {r['index']} | {r['recall@10']:.3f} | {r['recall@10_rerank32']:.3f} | {r['qps_batched']:,.0f} | {r['qps_single']:,.0f} | "
+              f"{r['build_s']:.1f} | {r['bytes'] / 2**20:.1f} |")
 
 
 if __name__ == "__main__":

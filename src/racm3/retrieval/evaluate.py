@@ -47,7 +47,25 @@ def memory_recall(memory: Memory, encoder: Encoder, docs: Sequence[Document], ks
         same = [next((h.rank for h in hs if h.id == d.id or _same_pixels(h.document.image, d.image)), None)
                 for d, hs in zip(docs_i, hits)]
         out["image_to_text_identical_images_equal"] = recall_at(same, ks)
+        out["image_to_text_ceiling_recall@1"] = distinct_picture_share([d.image for d in docs_i])
     return out
+
+
+def distinct_picture_share(images: Sequence, psnr: float = 40.0, max_images: int = 50_000) -> float | None:
+    """The best image -> own document recall@1 any encoder can reach: drawings that are one picture (PSNR above
+    psnr, rasterisation noise only) give one query, so at most one of each such group can come first.
+
+    Compares every pair (seconds for the emoji set); None above max_images, where that stops being cheap."""
+    from scipy.sparse.csgraph import connected_components
+
+    from racm3.retrieval.encoder import images_to_tensor
+    from racm3.retrieval.train_encoder import same_image_mask
+
+    if not images or len(images) > max_images:
+        return None
+    size = max(im.size[0] for im in images)
+    groups, _ = connected_components(same_image_mask(images_to_tensor(images, size), psnr), directed=False)
+    return groups / len(images)
 
 
 def _same_pixels(a, b) -> bool:

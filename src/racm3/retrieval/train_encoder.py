@@ -1,4 +1,12 @@
-"""Train the EmojiEncoder's image tower into the frozen MiniLM text space (LiT: locked text, contrastive image tower)."""
+"""Train the EmojiEncoder's image tower into the frozen MiniLM text space (LiT: locked text, contrastive image tower).
+
+Two terms. LiT pulls each drawing towards its caption's frozen vector. Alone it leaves drawings whose captions
+MiniLM embeds almost alike (skin-tone siblings: "medium-dark skin tone" vs "dark skin tone") nearly on top of
+each other, so asking the memory with one drawing ties with its siblings. An instance-discrimination term
+(Wu et al. 2018, a memory bank of every train drawing's last embedding) pulls a drawing towards its own bank row
+and away from every other drawing's, siblings included; drawings that are the same picture (PSNR above
+`same_image_psnr`) count as one instance, since no encoder can tell them apart.
+"""
 
 from __future__ import annotations
 
@@ -29,6 +37,14 @@ class TrainEncoderConfig:
     init_temperature: float = 0.07  # CLIP / LiT initial softmax temperature; learnt from there
     max_shift: float = 0.08  # random translation, fraction of the side (about 5 px at 64)
     scale_range: tuple[float, float] = (0.9, 1.1)  # random zoom; no flips or colour jitter: both change meaning
+    # instance discrimination against the memory bank (see the module docstring); 0 turns it off
+    instance_weight: float = 0.0
+    instance_temperature: float = 0.1
+    bank_momentum: float = 0.5  # a bank row keeps this share of its old value at each visit
+    same_image_psnr: float = 40.0  # two drawings this close are one picture (rasterisation noise only)
+    # the other style's drawing of the same caption is a positive too: without this the term pushes the two
+    # styles of one emoji apart, and asking with one style stops finding the other
+    instance_same_caption: bool = True
     seed: int = 0
     threads: int = 1
     # "train" for the retriever. "all" (both splits) only for an evaluation judge: a tower that has seen every
@@ -41,6 +57,9 @@ class TrainEncoderConfig:
             raise ValueError(f"bad training config: epochs={self.epochs}, batch_size={self.batch_size}, lr={self.lr}")
         if not 0 <= self.max_shift < 0.5 or not 0 < self.scale_range[0] <= self.scale_range[1]:
             raise ValueError(f"bad augmentation: max_shift={self.max_shift}, scale_range={self.scale_range}")
+        if self.instance_weight < 0 or self.instance_temperature <= 0 or not 0 <= self.bank_momentum < 1:
+            raise ValueError(f"bad instance term: weight={self.instance_weight}, "
+                             f"temperature={self.instance_temperature}, momentum={self.bank_momentum}")
         if self.split not in ("train", "all"):
             raise ValueError(f"split must be 'train' or 'all', got {self.split!r}")
 
@@ -106,6 +125,56 @@ def lit_loss(img, caption_idx, text_table, logit_scale):
     return loss, {"i2t": loss_i2t.item(), "t2i": loss_t2i.item(), "scale": scale.item()}
 
 
+def same_image_mask(images, psnr: float, chunk: int = 1024):
+    """Which drawings are the same picture (PSNR >= psnr on [0, 1] pixels), as a sparse (N, N) scipy CSR matrix.
+
+    images: (N, 3, S, S) in [-1, 1]. Squared distances by matmul, a chunk of rows at a time; float32 rounding
+    (~1e-3) is far below the threshold (~1 for 64x64 RGB at 40 dB).
+    """
+    from scipy.sparse import csr_matrix
+
+    x = images.flatten(1).float() / 2  # [0, 1] scale differences
+    sq = (x * x).sum(1)
+    max_sse = x.shape[1] * 10 ** (-psnr / 10)  # MSE <= 10^(-psnr/10) over every pixel value
+    rows, cols = [], []
+    for s in range(0, len(x), chunk):
+        r, c = ((sq[s:s + chunk, None] + sq[None, :] - 2 * x[s:s + chunk] @ x.T) <= max_sse).nonzero(as_tuple=True)
+        rows.append(r + s)
+        cols.append(c)
+    r, c = np.concatenate(rows), np.concatenate(cols)
+    return csr_matrix((np.ones(len(r), dtype=bool), (r, c)), shape=(len(x), len(x)))
+
+
+def same_caption_mask(caption_idx: np.ndarray):
+    """Sparse (N, N) bool: drawings that share a caption (an emoji's two styles)."""
+    from scipy.sparse import csr_matrix
+
+    order = np.argsort(caption_idx, kind="stable")
+    starts = np.flatnonzero(np.r_[True, np.diff(caption_idx[order]) != 0, True])
+    rows, cols = [], []
+    for a, b in zip(starts[:-1], starts[1:]):
+        members = order[a:b]
+        rows.append(np.repeat(members, len(members)))
+        cols.append(np.tile(members, len(members)))
+    r, c = np.concatenate(rows), np.concatenate(cols)
+    n = len(caption_idx)
+    return csr_matrix((np.ones(len(r), dtype=bool), (r, c)), shape=(n, n))
+
+
+def instance_loss(img, idx, bank, same, temperature: float):
+    """Each drawing against the whole bank: positives are its own row and rows of the same picture.
+
+    img: (B, D) normalised, rows idx of bank (N, D); same: same_image_mask's (N, N) matrix; returns the mean
+    -log p(positive).
+    """
+    import torch
+
+    logits = img @ bank.T / temperature  # (B, N)
+    positive = torch.from_numpy(same[idx.numpy()].toarray())  # (B, N) bool
+    log_pos = torch.logsumexp(logits.masked_fill(~positive, float("-inf")), dim=1)
+    return (torch.logsumexp(logits, dim=1) - log_pos).mean()
+
+
 def train_encoder(dataset: str | os.PathLike | Sequence[Document], out_dir: str | os.PathLike,
                   config: TrainEncoderConfig | None = None, text_tower: MiniLMTextTower | None = None,
                   progress: bool = True, log=print) -> EmojiEncoder:
@@ -152,6 +221,18 @@ def train_encoder(dataset: str | os.PathLike | Sequence[Document], out_dir: str 
     def lr_at(step: int) -> float:  # linear warmup, cosine decay to 0
         return warmup_cosine(step, total, cfg.lr, cfg.warmup_steps)
 
+    use_bank = cfg.instance_weight > 0
+    same = same_image_mask(images, cfg.same_image_psnr) if use_bank else None
+    if use_bank:
+        from scipy.sparse.csgraph import connected_components
+
+        groups, _ = connected_components(same, directed=False)
+        log(f"{groups} distinct pictures among {len(docs)} train drawings (PSNR >= {cfg.same_image_psnr} dB)")
+        if cfg.instance_same_caption:
+            same = (same + same_caption_mask(targets.numpy())).tocsr()
+    # The bank fills during the first epoch (each row set at its first visit); the term starts from the second.
+    bank = torch.zeros(len(docs), cfg.tower.dim)
+
     gen = torch.Generator().manual_seed(cfg.seed)
     start_epoch, step = 0, 0
     ckpt = out / "checkpoint.pt"
@@ -162,6 +243,7 @@ def train_encoder(dataset: str | os.PathLike | Sequence[Document], out_dir: str 
             logit_scale.data.fill_(state["logit_scale"])
             opt.load_state_dict(state["opt"])
             gen.set_state(state["gen"])
+            bank = state["bank"]
             start_epoch, step = state["epoch"], state["step"]
             log(f"resumed from {ckpt} at epoch {start_epoch}")
         else:
@@ -182,17 +264,22 @@ def train_encoder(dataset: str | os.PathLike | Sequence[Document], out_dir: str 
             x = augment(images[idx], cfg, gen)
             img = F.normalize(tower(x), dim=-1)  # (B, 384)
             loss, parts = lit_loss(img, targets[idx], text_table, logit_scale)
+            if use_bank and epoch > 0:
+                loss = loss + cfg.instance_weight * instance_loss(img, idx, bank, same, cfg.instance_temperature)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if use_bank:  # after backward: the loss above read the bank
+                keep = cfg.bank_momentum if epoch > 0 else 0.0
+                bank[idx] = F.normalize(keep * bank[idx] + (1 - keep) * img.detach(), dim=-1)
             step += 1
-            running += float(loss)
-            bar.set_postfix(loss=f"{float(loss):.3f}", scale=f"{parts['scale']:.1f}", refresh=False)
+            running += (value := loss.item())
+            bar.set_postfix(loss=f"{value:.3f}", scale=f"{parts['scale']:.1f}", refresh=False)
         acc = _train_accuracy(tower, images, targets, text_table)
         log(f"epoch {epoch + 1}: loss {running / steps_per_epoch:.4f}, temperature "
             f"{1 / parts['scale']:.4f}, train i->t top-1 {acc:.3f}, {time.time() - t_epoch:.0f}s")
         atomic_torch_save({"config": asdict(cfg), "tower": tower.state_dict(), "logit_scale": float(logit_scale),
-                           "opt": opt.state_dict(), "gen": gen.get_state(), "epoch": epoch + 1, "step": step}, ckpt)
+                           "opt": opt.state_dict(), "gen": gen.get_state(), "bank": bank, "epoch": epoch + 1, "step": step}, ckpt)
 
     tower.eval()
     encoder = EmojiEncoder(tower, cfg.tower, text_tower)
