@@ -3,9 +3,10 @@
 Two terms. LiT pulls each drawing towards its caption's frozen vector. Alone it leaves drawings whose captions
 MiniLM embeds almost alike (skin-tone siblings: "medium-dark skin tone" vs "dark skin tone") nearly on top of
 each other, so asking the memory with one drawing ties with its siblings. An instance-discrimination term
-(Wu et al. 2018, a memory bank of every train drawing's last embedding) pulls a drawing towards its own bank row
-and away from every other drawing's, siblings included; drawings that are the same picture (PSNR above
-`same_image_psnr`) count as one instance, since no encoder can tell them apart.
+(Wu et al. 2018, a memory bank of every train drawing's last embedding; `instance_weight` > 0) pulls a drawing
+towards its own bank row and away from every other drawing's, siblings included. Positives besides its own row:
+drawings that are the same picture (PSNR above `same_image_psnr`), which no encoder should be asked to tell
+apart, and the other style's drawing of the same caption, so that asking with one style still finds the other.
 """
 
 from __future__ import annotations
@@ -162,10 +163,10 @@ def same_caption_mask(caption_idx: np.ndarray):
 
 
 def instance_loss(img, idx, bank, same, temperature: float):
-    """Each drawing against the whole bank: positives are its own row and rows of the same picture.
+    """Each drawing against the whole bank: positives are the rows `same` marks (its own, and those counted as it).
 
-    img: (B, D) normalised, rows idx of bank (N, D); same: same_image_mask's (N, N) matrix; returns the mean
-    -log p(positive).
+    img: (B, D) normalised, rows idx of bank (N, D); same: a sparse (N, N) bool matrix (same_image_mask, maybe
+    with same_caption_mask added); returns the mean -log p(positive).
     """
     import torch
 
