@@ -129,10 +129,11 @@ def test_instance_loss_pulls_a_drawing_to_its_own_row_not_its_siblings():
                                instance_loss(sibling, idx, bank, one_picture, 0.1))
 
 
-def test_tiny_lit_training_beats_chance(tmp_path, text_tower):
+@pytest.mark.parametrize("instance_weight", [0.0, 0.5])  # LiT alone (the shipped recipe); with the bank
+def test_tiny_lit_training_beats_chance(tmp_path, text_tower, instance_weight):
     docs = shape_docs()
     cfg = TrainEncoderConfig(epochs=40, batch_size=16, lr=3e-3, warmup_steps=5, tower=TINY, max_shift=0.05,
-                             instance_weight=0.5)  # the bank: trained, checkpointed, resumed
+                             instance_weight=instance_weight)
     enc = train_encoder(docs, tmp_path, cfg, text_tower=text_tower, progress=False, log=lambda m: None)
     captions = sorted({d.text for d in docs})
     sims = enc.embed_image([d.image for d in docs]) @ enc.embed_text(captions).T  # (16, 8)

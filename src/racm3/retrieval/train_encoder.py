@@ -232,7 +232,7 @@ def train_encoder(dataset: str | os.PathLike | Sequence[Document], out_dir: str 
         if cfg.instance_same_caption:
             same = (same + same_caption_mask(targets.numpy())).tocsr()
     # The bank fills during the first epoch (each row set at its first visit); the term starts from the second.
-    bank = torch.zeros(len(docs), cfg.tower.dim)
+    bank = torch.zeros(len(docs), cfg.tower.dim) if use_bank else None
 
     gen = torch.Generator().manual_seed(cfg.seed)
     start_epoch, step = 0, 0
