@@ -22,6 +22,7 @@ from racm3.retrieval.memory import INDEX_TYPES, _new_index
 
 DIM = 384
 K = 10
+RESULTS = Path(__file__).parent / "results"
 RERANK = 32  # the Retriever fetches this many candidates and rescores them with the store's exact vectors
 
 
@@ -100,7 +101,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--single", type=int, default=200, help="queries timed one at a time")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--ef-sweep", type=int, nargs="*", help="only HNSW, searched at each of these efSearch values")
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "retrieval_speed.json")
+    p.add_argument("--out", type=Path, help="JSON to write (default: results/retrieval_speed.json, or "
+                                            "results/retrieval_speed_ef_sweep.json with --ef-sweep)")
     args = p.parse_args(argv)
     faiss.omp_set_num_threads(args.threads)
     sizes = args.sizes or ([100_000, 1_000_000] if args.full else [100_000])
@@ -122,10 +124,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(f"{r['n']:>9,} {r['index']:<6} recall@10 {r['recall@10']:.3f} (reranked {r['recall@10_rerank32']:.3f})  batched {r['qps_batched']:>9,.0f} q/s  "
                   f"single {r['qps_single']:>8,.0f} q/s  build {r['build_s']:>7.1f} s  {r['bytes'] / 2**20:>8.1f} MiB",
                   flush=True)
-    if args.ef_sweep:
-        args.out = args.out.with_name("retrieval_speed_ef_sweep.json") if args.out.name == "retrieval_speed.json" else args.out
-    else:
+    if not args.ef_sweep:
         _print_table(rows)
+    args.out = args.out or RESULTS / ("retrieval_speed_ef_sweep.json" if args.ef_sweep else "retrieval_speed.json")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"dim": DIM, "k": K, "queries": args.queries, "threads": args.threads, "faiss": faiss.__version__,
             "machine": platform.processor() or platform.machine()}

@@ -115,10 +115,9 @@ def test_same_caption_mask_pairs_an_emojis_styles():
 
 def test_instance_loss_pulls_a_drawing_to_its_own_row_not_its_siblings():
     import torch
-
-    bank = torch.nn.functional.normalize(torch.tensor([[1.0, 0.2, 0], [1.0, -0.2, 0], [0, 0, 1.0]]), dim=-1)
     from scipy.sparse import csr_matrix
 
+    bank = torch.nn.functional.normalize(torch.tensor([[1.0, 0.2, 0], [1.0, -0.2, 0], [0, 0, 1.0]]), dim=-1)
     alone = csr_matrix(np.eye(3, dtype=bool))
     own, sibling = bank[0:1], bank[1:2]  # rows 0 and 1: two siblings, close but not the same picture
     idx = torch.tensor([0])
