@@ -240,15 +240,13 @@ def train_encoder_cmd(
                                             "concept (racm3 eval knowledge --judge-encoder); never retrieve with it."),
     instance_weight: float = typer.Option(0.0, help="Weight of the image-image instance term that tells sibling "
                                                     "drawings apart; 0: LiT alone."),
-    document_weight: float = typer.Option(0.0, help="Weight of the document term: each drawing asks the memory "
-                                                    "of train documents for its own; 0: off."),
 ) -> None:
     """Train the embedded encoder's image tower into the frozen all-MiniLM-L6-v2 text space (LiT); resumes."""
     from racm3.retrieval.train_encoder import TrainEncoderConfig, train_encoder
 
     try:
         cfg = TrainEncoderConfig(epochs=epochs, batch_size=batch_size, seed=seed, threads=threads, split=split,
-                                 instance_weight=instance_weight, document_weight=document_weight)
+                                 instance_weight=instance_weight)
     except ValueError as exc:
         _fail(str(exc))
     encoder = train_encoder(dataset_dir, out_dir, cfg, log=lambda m: typer.echo(m, err=True))

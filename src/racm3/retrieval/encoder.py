@@ -151,25 +151,22 @@ class MiniLMTextTower:
 
 @dataclass(frozen=True)
 class ImageTowerConfig:
-    """A small CNN: an optional full-resolution 3x3 conv (`stem` channels), `len(widths)` stride-2 stages of two
-    3x3 convs, then a linear map of the flattened grid.
+    """A small CNN: `len(widths)` stride-2 stages of two 3x3 convs, then a linear map of the flattened grid.
 
-    The grid is flattened rather than averaged because layout carries meaning (flags, arrows, faces). The stem
-    sees details a pixel or two wide (a mouth's curve, a small vs a large square) before the first stride.
+    The grid is flattened rather than averaged because layout carries meaning (flags, arrows, faces).
     """
 
     image_size: int = 64
     widths: tuple[int, ...] = (32, 64, 128, 192)
     dim: int = 384
     text_tower: str = TEXT_TOWER_NAME
-    stem: int = 0  # 0: the first stage strides straight from the pixels
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
         if self.image_size % (2 ** len(self.widths)) != 0:
             raise ValueError(f"image_size {self.image_size} must be divisible by 2**{len(self.widths)}")
-        if self.dim <= 0 or not self.widths or min(self.widths) <= 0 or self.stem < 0:
-            raise ValueError(f"bad image tower shape: dim={self.dim}, widths={self.widths}, stem={self.stem}")
+        if self.dim <= 0 or not self.widths or min(self.widths) <= 0:
+            raise ValueError(f"bad image tower shape: dim={self.dim}, widths={self.widths}")
 
     @property
     def grid(self) -> int:
@@ -184,9 +181,6 @@ def build_image_tower(config: ImageTowerConfig) -> "torch.nn.Module":
             super().__init__()
             layers: list[nn.Module] = []
             c_in = 3
-            if cfg.stem:
-                layers += [nn.Conv2d(3, cfg.stem, 3, padding=1, bias=False), nn.BatchNorm2d(cfg.stem), nn.GELU()]
-                c_in = cfg.stem
             for w in cfg.widths:  # each stage halves the side: 64 -> 32 -> 16 -> 8 -> 4
                 layers += [nn.Conv2d(c_in, w, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(w), nn.GELU(),
                            nn.Conv2d(w, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.GELU()]

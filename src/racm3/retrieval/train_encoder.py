@@ -48,12 +48,6 @@ class TrainEncoderConfig:
     # the other style's drawing of the same caption is a positive too: without this the term pushes the two
     # styles of one emoji apart, and asking with one style stops finding the other
     instance_same_caption: bool = True
-    # document discrimination (see the module docstring); 0 turns it off
-    document_weight: float = 0.0
-    document_temperature: float = 0.02  # document scores of siblings differ by ~0.01-0.05
-    # first epoch (counted from 0) with the document term: from the start it stalls LiT (train top-1 after 7
-    # epochs 0.32 instead of 0.61), since an unaligned tower's documents are all alike
-    document_start_epoch: int = 1
     seed: int = 0
     threads: int = 1
     # "train" for the retriever. "all" (both splits) only for an evaluation judge: a tower that has seen every
@@ -69,9 +63,6 @@ class TrainEncoderConfig:
         if self.instance_weight < 0 or self.instance_temperature <= 0 or not 0 <= self.bank_momentum < 1:
             raise ValueError(f"bad instance term: weight={self.instance_weight}, "
                              f"temperature={self.instance_temperature}, momentum={self.bank_momentum}")
-        if self.document_weight < 0 or self.document_temperature <= 0 or self.document_start_epoch < 1:
-            raise ValueError(f"bad document term: weight={self.document_weight}, "
-                             f"temperature={self.document_temperature}, start epoch={self.document_start_epoch}")
         if self.split not in ("train", "all"):
             raise ValueError(f"split must be 'train' or 'all', got {self.split!r}")
 
@@ -187,27 +178,6 @@ def instance_loss(img, idx, bank, same, temperature: float):
     return (torch.logsumexp(logits, dim=1) - log_pos).mean()
 
 
-def document_loss(img, idx, bank, doc_text, positive, ignore, temperature: float):
-    """Each drawing asks the memory of every train document, as image -> document retrieval does.
-
-    A document's vector is built by the memory's rule, normalize(image + text), with the image half from the bank
-    (detached) and the text half frozen; the gradient moves only the asking drawing. img: (B, D) normalised, rows
-    idx of bank (N, D) and doc_text (N, D); positive / ignore: sparse (N, N) bool, the documents that count as the
-    answer (its own, the same picture) and those left out of the softmax (the other style's, which should still
-    rank high); returns the mean -log p(answer).
-    """
-    import torch
-    import torch.nn.functional as F
-
-    docs = F.normalize(bank + doc_text, dim=-1)  # (N, D)
-    logits = img @ docs.T / temperature  # (B, N)
-    pos = torch.from_numpy(positive[idx.numpy()].toarray())
-    skip = torch.from_numpy(ignore[idx.numpy()].toarray()) & ~pos
-    logits = logits.masked_fill(skip, float("-inf"))
-    log_pos = torch.logsumexp(logits.masked_fill(~pos, float("-inf")), dim=1)
-    return (torch.logsumexp(logits, dim=1) - log_pos).mean()
-
-
 def train_encoder(dataset: str | os.PathLike | Sequence[Document], out_dir: str | os.PathLike,
                   config: TrainEncoderConfig | None = None, text_tower: MiniLMTextTower | None = None,
                   progress: bool = True, log=print) -> EmojiEncoder:
@@ -254,18 +224,15 @@ def train_encoder(dataset: str | os.PathLike | Sequence[Document], out_dir: str 
     def lr_at(step: int) -> float:  # linear warmup, cosine decay to 0
         return warmup_cosine(step, total, cfg.lr, cfg.warmup_steps)
 
-    use_bank = cfg.instance_weight > 0 or cfg.document_weight > 0
-    same_picture = same_image_mask(images, cfg.same_image_psnr) if use_bank else None
-    same, same_caption = same_picture, None
+    use_bank = cfg.instance_weight > 0
+    same = same_image_mask(images, cfg.same_image_psnr) if use_bank else None
     if use_bank:
         from scipy.sparse.csgraph import connected_components
 
-        groups, _ = connected_components(same_picture, directed=False)
+        groups, _ = connected_components(same, directed=False)
         log(f"{groups} distinct pictures among {len(docs)} train drawings (PSNR >= {cfg.same_image_psnr} dB)")
-        same_caption = same_caption_mask(targets.numpy())
         if cfg.instance_same_caption:
-            same = (same_picture + same_caption).tocsr()
-    doc_text = text_table[targets]  # (N, D) each train document's caption vector
+            same = (same + same_caption_mask(targets.numpy())).tocsr()
     # The bank fills during the first epoch (each row set at its first visit); the term starts from the second.
     bank = torch.zeros(len(docs), cfg.tower.dim) if use_bank else None
 
@@ -300,11 +267,8 @@ def train_encoder(dataset: str | os.PathLike | Sequence[Document], out_dir: str 
             x = augment(images[idx], cfg, gen)
             img = F.normalize(tower(x), dim=-1)  # (B, 384)
             loss, parts = lit_loss(img, targets[idx], text_table, logit_scale)
-            if use_bank and epoch > 0 and cfg.instance_weight > 0:
+            if use_bank and epoch > 0:
                 loss = loss + cfg.instance_weight * instance_loss(img, idx, bank, same, cfg.instance_temperature)
-            if use_bank and epoch >= cfg.document_start_epoch and cfg.document_weight > 0:
-                loss = loss + cfg.document_weight * document_loss(img, idx, bank, doc_text, same_picture, same_caption,
-                                                                  cfg.document_temperature)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -317,7 +281,7 @@ def train_encoder(dataset: str | os.PathLike | Sequence[Document], out_dir: str 
         acc = _train_accuracy(tower, images, targets, text_table)
         log(f"epoch {epoch + 1}: loss {running / steps_per_epoch:.4f}, temperature "
             f"{1 / parts['scale']:.4f}, train i->t top-1 {acc:.3f}, {time.time() - t_epoch:.0f}s")
-        atomic_torch_save({"config": asdict(cfg), "tower": tower.state_dict(), "logit_scale": logit_scale.item(),
+        atomic_torch_save({"config": asdict(cfg), "tower": tower.state_dict(), "logit_scale": float(logit_scale),
                            "opt": opt.state_dict(), "gen": gen.get_state(), "bank": bank, "epoch": epoch + 1, "step": step}, ckpt)
 
     tower.eval()
