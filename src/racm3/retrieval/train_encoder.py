@@ -281,7 +281,7 @@ def train_encoder(dataset: str | os.PathLike | Sequence[Document], out_dir: str 
         acc = _train_accuracy(tower, images, targets, text_table)
         log(f"epoch {epoch + 1}: loss {running / steps_per_epoch:.4f}, temperature "
             f"{1 / parts['scale']:.4f}, train i->t top-1 {acc:.3f}, {time.time() - t_epoch:.0f}s")
-        atomic_torch_save({"config": asdict(cfg), "tower": tower.state_dict(), "logit_scale": float(logit_scale),
+        atomic_torch_save({"config": asdict(cfg), "tower": tower.state_dict(), "logit_scale": logit_scale.item(),
                            "opt": opt.state_dict(), "gen": gen.get_state(), "bank": bank, "epoch": epoch + 1, "step": step}, ckpt)
 
     tower.eval()
