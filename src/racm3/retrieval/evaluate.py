@@ -57,14 +57,16 @@ def distinct_picture_share(images: Sequence) -> float | None:
     merged: a tower can, and the instance-trained ones partly do, tell them apart.)"""
     if not images:
         return None
-    keys = {(im.size, im.mode, im.tobytes()) for im in images}
-    return len(keys) / len(images)
+    return len({_pixels(im) for im in images}) / len(images)
+
+
+def _pixels(image) -> tuple:
+    """What makes two drawings pixel-identical: size, mode and raw bytes (hashable)."""
+    return image.size, image.mode, image.tobytes()
 
 
 def _same_pixels(a, b) -> bool:
-    if a is None or b is None or a.size != b.size:
-        return False
-    return bool(np.array_equal(np.asarray(a), np.asarray(b)))
+    return a is not None and b is not None and _pixels(a) == _pixels(b)
 
 
 def cross_modal_recall(encoder: Encoder, docs: Sequence[Document], ks: Sequence[int] = KS) -> dict:
