@@ -10,8 +10,9 @@ mkdir -p "$RUNS"
 
 [ -f "$DATA/docs.jsonl" ] || racm3 data emoji "$DATA"
 [ -f "$RUNS/text_tokenizer/tokenizer.json" ] || racm3 train text-tokenizer "$DATA" "$RUNS/text_tokenizer"
-racm3 train image-tokenizer "$DATA" "$RUNS/vq-8x8" --preset emoji-8x8 --steps 1500 --resume
-racm3 train encoder "$DATA" "$RUNS/encoder" --epochs 45
+# The shipped VQ and image tower were trained in float32 (the runtime's default is bf16 autocast on this CPU).
+racm3 train image-tokenizer "$DATA" "$RUNS/vq-8x8" --preset emoji-8x8 --steps 1500 --precision fp32 --resume
+racm3 train encoder "$DATA" "$RUNS/encoder" --epochs 45 --precision fp32 --resume
 # The generators must see image codes exactly as the shipped (float16) VQ gives them: assemble it first.
 racm3 train assemble "$MODEL" --text-tokenizer "$RUNS/text_tokenizer" --image-tokenizer "$RUNS/vq-8x8" \
   --encoder "$RUNS/encoder"

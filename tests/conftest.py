@@ -44,7 +44,7 @@ def tiny_model_dir(trained, tmp_path_factory):
     model_dir = tmp_path_factory.mktemp("model")
     shutil.copytree(root / "tok" / "text_tokenizer", model_dir / "text_tokenizer")
     shutil.copytree(root / "tok" / "image_tokenizer", model_dir / "image_tokenizer")
-    shutil.copytree(root / "run", model_dir / "generator", ignore=shutil.ignore_patterns("checkpoint.pt", "cache.pt"))
+    shutil.copytree(root / "run", model_dir / "generator", ignore=shutil.ignore_patterns("checkpoint.safetensors", "cache.json"))
     EmojiEncoder.untrained(ImageTowerConfig(image_size=16, widths=(8, 16))).save_pretrained(model_dir / "encoder")
     from racm3.retrieval.encoder import load_encoder
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from racm3.runtime import bf16_supported
 from racm3.tokenizers.image import ImageTokenizer, ImageTokenizerConfig, image_tokenizer_presets
 from racm3.tokenizers.image_train import ImageTrainConfig, evaluate_image_tokenizer, psnr, train_image_tokenizer
 
@@ -88,11 +89,13 @@ def test_tiny_training_beats_untrained_and_resumes(tmp_path):
     images = _shapes(16)
     torch.manual_seed(0)
     before = evaluate_image_tokenizer(ImageTokenizer("tiny"), images, rfid=False)["psnr"]
-    cfg = ImageTrainConfig(steps=60, batch_size=8, lr=3e-3, warmup=10, checkpoint_every=30, log_every=30)
+    cfg = ImageTrainConfig(steps=60, batch_size=8, lr=3e-3, warmup=10, checkpoint_every=30, log_every=30,
+                           precision="fp32")
     train_image_tokenizer(None, tmp_path, "tiny", cfg, images=images, progress=False)
     with pytest.raises(FileExistsError, match="--resume"):
         train_image_tokenizer(None, tmp_path, "tiny", cfg, images=images, progress=False)
-    cfg = ImageTrainConfig(steps=120, batch_size=8, lr=3e-3, warmup=10, checkpoint_every=30, log_every=30)
+    cfg = ImageTrainConfig(steps=120, batch_size=8, lr=3e-3, warmup=10, checkpoint_every=30, log_every=30,
+                           precision="fp32")
     summary = train_image_tokenizer(None, tmp_path, "tiny", cfg, resume=True, images=images, progress=False)
     assert summary["steps"] == 120
     after = evaluate_image_tokenizer(ImageTokenizer.from_pretrained(tmp_path), images, rfid=False)
@@ -101,11 +104,13 @@ def test_tiny_training_beats_untrained_and_resumes(tmp_path):
     assert after["tokens_per_image"] == 16 and 0 < after["codebook_usage"] <= 1
 
 
+@pytest.mark.skipif(not bf16_supported(torch.device("cpu")), reason="this CPU has no bf16 matrix units")
 def test_bf16_autocast_training_learns_as_well(tmp_path):
     images = _shapes(16)
     torch.manual_seed(0)
     before = evaluate_image_tokenizer(ImageTokenizer("tiny"), images, rfid=False)["psnr"]
-    cfg = ImageTrainConfig(steps=120, batch_size=8, lr=3e-3, warmup=10, checkpoint_every=60, log_every=60, bf16=True)
+    cfg = ImageTrainConfig(steps=120, batch_size=8, lr=3e-3, warmup=10, checkpoint_every=60, log_every=60,
+                           precision="bf16")
     train_image_tokenizer(None, tmp_path, "tiny", cfg, images=images, progress=False)
     after = evaluate_image_tokenizer(ImageTokenizer.from_pretrained(tmp_path), images, rfid=False)["psnr"]
     assert after > before + 5 and after > 16.0

@@ -238,26 +238,42 @@ def train_encoder_cmd(
     threads: int = typer.Option(1, help="torch CPU threads."),
     split: str = typer.Option("train", help="train (a retriever), or all: an evaluation judge that knows every "
                                             "concept (racm3 eval knowledge --judge-encoder); never retrieve with it."),
-    instance_weight: float = typer.Option(0.0, help="Weight of the image-image instance term that tells sibling "
-                                                    "drawings apart; 0: LiT alone."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    precision: str = typer.Option("auto", help=PRECISION_HELP),
+    resume: bool = typer.Option(False, "--resume", help=RESUME_HELP),
 ) -> None:
-    """Train the embedded encoder's image tower into the frozen all-MiniLM-L6-v2 text space (LiT); resumes."""
+    """Train the embedded encoder's image tower into the frozen all-MiniLM-L6-v2 text space (LiT)."""
     from racm3.retrieval.train_encoder import TrainEncoderConfig, train_encoder
 
     try:
         cfg = TrainEncoderConfig(epochs=epochs, batch_size=batch_size, seed=seed, threads=threads, split=split,
-                                 instance_weight=instance_weight)
+                                 device=device, precision=precision)
     except ValueError as exc:
         _fail(str(exc))
-    encoder = train_encoder(dataset_dir, out_dir, cfg, log=lambda m: typer.echo(m, err=True))
+    encoder = _train(train_encoder, dataset_dir, out_dir, cfg, log=lambda m: typer.echo(m, err=True), resume=resume)
     typer.echo(f"saved {encoder.name} to {out_dir}")
+
+# Every trainer runs on the one runtime (racm3.runtime): the same device, precision and resume options.
+DEVICE_HELP = "auto (CUDA when present), cpu, cuda or cuda:N."
+PRECISION_HELP = "auto (bf16 autocast where supported, fp16 on CUDA without bf16, else fp32), bf16, fp16 or fp32."
+RESUME_HELP = "Continue the run in OUT_DIR (a run folder with a checkpoint is refused without it)."
+
+
+def _train(run, *args, **kwargs):
+    """Run one trainer; a bad option, device or run folder is one line on stderr and exit 1."""
+    from racm3.runtime import CheckpointError, DeviceError
+
+    try:
+        return run(*args, **kwargs)
+    except (DeviceError, CheckpointError, FileExistsError, FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
 
 
 @train_app.command("generator")
 def train_generator_cmd(
     dataset_dir: Path = typer.Argument(..., help="Dataset (docs.jsonl folder, Parquet, shards, image folder); train split used."),
     memory_dir: Path = typer.Argument(..., help="Memory to retrieve training contexts from (train split only; unused with --k 0)."),
-    out_dir: Path = typer.Argument(..., help="Generator folder: config.json, model.safetensors, checkpoint.pt, train_log.jsonl."),
+    out_dir: Path = typer.Argument(..., help="Generator folder: config.json, model.safetensors, checkpoint.safetensors, train_log.jsonl."),
     tokenizers: Optional[Path] = typer.Option(None, help="Model folder with text_tokenizer/ and image_tokenizer/; default: shipped."),
     encoder: Optional[Path] = typer.Option(None, help="Encoder that filled the memory; default: shipped."),
     preset: str = typer.Option("emoji-small", help="Generator preset: tiny, emoji-small, emoji-small-aligned (caption-aligned positions)."),
@@ -275,8 +291,10 @@ def train_generator_cmd(
     lr: float = typer.Option(1e-3, help="Peak learning rate (AdamW, warmup then cosine)."),
     seed: int = typer.Option(0, help="Random seed."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's choice)."),
-    resume: bool = typer.Option(False, help="Continue from OUT_DIR/checkpoint.pt."),
+    resume: bool = typer.Option(False, "--resume", help=RESUME_HELP),
     snapshot_every: int = typer.Option(0, help="Keep a generator folder OUT_DIR/step-N every N steps (0 = off)."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    precision: str = typer.Option("auto", help=PRECISION_HELP),
 ) -> None:
     """Train the RA-CM3 generator on retrieval-augmented CM3 sequences (also under torchrun --nproc-per-node N)."""
     from racm3.generator.data import Recipe
@@ -288,10 +306,11 @@ def train_generator_cmd(
                         mask_rate=mask_rate, relabel_rate=relabel_rate if k else 0.0)
         cfg = TrainConfig(dataset=dataset_dir, memory=memory_dir if k else None, out=out_dir, tokenizers=tokenizers, encoder=encoder,
                           preset=preset, steps=steps, batch_size=batch_size, lr=lr, seed=seed, threads=threads,
-                          resume=resume, snapshot_every=snapshot_every, recipe=recipe)
+                          resume=resume, snapshot_every=snapshot_every, recipe=recipe, device=device,
+                          precision=precision)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
-    last = train(cfg)
+    last = _train(train, cfg)
     typer.echo(f"saved the generator to {out_dir}: " + ", ".join(f"{k_} {v:.3f}" for k_, v in last.items()
                                                               if isinstance(v, float)))
 
@@ -319,25 +338,27 @@ def train_assemble_cmd(
 @train_app.command("image-tokenizer")
 def train_image_tokenizer_cmd(
     dataset_dir: Path = typer.Argument(..., help="Dataset folder (docs.jsonl + images/); only split == 'train' is used."),
-    out_dir: Path = typer.Argument(..., help="Where the tokenizer goes (config.json + model.safetensors + checkpoint.pt)."),
+    out_dir: Path = typer.Argument(..., help="Where the tokenizer goes (config.json + model.safetensors + checkpoint.safetensors)."),
     preset: str = typer.Option("emoji-8x8", help="Architecture preset: tiny, emoji-8x8, emoji-16x16."),
     steps: int = typer.Option(2000, help="Optimiser steps in total (a resumed run continues up to this)."),
     batch_size: int = typer.Option(32, help="Images per step."),
     lr: float = typer.Option(1e-3, help="Peak learning rate (warm-up, then cosine decay)."),
     seed: int = typer.Option(0, help="Random seed (initialisation and batches)."),
     threads: int = typer.Option(1, help="torch CPU threads."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from OUT_DIR/checkpoint.pt."),
-    bf16: bool = typer.Option(False, "--bf16", help="bf16 autocast for the encoder and decoder (~1.4x faster on "
-                                                    "AVX512-BF16 CPUs; the quantizer stays float32)."),
+    resume: bool = typer.Option(False, "--resume", help=RESUME_HELP),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    precision: str = typer.Option("auto", help=PRECISION_HELP + " The encoder and decoder only: the quantizer "
+                                  "stays float32; the shipped VQ was trained in fp32."),
 ) -> None:
     """Train the VQ image tokenizer (reconstruction L2 + L1 + commitment); progress bar, checkpoints, resume."""
     from racm3.tokenizers.image_train import ImageTrainConfig, train_image_tokenizer
 
     try:
-        cfg = ImageTrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, threads=threads, bf16=bf16)
-        summary = train_image_tokenizer(dataset_dir, out_dir, preset, cfg, resume=resume)
-    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+        cfg = ImageTrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, threads=threads, device=device,
+                               precision=precision)
+    except ValueError as exc:
         _fail(str(exc))
+    summary = _train(train_image_tokenizer, dataset_dir, out_dir, preset, cfg, resume=resume)
     typer.echo(f"saved image tokenizer ({summary['preset']}, {summary['steps']} steps, "
                f"{summary['elapsed_s']:.0f} s of training) to {out_dir}")
 

@@ -1,11 +1,8 @@
-"""Pieces every trainer here shares: the learning-rate schedule and crash-safe checkpoint writes."""
+"""What every trainer here shares besides the runtime: the learning-rate schedule and the optimizer policy."""
 
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -18,9 +15,22 @@ def warmup_cosine(step: int, total: int, peak: float, warmup: int, min_ratio: fl
     return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file, then rename: a crash mid-save leaves the previous file intact."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def decay_groups(module: torch.nn.Module, weight_decay: float,
+                 extra_no_decay: tuple[torch.nn.Parameter, ...] = ()) -> list[dict]:
+    """Two parameter groups: matrices and convolution kernels decay; norms, biases and embeddings do not.
+
+    nanoGPT's rule (decay only >= 2-D weights), with embeddings moved to no-decay as in GPT-2/LLaMA practice:
+    a row of an embedding table is only updated when its token occurs, so decay would shrink rare tokens.
+    With tied input/output embeddings the shared matrix counts as an embedding.
+    """
+    embeddings = {id(m.weight) for m in module.modules() if isinstance(m, torch.nn.Embedding)}
+    decay, no_decay = [], list(extra_no_decay)
+    for p in module.parameters():  # parameters() yields a tied weight once
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or id(p) in embeddings else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def adamw(groups: list[dict], lr: float, betas: tuple[float, float], device: torch.device) -> torch.optim.AdamW:
+    """AdamW for every trainer; the fused kernel on CUDA (one launch for all parameters), foreach on a CPU."""
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device.type == "cuda" or None)

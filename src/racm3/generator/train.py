@@ -1,7 +1,8 @@
 """Retrieval-augmented training of the generator: precompute codes and retrievals once, then train with checkpoints.
 
-Runs in one process or under `torchrun --nproc-per-node N` (DDP on gloo: each rank draws its own sequences,
-rank 0 evaluates, logs and saves).
+Runs on any device the runtime gives (`device`, `precision`), in one process or under `torchrun --nproc-per-node N`
+(DDP: NCCL on CUDA, gloo on CPU; each rank draws its own sequences, rank 0 builds the precompute cache once, evaluates,
+logs and saves).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from racm3.documents import Document
@@ -24,7 +24,8 @@ from racm3.generator.data import DocTokens, ExampleBank, Recipe, batch
 from racm3.generator.loss import ra_cm3_loss
 from racm3.generator.model import build_model, get_preset, save_generator
 from racm3.tokenizers.multimodal import MultimodalTokenizer
-from racm3.training import atomic_torch_save, warmup_cosine
+from racm3.runtime import check_resume, init_distributed, load_checkpoint, resolve_precision, save_checkpoint
+from racm3.training import adamw, decay_groups, warmup_cosine
 
 
 @dataclass
@@ -48,7 +49,8 @@ class TrainConfig:
     save_every: int = 100
     snapshot_every: int = 0  # > 0: also keep a generator folder OUT/step-N every N steps (training curves)
     eval_docs: int = 48
-    bf16: bool = True  # autocast: ~1.7x faster on this CPU (AVX512-BF16); weights and optimizer stay float32
+    device: str = "auto"  # auto = CUDA when present (runtime.resolve_device)
+    precision: str = "auto"  # auto = bf16 autocast where supported (~1.7x faster on AVX512-BF16 CPUs); weights fp32
     threads: int | None = None
     resume: bool = False
     save_dtype: str = "bfloat16"
@@ -128,7 +130,8 @@ def retrieval_candidates(train_docs: list[Document], memory_dir: Path, encoder_p
 def main_nll(model, seqs, vocab, image_base: int, tokens_per_image: int, text_base: int | None = None,
              modality: str = "image") -> float:
     """Mean NLL per token of the main document's image codes or caption tokens (unmasked sequences)."""
-    b = batch(seqs, vocab, image_base, tokens_per_image, text_base)
+    device = next(model.parameters()).device
+    b = {k: t.to(device) for k, t in batch(seqs, vocab, image_base, tokens_per_image, text_base).items()}
     logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
                    position_ids=b["position_ids"]).logits.float()
     targets = b["input_ids"][:, 1:]
@@ -183,16 +186,59 @@ def _load_split_documents(dataset: Path) -> tuple[list[Document], list[Document]
     return train, heldout
 
 
+def _write_cache(cache: dict, path: Path) -> None:
+    """The precompute cache as JSON (ids, concepts, candidates): no pickle, so a planted file cannot run code."""
+    docs = {split: {i: asdict(t) for i, t in cache[split].items()} for split in ("train", "heldout")}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"key": cache["key"], **docs, "candidates": cache["candidates"]}))
+    os.replace(tmp, path)
+
+
+def _read_cache(path: Path, key: dict) -> dict | None:
+    """The cache if it exists and was computed from the same inputs (key); None otherwise (recompute)."""
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None  # a truncated or foreign file: recompute and overwrite it
+    if not isinstance(raw, dict) or raw.get("key") != json.loads(json.dumps(key)):
+        return None
+    tokens = {split: {i: DocTokens(tuple(t["text"]), tuple(t["image"]), t["concept"], t["style"])
+                      for i, t in raw[split].items()} for split in ("train", "heldout")}
+    return {**tokens, "candidates": raw["candidates"], "key": key}
+
+
+def precompute(cfg: TrainConfig, mt: MultimodalTokenizer, train_docs: list[Document], heldout_docs: list[Document],
+               dist) -> dict:
+    """Image codes and retrieval candidates, cached in OUT/cache.json: computed by rank 0 alone, read by all."""
+    cache = Path(cfg.out) / "cache.json"
+    vocab = mt.vocab
+    # The cache is only valid for the inputs it was computed from: anything else recomputes it.
+    key = {"dataset": str(Path(cfg.dataset).resolve()), "memory": str(cfg.memory) if cfg.recipe.k else None,
+           "tokenizers": str(cfg.tokenizers), "encoder": str(cfg.encoder), "documents": len(train_docs),
+           "vocab": [vocab.text_size, vocab.image_size, mt.tokens_per_image], "image_codes": mt.image_code_fingerprint()}
+    cached = _read_cache(cache, key) if dist.is_main else None
+    if dist.is_main and cached is None:
+        cached = {"train": tokenize_documents(train_docs, mt), "heldout": tokenize_documents(heldout_docs, mt),
+                  "candidates": (retrieval_candidates(train_docs, cfg.memory, cfg.encoder, seed=cfg.seed)
+                                 if cfg.memory is not None and cfg.recipe.k > 0 else {}), "key": key}
+        _write_cache(cached, cache)
+    dist.barrier()  # the other ranks read what rank 0 wrote
+    return cached if dist.is_main else _read_cache(cache, key)
+
+
 def train(cfg: TrainConfig) -> dict:
     """Train (or resume) a generator in cfg.out; returns the final metrics."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo")
+    dist = init_distributed(cfg.device)
+    device, rank, world = dist.device, dist.rank, dist.world
+    precision = resolve_precision(cfg.precision, device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / "checkpoint.safetensors"
+    resuming = check_resume(ckpt_path, cfg.resume)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed + 1000 * rank)
 
@@ -206,19 +252,7 @@ def train(cfg: TrainConfig) -> dict:
     train_docs, heldout_docs = _load_split_documents(cfg.dataset)
     if not train_docs:
         raise ValueError(f"{cfg.dataset} holds no training documents with both an image and a caption")
-    cache = out / "cache.pt"
-    # The cache is only valid for the inputs it was computed from: anything else recomputes it.
-    image_codes = mt.image_code_fingerprint()  # what the image ids mean: keys the cache, recorded in the model
-    key = {"dataset": str(Path(cfg.dataset).resolve()), "memory": str(cfg.memory) if recipe.k else None,
-           "tokenizers": str(cfg.tokenizers), "encoder": str(cfg.encoder), "documents": len(train_docs),
-           "vocab": (vocab.text_size, vocab.image_size, n_img), "image_codes": image_codes}
-    cached = torch.load(cache, weights_only=False) if cache.exists() else None
-    if cached is None or cached.get("key") != key:
-        cached = {"train": tokenize_documents(train_docs, mt), "heldout": tokenize_documents(heldout_docs, mt),
-                  "candidates": (retrieval_candidates(train_docs, cfg.memory, cfg.encoder, seed=cfg.seed)
-                                 if cfg.memory is not None and recipe.k > 0 else {}), "key": key}
-        if rank == 0:
-            atomic_torch_save(cached, cache)
+    cached = precompute(cfg, mt, train_docs, heldout_docs, dist)
     bank = ExampleBank(cached["train"], cached["candidates"])
     eval_bank = ExampleBank({**cached["heldout"]}) if cached["heldout"] else None
     eval_ids = []
@@ -227,27 +261,26 @@ def train(cfg: TrainConfig) -> dict:
         eligible = [i for i in eval_bank.ids if eval_bank.other_styles(i)]
         eval_ids = sorted(random.Random(cfg.seed).sample(eligible, min(cfg.eval_docs, len(eligible))))
 
-    model = build_model(gen_cfg, vocab, n_img)
-    model.racm3["image_codes"] = image_codes  # checked at load (check_vocab)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    model = build_model(gen_cfg, vocab, n_img).to(device)
+    model.racm3["image_codes"] = cached["key"]["image_codes"]  # checked at load (check_vocab)
+    opt = adamw(decay_groups(model, cfg.weight_decay), cfg.lr, (0.9, 0.95), device)
+    scaler = precision.grad_scaler()
     step = 0
-    ckpt_path = out / "checkpoint.pt"
-    if cfg.resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, weights_only=False)
+    if resuming:
+        ckpt = load_checkpoint(ckpt_path, device)
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
         rng = np.random.default_rng([cfg.seed, rank, step])
-    elif ckpt_path.exists():
-        raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another OUT_DIR")
-    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    ddp = dist.wrap(model)
     model.train()
 
     log_path = out / "train_log.jsonl"
     if step == 0 and rank == 0 and log_path.exists():
         log_path.unlink()  # a fresh run starts a fresh log; a resumed one appends
     meta = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
-            "parameters": sum(p.numel() for p in model.parameters()), "world_size": world}
+            "parameters": sum(p.numel() for p in model.parameters()), "world_size": world,
+            "device": str(device), "precision": precision.name}
     if rank == 0:
         (out / "train_config.json").write_text(json.dumps(meta, indent=2, default=str))
     bar = tqdm(total=cfg.steps, initial=step, disable=rank != 0 or not cfg.progress, dynamic_ncols=True)
@@ -258,19 +291,22 @@ def train(cfg: TrainConfig) -> dict:
             order += rng.permutation(len(bank)).tolist()
         picks, order = order[:cfg.batch_size], order[cfg.batch_size:]
         seqs = [bank.sample(bank.ids[i], vocab, recipe, rng) for i in picks]
-        b = batch(seqs, vocab, gen_cfg.image_base, n_img, gen_cfg.text_base)
+        b = {name: t.to(device, non_blocking=True) for name, t in
+             batch(seqs, vocab, gen_cfg.image_base, n_img, gen_cfg.text_base).items()}
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+        with precision.autocast():
             logits = ddp(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
                          position_ids=b["position_ids"]).logits
         parts = ra_cm3_loss(logits, b["input_ids"], b["loss_weights"], b["main_mask"])
         opt.zero_grad(set_to_none=True)
-        parts["loss"].backward()
+        scaler.scale(parts["loss"]).backward()
+        scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
+        scaler.step(opt)
+        scaler.update()
         step += 1
-        tokens_seen += int(b["attention_mask"].sum()) * world
+        tokens_seen += sum(len(q) for q in seqs) * world  # counted on the host: no device sync per step
         if rank != 0:
             continue
         bar.update(1)
@@ -287,12 +323,10 @@ def train(cfg: TrainConfig) -> dict:
                             **({"ctx_benefit": f"{last['context_benefit']:.2f}",
                                 "caption_benefit": f"{last['caption_benefit']:.2f}"} if "context_benefit" in last else {}))
         if step % cfg.save_every == 0 or step == cfg.steps:
-            atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step}, ckpt_path)
+            save_checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step}, ckpt_path)
             save_generator(model, out, dtype=getattr(torch, cfg.save_dtype))
         if cfg.snapshot_every and step % cfg.snapshot_every == 0:
             save_generator(model, out / f"step-{step}", dtype=getattr(torch, cfg.save_dtype))
     bar.close()
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+    dist.close()
     return last

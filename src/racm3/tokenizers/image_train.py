@@ -15,9 +15,10 @@ import torch.nn.functional as F
 
 from racm3.documents import BadRecord, load_image
 from racm3.tokenizers.image import ImageTokenizer, ImageTokenizerConfig
-from racm3.training import atomic_torch_save, warmup_cosine
+from racm3.runtime import (CHECKPOINT_FILE, check_resume, init_distributed, load_checkpoint, resolve_precision,
+                           save_checkpoint)
+from racm3.training import adamw, warmup_cosine
 
-CHECKPOINT_FILE = "checkpoint.pt"
 LOG_FILE = "train_log.jsonl"
 
 
@@ -74,7 +75,10 @@ class ImageTrainConfig:
     checkpoint_every: int = 200
     log_every: int = 50
     threads: int = 1
-    bf16: bool = False  # autocast the encoder and decoder (the shipped VQ was trained in float32)
+    device: str = "auto"
+    # auto: bf16 autocast for the encoder and decoder where supported (the quantizer stays float32); the shipped
+    # VQ was trained in fp32, so its reproduction passes precision="fp32"
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.lr <= 0 or self.checkpoint_every < 1:
@@ -94,91 +98,96 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def train_image_tokenizer(dataset_dir: str | os.PathLike, out_dir: str | os.PathLike, preset: str = "emoji-8x8",
                           config: ImageTrainConfig | None = None, resume: bool = False, progress: bool = True,
                           images: torch.Tensor | None = None) -> dict[str, Any]:
-    """Train on the train split; checkpoint to OUT_DIR/checkpoint.pt, save OUT_DIR/{config.json,model.safetensors}.
+    """Train on the train split; checkpoint to OUT_DIR/checkpoint.safetensors, save OUT_DIR/{config.json,model.safetensors}.
 
-    With resume=True, training continues from OUT_DIR/checkpoint.pt (model, optimiser, step, elapsed time);
-    batches are drawn from a generator seeded by (seed, step), so a resumed run sees the batches the
-    uninterrupted run would have. images (uint8 [N, 3, S, S]) replaces the dataset (for tests).
+    With resume=True, training continues from the checkpoint (model, optimiser, step, elapsed time); batches are
+    drawn from a generator seeded by (seed, step, rank), so a resumed run sees the batches the uninterrupted run
+    would have. Under torchrun each process draws its own batch (DDP averages the gradients; the EMA codebook
+    follows vector-quantize-pytorch's distributed rule). images (uint8 [N, 3, S, S]) replaces the dataset (tests).
     """
     from tqdm import tqdm
 
     cfg = config or ImageTrainConfig()
+    dist = init_distributed(cfg.device)
+    device, precision = dist.device, resolve_precision(cfg.precision, dist.device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
     model_cfg = ImageTokenizerConfig.from_preset(preset)
     ckpt_path = out / CHECKPOINT_FILE
-    state = None
-    if resume and ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    state = load_checkpoint(ckpt_path, device) if check_resume(ckpt_path, resume) else None
+    if state is not None:
         model_cfg = ImageTokenizerConfig.from_dict(state["model_config"])
-    elif resume:
-        print(f"{ckpt_path}: no checkpoint to resume from; starting from scratch")
-    elif ckpt_path.is_file():
-        raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue it, or choose another OUT_DIR")
 
     data = images if images is not None else load_split_images(dataset_dir, "train", model_cfg.image_size)
     torch.manual_seed(cfg.seed)
-    model = ImageTokenizer(model_cfg)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
+    model = ImageTokenizer(model_cfg).to(device)
+    opt = adamw([{"params": list(model.parameters()), "weight_decay": 0.0}], cfg.lr, (0.9, 0.99), device)
+    scaler = precision.grad_scaler()
     step, elapsed = 0, 0.0
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         step, elapsed = state["step"], state["elapsed_s"]
+    ddp = dist.wrap(model)
     model.train()
 
-    def save(final: bool = False) -> None:
-        atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                            "elapsed_s": elapsed, "model_config": model_cfg.to_dict(),
-                            "train_config": asdict(cfg)}, ckpt_path)
+    def save() -> None:
+        save_checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                         "elapsed_s": elapsed, "model_config": model_cfg.to_dict(),
+                         "train_config": asdict(cfg)}, ckpt_path)
         model.save_pretrained(out)
 
-    used = torch.zeros(model_cfg.codebook_size, dtype=torch.bool)
-    bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc=f"image tokenizer ({preset})",
-               mininterval=5.0)
-    log = open(out / LOG_FILE, "a", encoding="utf-8")
+    used = torch.zeros(model_cfg.codebook_size, dtype=torch.bool, device=device)
+    bar = tqdm(total=cfg.steps, initial=step, disable=not progress or not dist.is_main,
+               desc=f"image tokenizer ({preset})", mininterval=5.0)
+    log = open(out / LOG_FILE, "a", encoding="utf-8") if dist.is_main else None
     window_loss, window_psnr = [], []
     try:
         while step < cfg.steps:
             t0 = time.time()
-            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step + 7_919 * dist.rank)
             idx = torch.randint(0, len(data), (cfg.batch_size,), generator=gen)
             x = data[idx].float() / 255.0  # [B, 3, S, S]
             if cfg.flip:
                 flip = torch.rand(cfg.batch_size, generator=gen) < 0.5
                 x[flip] = x[flip].flip(-1)
+            x = x.to(device, non_blocking=True)
             for g in opt.param_groups:
                 g["lr"] = cfg.lr_at(step)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-                recon, codes, commit = model(x)
+            with precision.autocast():
+                recon, codes, commit = ddp(x)
             recon = recon.float()
             loss = F.mse_loss(recon, x) + cfg.l1_weight * F.l1_loss(recon, x) + commit
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             step += 1
             elapsed += time.time() - t0
             used[codes.flatten()] = True
-            window_loss.append(loss.item())
-            window_psnr.append(psnr(recon.detach().clamp(0, 1), x).mean().item())
+            window_loss.append(loss.detach())
+            window_psnr.append(psnr(recon.detach().clamp(0, 1), x).mean())
             bar.update(1)
             if step % cfg.log_every == 0 or step == cfg.steps:
-                rec = {"step": step, "loss": float(np.mean(window_loss)), "psnr": float(np.mean(window_psnr)),
-                       "usage": used.float().mean().item(), "lr": cfg.lr_at(step - 1), "elapsed_s": round(elapsed, 1)}
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", psnr=f"{rec['psnr']:.2f}", usage=f"{rec['usage']:.2f}")
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
-                if not progress:
-                    print(json.dumps(rec), flush=True)
+                rec = {"step": step, "loss": torch.stack(window_loss).mean().item(),
+                       "psnr": torch.stack(window_psnr).mean().item(), "usage": used.float().mean().item(),
+                       "lr": cfg.lr_at(step - 1), "elapsed_s": round(elapsed, 1)}
+                if dist.is_main:  # rank 0's own batches: the other ranks' losses are alike
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}", psnr=f"{rec['psnr']:.2f}", usage=f"{rec['usage']:.2f}")
+                    log.write(json.dumps(rec) + "\n")
+                    log.flush()
+                    if not progress:
+                        print(json.dumps(rec), flush=True)
                 window_loss, window_psnr = [], []
                 used.zero_()
-            if step % cfg.checkpoint_every == 0:
+            if dist.is_main and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
                 save()
-        save(final=True)
     finally:
         bar.close()
-        log.close()
+        if log is not None:
+            log.close()
+    dist.close()
     return {"steps": step, "elapsed_s": round(elapsed, 1), "out_dir": str(out), "preset": preset}
 
 
