@@ -386,16 +386,23 @@ def train_text_tokenizer_cmd(
 # --- generate ----------------------------------------------------------------------------------
 
 
-def _load_model_and_memory(model_dir: Optional[Path], memory_dir: Optional[Path], k: int, generator: str = "generator"):
-    """The model (shipped by default) and the memory (the emoji memory, built on first use, by default)."""
+def _load_model_and_memory(model_dir: Optional[Path], memory_dir: Optional[Path], k: int, generator: str = "generator",
+                           check=None):
+    """The model (shipped by default) and the memory (the emoji memory, built on first use, by default).
+
+    check(model), when given, runs between the two: options that depend on the model are refused before
+    the memory is opened or built.
+    """
     from racm3.embedded import ensure_emoji_memory
     from racm3.pipeline import RACM3
     from racm3.retrieval.memory import Memory
 
     try:
         model = RACM3.from_pretrained(model_dir, generator=generator)
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError) as exc:  # ModelFolderError (a ValueError) names the broken file
         _fail(str(exc))
+    if check is not None:
+        check(model)
     if k == 0:
         return model, None
     log = lambda m: typer.echo(m, err=True)  # noqa: E731
@@ -407,10 +414,144 @@ def _load_model_and_memory(model_dir: Optional[Path], memory_dir: Optional[Path]
 
 
 def _slug(text: str) -> str:
-    """A file name for a caption: 'flag: France' -> 'flag-france'."""
+    """A file name for a caption: 'flag: France' -> 'flag-france'.
+
+    A caption the ASCII slug cannot tell apart from others (non-Latin letters, cut at 60 characters) gets a
+    short hash of the caption: '日本' -> 'caption-1a2b3c4d', 'café' -> 'caf-5e6f7a8b'.
+    """
+    import hashlib
     import re
 
-    return re.sub(r"[^0-9a-z]+", "-", text.lower()).strip("-")[:60] or "output"
+    lowered = text.lower()
+    slug = re.sub(r"[^0-9a-z]+", "-", lowered).strip("-")
+    lossy = len(slug) > 60 or any(c.isalnum() and not ("0" <= c <= "9" or "a" <= c <= "z") for c in lowered)
+    if not lossy and slug:
+        return slug
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"{slug[:60].rstrip('-') or 'caption'}-{digest}"
+
+
+# Option limits, checked before any work starts (check_generate_options).
+MAX_SAMPLES = 64  # each sample is a full decode; 64 x 64 codes fit in memory and finish in minutes
+MAX_GUIDANCE = 100.0  # far above useful scales (1-5); larger ones overflow the guided log-probabilities
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0  # besides 0 (greedy): outside, the scaled logits overflow
+MAX_SEED = 2**63 - 1
+# Context budget: a retrieved document takes <doc> <img> codes </img> </doc> plus its caption, for which
+# this many tokens are kept (the emoji captions take 2-15); generated captions may take MAX_NEW_TEXT.
+DOC_TEXT_RESERVE = 32
+MAX_NEW_TEXT = 32
+
+
+def check_generate_options(*, samples: int, temperature: float, k: int, seed: int, guidance: float | None = None,
+                           top_p: float | None = None, caption: str | None = None) -> None:
+    """Refuse option values the generate commands cannot use, one line naming the option (exit 1).
+
+    Runs before the model is loaded, so the fuzz tests exercise it without one.
+    """
+    import math
+
+    if not 1 <= samples <= MAX_SAMPLES:
+        _fail(f"--samples must be between 1 and {MAX_SAMPLES}, got {samples}")
+    if k < 0:
+        _fail(f"-k must be 0 (no retrieval) or more documents, got {k}")
+    if not 0 <= seed <= MAX_SEED:
+        _fail(f"--seed must be between 0 and {MAX_SEED}, got {seed}")
+    if not (temperature == 0 or MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE):
+        _fail(f"--temperature must be 0 (greedy) or between {MIN_TEMPERATURE} and {MAX_TEMPERATURE:g}, "
+              f"got {temperature}")
+    if guidance is not None and not (math.isfinite(guidance) and 0 <= guidance <= MAX_GUIDANCE):
+        _fail(f"--guidance must be between 0 and {MAX_GUIDANCE:g} (1 = off, 3 is the default), got {guidance}")
+    if top_p is not None and not 0 < top_p <= 1:
+        _fail(f"--top-p must be above 0 and at most 1 (1 = off), got {top_p}")
+    if caption is not None:
+        if not caption.strip():
+            _fail("the caption is empty; give the text to draw, e.g. 'flag: France'")
+        try:
+            caption.encode("utf-8")
+        except UnicodeEncodeError:
+            _fail("the caption is not valid UTF-8 text")
+
+
+def check_context(model, k: int, caption: str | None = None) -> None:
+    """Refuse a -k or a caption the generator's context cannot hold (image_base text positions).
+
+    Generating an image, the context holds <bos>, k documents, the caption, <img> and the image's codes;
+    captioning, <bos>, k documents, the image and up to MAX_NEW_TEXT new tokens.
+    """
+    base, n = int(model.image_base), int(model.tokenizer.tokens_per_image)
+    per_doc = n + 4 + DOC_TEXT_RESERVE
+    main = 1 + (1 + n if caption is not None else n + 2 + MAX_NEW_TEXT)
+    k_max = max(0, (base - main - (1 if caption is not None else 0)) // per_doc)
+    if k > k_max:
+        _fail(f"-k {k} is more documents than the generator's context holds (at most {k_max}); use a smaller -k")
+    if caption is not None:
+        tokens, room = len(model.tokenizer.text.encode(caption)), base - main - k * per_doc
+        if tokens > room:
+            _fail(f"the caption is {tokens} tokens long ({len(caption)} characters); with -k {k} the generator's "
+                  f"context leaves room for {room}: shorten the caption")
+
+
+def output_path(caption: str, out: Optional[Path]) -> tuple[Path, bool]:
+    """Where generate image writes, and whether it may replace a file there (only a file --out names).
+
+    Refused before generating: an --out that is a folder, without an image extension, or whose folder
+    cannot be created or written. The default, racm3-output/SLUG.png, never replaces a file: SLUG-2.png...
+    """
+    import tempfile
+
+    from PIL import Image
+
+    path = out if out is not None else Path("racm3-output") / f"{_slug(caption)}.png"
+    if path.is_dir():
+        _fail(f"--out {path} is a folder; give a file name such as {path / 'image.png'}")
+    if Image.registered_extensions().get(path.suffix.lower()) not in Image.SAVE:
+        _fail(f"--out {path}: needs an image file extension Pillow can write, such as .png")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        _fail(f"--out {path}: {folder} is a file, not a folder; choose another path")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        _fail(f"--out {path}: cannot write into {folder} ({exc.strerror or exc}); choose another folder")
+    return (path, True) if out is not None else (_free_path(path), False)
+
+
+def _free_path(path: Path) -> Path:
+    """path, or path with -2, -3, ... before its suffix: the first name no file has."""
+    candidate, n = path, 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+    return candidate
+
+
+def save_output_image(image, path: Path, replace: bool) -> Path:
+    """Write image to path atomically (a temporary file moved in); without replace, never over a file
+    (a name taken since output_path chose it moves on to the next free one). Returns the path written."""
+    import os
+    import tempfile
+
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=".racm3-", suffix=path.suffix, dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format=Image.registered_extensions()[path.suffix.lower()])
+        if replace:
+            os.replace(tmp_name, path)
+            return path
+        while True:
+            try:
+                os.link(tmp_name, path)  # fails if the name exists: no file is ever replaced
+                return path
+            except FileExistsError:
+                path = _free_path(path)
+    finally:
+        Path(tmp_name).unlink(missing_ok=True)
 
 
 @generate_app.command("image")
@@ -419,18 +560,22 @@ def generate_image_cmd(
     memory: Optional[Path] = typer.Option(None, help="Memory folder; default: the emoji memory (built on first use)."),
     model: Optional[Path] = typer.Option(None, help="Model folder; default: the shipped emoji-small."),
     k: int = typer.Option(2, "-k", "--k", help="Documents retrieved into the context (0 = no retrieval)."),
-    samples: int = typer.Option(8, help="Images sampled; the best by the encoder's score is kept."),
+    samples: int = typer.Option(8, help=f"Images sampled (1-{MAX_SAMPLES}); the best by the encoder's score is kept."),
     guidance: float = typer.Option(3.0, help="Classifier-free guidance scale (1 = off)."),
     temperature: float = typer.Option(1.0, help="Sampling temperature (0 = greedy)."),
     top_p: float = typer.Option(0.9, help="Nucleus sampling mass."),
     seed: int = typer.Option(0, help="Random seed."),
-    out: Optional[Path] = typer.Option(None, help="PNG to write; default racm3-output/CAPTION.png."),
+    out: Optional[Path] = typer.Option(None, help="Image to write (replaced if present); default "
+                                       "racm3-output/CAPTION.png, never replacing a file (CAPTION-2.png...)."),
     as_json: bool = typer.Option(False, "--json", help="Print {image, sources, seconds} as JSON."),
 ) -> None:
     """Caption -> retrieve -> image: draw a caption, grounded in the documents retrieved for it."""
     import json
 
-    m, mem = _load_model_and_memory(model, memory, k)
+    check_generate_options(samples=samples, temperature=temperature, k=k, seed=seed, guidance=guidance, top_p=top_p,
+                           caption=caption)
+    path, replace = output_path(caption, out)
+    m, mem = _load_model_and_memory(model, memory, k, check=lambda m_: check_context(m_, k, caption))
     from racm3.retrieval.memory import MemoryFolderError
 
     try:
@@ -438,9 +583,10 @@ def generate_image_cmd(
                                   temperature=temperature, top_p=top_p, seed=seed)
     except (ValueError, MemoryFolderError) as exc:  # an empty caption; a memory filled by another encoder
         _fail(str(exc))
-    path = out or Path("racm3-output") / f"{_slug(caption)}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    result.image.save(path)
+    try:
+        path = save_output_image(result.image, path, replace)
+    except OSError as exc:  # the folder changed since output_path checked it
+        _fail(f"--out {path}: cannot write the image ({exc.strerror or exc}); nothing was written")
     payload = {"image": str(path), **{k_: v for k_, v in result.to_json().items() if k_ in ("sources", "seconds")}}
     if as_json:
         typer.echo(json.dumps(payload, ensure_ascii=False))
@@ -456,7 +602,8 @@ def generate_text_cmd(
     memory: Optional[Path] = typer.Option(None, help="Memory folder; default: the emoji memory (built on first use)."),
     model: Optional[Path] = typer.Option(None, help="Model folder; default: the shipped emoji-small."),
     k: int = typer.Option(2, "-k", "--k", help="Documents retrieved into the context (0 = no retrieval)."),
-    samples: int = typer.Option(4, help="Captions sampled; the best by the encoder's score is kept."),
+    samples: int = typer.Option(4, help=f"Captions sampled (1-{MAX_SAMPLES}); the best by the encoder's score is "
+                                        "kept."),
     temperature: float = typer.Option(0.7, help="Sampling temperature (0 = greedy)."),
     seed: int = typer.Option(0, help="Random seed."),
     as_json: bool = typer.Option(False, "--json", help="Print {text, sources, seconds} as JSON."),
@@ -466,13 +613,14 @@ def generate_text_cmd(
 
     from racm3.documents import BadRecord, load_image
 
+    check_generate_options(samples=samples, temperature=temperature, k=k, seed=seed)
     try:
         image = load_image(image_path)
     except BadRecord as exc:
         _fail(str(exc))
     from racm3.retrieval.memory import MemoryFolderError
 
-    m, mem = _load_model_and_memory(model, memory, k)
+    m, mem = _load_model_and_memory(model, memory, k, check=lambda m_: check_context(m_, k))
     try:
         result = m.generate_text(image, memory=mem, k=k, num_samples=samples, temperature=temperature, seed=seed)
     except (ValueError, MemoryFolderError) as exc:

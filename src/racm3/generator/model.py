@@ -110,16 +110,43 @@ def save_generator(model: LlamaForCausalLM, out_dir: str | Path, dtype: torch.dt
 
 
 def load_generator(path: str | Path) -> LlamaForCausalLM:
-    """Load a generator folder; float32 for decoding (bf16 cached and uncached decoding disagree, DESIGN.md)."""
+    """Load a generator folder; float32 for decoding (bf16 cached and uncached decoding disagree, DESIGN.md).
+
+    A missing, truncated or foreign file raises ModelFolderError naming it; weights of another shape than
+    config.json builds are refused before transformers would re-initialise them.
+    """
+    from racm3.errors import ModelFolderError, check_shapes, one_line, read_json_object, safetensors_shapes
+
     path = Path(path)
     meta_file = path / RACM3_FILE
     if not (path / "config.json").exists() or not meta_file.exists():
         raise FileNotFoundError(f"{path} is not a racm3 generator folder (config.json and {RACM3_FILE} expected); "
                                 "train one with `racm3 train generator`")
-    model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32)
-    model.racm3 = json.loads(meta_file.read_text())
+    hint = f"restore {path} from the model it came from or retrain it with `racm3 train generator`"
+    cfg_file, weights = path / "config.json", path / "model.safetensors"
+    meta = read_json_object(meta_file, hint)
+    settings = meta.get("generator")
+    needed = ("text_size", "image_size", "tokens_per_image")
+    if (not isinstance(settings, dict) or not isinstance(settings.get("image_base"), int)
+            or not all(isinstance(meta.get(k), int) for k in needed)):
+        raise ModelFolderError(f"{meta_file}: needs generator.image_base and {', '.join(needed)} as integers; {hint}")
+    read_json_object(cfg_file, hint)
+    try:
+        config = LlamaConfig.from_pretrained(path)
+        with torch.device("meta"):  # shapes only: no memory, no initialisation
+            expected = LlamaForCausalLM(config).state_dict()
+    except Exception as exc:  # transformers validates fields with its own (non-ValueError) exception types
+        raise ModelFolderError(f"{cfg_file}: not a Llama config this project can build ({one_line(exc)}); "
+                               f"{hint}") from None
+    tied = frozenset({"lm_head.weight"}) if config.tie_word_embeddings else frozenset()
+    check_shapes(weights, expected, safetensors_shapes(weights, hint), cfg_file, hint, optional=tied)
+    try:
+        model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except (OSError, ValueError, TypeError, RuntimeError) as exc:
+        raise ModelFolderError(f"{weights}: cannot be loaded ({one_line(exc)}); {hint}") from None
+    model.racm3 = meta
     names = {f.name for f in fields(GeneratorConfig)}
-    model.racm3["generator"] = {k: v for k, v in model.racm3["generator"].items() if k in names}
+    model.racm3["generator"] = {k: v for k, v in settings.items() if k in names}
     model.eval()
     return model
 

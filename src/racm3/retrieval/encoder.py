@@ -14,6 +14,9 @@ from typing import TYPE_CHECKING, Any, Protocol, Sequence, runtime_checkable
 import numpy as np
 from PIL import Image
 
+from racm3.errors import (ModelFolderError, check_shapes, load_safetensors, one_line, read_json_object,
+                          safetensors_shapes)
+
 if TYPE_CHECKING:  # torch and transformers load lazily, inside the classes that need them
     import torch
 
@@ -42,7 +45,7 @@ def few_threads(n_items: int):
         torch.set_num_threads(previous)
 
 
-class EncoderError(ValueError):
+class EncoderError(ModelFolderError):
     """A model folder that cannot become an encoder; the message names the folder and the fix."""
 
 
@@ -279,22 +282,30 @@ class EmojiEncoder:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, text_tower: MiniLMTextTower | None = None) -> "EmojiEncoder":
-        from safetensors.torch import load_file
-
         path = Path(path)
         cfg_path, weights = path / "config.json", path / "model.safetensors"
+        hint = f"train one with `racm3 train encoder DATASET_DIR {path}`"
         if not cfg_path.exists() or not weights.exists():
-            raise EncoderError(f"{path}: not an encoder folder (needs config.json and model.safetensors); "
-                               f"train one with `racm3 train encoder DATASET_DIR {path}`")
-        raw = json.loads(cfg_path.read_text())
+            raise EncoderError(f"{path}: not an encoder folder (needs config.json and model.safetensors); {hint}")
+        fix = f"restore {path} from the model it came from or {hint}"
+        raw = read_json_object(cfg_path, fix, EncoderError)
         raw.pop("model_type", None)
-        config = ImageTowerConfig(**raw)
+        try:
+            config = ImageTowerConfig(**raw)
+            tower = build_image_tower(config)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise EncoderError(f"{cfg_path}: not an encoder config ({one_line(exc)}); {fix}") from None
         if config.text_tower != TEXT_TOWER_NAME:
             raise EncoderError(f"{cfg_path}: text tower {config.text_tower!r} is not available; "
                                f"only {TEXT_TOWER_NAME!r} ships with racm3")
-        tower = build_image_tower(config)
-        state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(weights)).items()}
-        tower.load_state_dict(state)
+        check_shapes(weights, tower.state_dict(), safetensors_shapes(weights, fix, EncoderError), cfg_path, fix,
+                     error=EncoderError)
+        loaded = load_safetensors(weights, fix, error=EncoderError)
+        state = {k: v.float() if v.is_floating_point() else v for k, v in loaded.items()}
+        try:
+            tower.load_state_dict(state)
+        except RuntimeError as exc:  # unexpected extra tensors
+            raise EncoderError(f"{weights} does not match {cfg_path} ({one_line(exc)}); {fix}") from None
         return cls(tower, config, text_tower)
 
 
@@ -324,9 +335,9 @@ class ClipEncoder:
             model = CLIPModel.from_pretrained(path, local_files_only=True)
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
             processor = CLIPImageProcessor.from_pretrained(path, local_files_only=True)
-        except OSError as exc:
-            raise EncoderError(f"{path}: incomplete CLIP folder ({exc}); it needs the model, tokenizer and "
-                               f"image processor files written by save_pretrained()") from None
+        except Exception as exc:  # OSError for missing files; transformers' own types for invalid configs
+            raise EncoderError(f"{path}: incomplete or broken CLIP folder ({one_line(exc)}); it needs the model, "
+                               f"tokenizer and image processor files written by save_pretrained()") from None
         digest = hashlib.sha256()
         for p in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
             digest.update(p.read_bytes())
@@ -392,7 +403,8 @@ def load_encoder(path: str | os.PathLike | None = None) -> Encoder:
     if not cfg_path.exists():
         raise EncoderError(f"{path}: no encoder here (config.json missing); pass a folder written by "
                            f"`racm3 train encoder` or a CLIP folder written by save_pretrained()")
-    model_type = json.loads(cfg_path.read_text()).get("model_type")
+    model_type = read_json_object(cfg_path, "pass a folder written by `racm3 train encoder` or a CLIP folder "
+                                  "written by save_pretrained()", EncoderError).get("model_type")
     if model_type == "clip":
         return ClipEncoder.from_pretrained(path)
     if model_type == "racm3-emoji-encoder":

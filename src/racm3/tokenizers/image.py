@@ -281,7 +281,7 @@ class ImageTokenizer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, map_location: str = "cpu") -> "ImageTokenizer":
-        from safetensors.torch import load_file
+        from racm3.errors import ModelFolderError, load_safetensors, one_line, read_json_object
 
         d = Path(directory)
         cfg_file, weights = d / CONFIG_FILE, d / WEIGHTS_FILE
@@ -290,19 +290,23 @@ class ImageTokenizer(nn.Module):
             raise FileNotFoundError(f"{cfg_file}: missing; {d} is not an image tokenizer folder ({hint})")
         if not weights.is_file():
             raise FileNotFoundError(f"{weights}: missing; the image tokenizer's weights are not in {d} ({hint})")
-        raw = json.loads(cfg_file.read_text())
+        fix = f"restore {d} from the model it came from or retrain it ({hint})"
+        raw = read_json_object(cfg_file, fix)
         if raw.get("model_type", MODEL_TYPE) != MODEL_TYPE:
-            raise ValueError(f"{cfg_file}: model_type {raw.get('model_type')!r} is not {MODEL_TYPE!r}")
-        model = cls(ImageTokenizerConfig.from_dict(raw))
-        state = load_file(str(weights), device=map_location)
+            raise ModelFolderError(f"{cfg_file}: model_type {raw.get('model_type')!r} is not {MODEL_TYPE!r}")
+        try:
+            model = cls(ImageTokenizerConfig.from_dict(raw))
+        except (ValueError, TypeError, KeyError, RuntimeError) as exc:
+            raise ModelFolderError(f"{cfg_file}: not an image tokenizer config ({one_line(exc)}); {fix}") from None
+        state = load_safetensors(weights, fix, device=map_location)
         ref = model.state_dict()
         state = {k: (v.to(ref[k].dtype) if k in ref and v.is_floating_point() else v) for k, v in state.items()}
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:
             first = str(exc).splitlines()[0:3]
-            raise ValueError(f"{weights} does not match {cfg_file} ({' '.join(first)}); the two files come from "
-                             "different models: re-save the tokenizer or retrain it") from None
+            raise ModelFolderError(f"{weights} does not match {cfg_file} ({' '.join(first)}); the two files come "
+                                   "from different models: re-save the tokenizer or retrain it") from None
         # A loaded tokenizer is fixed: even a never-trained one must not k-means-initialise its codebook from
         # the first images it encodes (codes would depend on what was encoded first).
         model.quantizer._codebook.initted.fill_(True)

@@ -71,7 +71,10 @@ class TextTokenizer:
             raise FileNotFoundError(
                 f"{file}: no text tokenizer here; train one with `racm3 train text-tokenizer DATASET_DIR OUT_DIR` "
                 "or point to any tokenizer.json")
+        from racm3.errors import ModelFolderError, one_line
+
         try:
             return cls(Tokenizer.from_file(str(file)))
         except Exception as exc:  # tokenizers raises a bare Exception for a malformed file
-            raise ValueError(f"{file}: not a readable tokenizers JSON file ({exc})") from None
+            raise ModelFolderError(f"{file}: not a readable tokenizers JSON file ({one_line(exc)}); restore it from "
+                                   "the model it came from or retrain it with `racm3 train text-tokenizer`") from None
