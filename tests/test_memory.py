@@ -1,4 +1,4 @@
-"""Memory: round trips, remove/update, encoder identity, index rebuilds, a real SIGKILL mid-add, and the memory CLI."""
+"""Memory: round trips, remove/update, encoder identity, index rebuilds, SIGKILLs at each step of every writer, the memory CLI."""
 
 from __future__ import annotations
 
@@ -202,6 +202,108 @@ def test_sigkill_during_adds_leaves_a_consistent_memory(tmp_path):
         consistent(again)
         assert again.get(["d0"])[0].text == "caption 0"
         again.close()
+
+
+KILL_AT = textwrap.dedent("""
+    import os, signal, sys
+    from racm3.retrieval import memory as M
+    from racm3.retrieval.memory import INDEX, Memory
+    from tests.test_memory import DIM, make_docs
+
+    op, point, folder = sys.argv[1:4]
+    armed = False
+
+    def die_if_armed():
+        if armed:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def hook(name, before=True, when=lambda *a: True):
+        owner = M.Memory if hasattr(M.Memory, name) else M
+        real = getattr(owner, name)
+        def wrapped(*a, **k):
+            if before and when(*a):
+                die_if_armed()
+            out = real(*a, **k)
+            if not before and when(*a):
+                die_if_armed()
+            return out
+        setattr(owner, name, wrapped)
+
+    if point == "create":  # the store complete under its temporary name, not yet renamed into place
+        hook("_fsync_path", before=False, when=lambda path: path.name.endswith(".tmp"))
+    elif point == "in-transaction":  # rows inserted or deleted, generation bumped, not committed
+        hook("_bump_generation")
+    elif point == "after-commit":  # the store committed, the index not yet written
+        hook("_write_index")
+    elif point == "index-tmp":  # index.faiss.tmp written and fsynced, not renamed
+        real_replace = os.replace
+        def replace(src, dst):
+            if str(dst).endswith(INDEX):
+                die_if_armed()
+            return real_replace(src, dst)
+        M.os.replace = replace
+    elif point == "index-renamed":  # index.faiss in place, memory.json still the last write's
+        hook("_atomic_write")
+
+    docs, vecs = make_docs(30, start=500, seed=7)
+
+    class Fixed:
+        name, dim = "enc-a", DIM
+        def embed_documents(self, ds):
+            return vecs[[int(d.id[1:]) - 500 for d in ds]]
+
+    if op == "build":
+        armed = point == "create"
+        mem = Memory.open_or_create(folder, "enc-a", DIM)
+        armed = True
+        mem.add_documents(docs, Fixed(), batch_size=8)
+    elif op == "add":
+        mem = Memory.open(folder)
+        armed = True
+        mem.add(docs, vecs)
+    else:
+        mem = Memory.open(folder)
+        armed = True
+        mem.remove([f"d{i}" for i in range(0, 20, 2)])
+    print("not killed", flush=True)
+""")
+
+KILL_POINTS = ["in-transaction", "after-commit", "index-tmp", "index-renamed"]
+
+
+@pytest.mark.parametrize("op, point", [("build", p) for p in ["create", *KILL_POINTS]]
+                         + [(op, p) for op in ("add", "remove") for p in KILL_POINTS])
+def test_sigkill_at_each_point_of_every_writer_leaves_all_or_nothing(tmp_path, op, point):
+    """memory build (create + add_documents), add and remove, SIGKILLed at each step of a write: the memory
+    opens, consistent, with the whole write or none of it; the lock dies with the process; the next write
+    brings the index on disk back in line with the store."""
+    folder = tmp_path / "m"
+    if op != "build":
+        docs, vecs = make_docs(20)
+        with Memory.create(folder, "enc-a", DIM) as mem:
+            mem.add(docs, vecs)
+    before = set(Memory.open(folder).ids()) if op != "build" else set()
+    new_ids = {f"d{i}" for i in range(500, 530)}
+    after = before | new_ids if op in ("build", "add") else before - {f"d{i}" for i in range(0, 20, 2)}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", KILL_AT, op, point, str(folder)], cwd=root,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -signal.SIGKILL, (proc.stdout, proc.stderr)
+    if point == "create":
+        with pytest.raises(MemoryFolderError, match="no memory here"):
+            Memory.open(folder)
+        docs, vecs = make_docs(3)
+        Memory.open_or_create(folder, "enc-a", DIM).add(docs, vecs)  # the leftovers do not block a new build
+        after = {"d0", "d1", "d2"}
+    mem = Memory.open(folder, wait=0)  # the killed writer's lock went with it
+    expected = before if point == "in-transaction" else after
+    assert set(mem.ids()) == expected and len(mem) == len(expected)
+    consistent(mem)
+    docs, vecs = make_docs(1, start=900)
+    mem.add(docs, vecs)
+    again = Memory.open(folder)
+    assert again._load_index(again.generation) and again.index.ntotal == len(expected) + 1
+    consistent(again)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,14 +1,27 @@
-"""The retrieval memory: a SQLite store (source of truth) plus a FAISS inner-product index rebuilt from it at need."""
+"""The retrieval memory: a SQLite store (source of truth) plus a FAISS inner-product index rebuilt from it at need.
+
+One writer at a time, enforced: every write holds an OS lock (flock) on write.lock in the memory folder from
+before it reads the store's state until memory.json is written. Readers never write: a reader that finds the
+index on disk stale or missing builds one in its own RAM.
+"""
 
 from __future__ import annotations
 
+import fcntl
+import functools
 import json
 import math
 import os
+import random
 import sqlite3
+import sys
+import time
+import zlib
+from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -18,11 +31,14 @@ if TYPE_CHECKING:
     import faiss
 
 INDEX_TYPES = ("flat", "hnsw", "ivfpq")
-STORE, INDEX, INFO = "store.sqlite", "index.faiss", "memory.json"
+STORE, INDEX, INFO, LOCK = "store.sqlite", "index.faiss", "memory.json", "write.lock"
 HNSW_M = 32  # graph degree: FAISS's usual default for recall above 0.95
 HNSW_EF_SEARCH = 128
 IVF_NPROBE = 16
 PQ_MIN_TRAIN = 256 * 39  # FAISS wants ~39 points per centroid, 256 centroids per PQ sub-quantizer
+DEFAULT_WAIT = 300.0  # seconds a writer waits for another writer of the same memory before giving up
+WAIT_NOTICE = 0.5  # a waiting writer says so once it has waited this long
+READER_WAIT = 5.0  # seconds a reader waits for a live writer to save its index before building one in RAM
 
 
 class MemoryFolderError(RuntimeError):
@@ -31,6 +47,14 @@ class MemoryFolderError(RuntimeError):
 
 class EncoderMismatch(MemoryFolderError):
     """The memory was filled by one encoder and is being queried or filled by another."""
+
+
+class MemoryBusy(MemoryFolderError):
+    """Another process is writing the memory and did not finish within the wait."""
+
+
+class CorruptStore(MemoryFolderError):
+    """store.sqlite is empty, truncated or not a memory store."""
 
 
 @dataclass(frozen=True)
@@ -69,67 +93,114 @@ def _new_index(kind: str, dim: int, n_train: int = 0) -> "faiss.Index":
     return faiss.IndexIDMap2(base)
 
 
+def _store_errors(method):
+    """SQLite's errors on an unreadable store.sqlite become one CorruptStore line naming the file and the fix."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.DatabaseError as exc:
+            if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+                raise
+            raise _corrupt(self.path, str(exc)) from None
+
+    return wrapper
+
+
 class Memory:
     """A folder holding store.sqlite (documents + embeddings + the encoder's name), index.faiss and memory.json.
 
     Writes are atomic: the store changes in one SQLite transaction that also bumps a generation counter;
     the index is then written to a temporary file and renamed, and memory.json records the generation the
-    index reflects. Opening a memory whose index is missing or from another generation rebuilds the index
-    from the store, so a process killed at any point leaves a memory that opens and answers consistently.
-    One writer at a time.
+    index reflects and the index file's checksum. A process killed at any point leaves a memory that opens
+    and answers consistently: an index missing, damaged or from another generation is rebuilt from the store.
+
+    One writer at a time, enforced: add, remove, update and rebuild_index hold write.lock (flock) for the whole
+    write, re-read the store's current state after taking it (never trusting what was loaded at open time),
+    and wait up to `wait` seconds for another writer (0: fail at once) before raising MemoryBusy. Any number
+    of readers: opening and searching never write; a search notices other writers' changes and picks up their
+    index, or builds one in RAM while the saved one lags behind the store.
     """
 
-    def __init__(self, path: Path, conn: sqlite3.Connection, encoder: str, dim: int, index_type: str):
+    def __init__(self, path: Path, conn: sqlite3.Connection, encoder: str, dim: int, index_type: str,
+                 wait: float = DEFAULT_WAIT, lock: "_WriteLock | None" = None):
         self.path = path
         self._conn = conn
         self.encoder_name = encoder
         self.dim = dim
         self.index_type = index_type
+        self.wait = wait  # seconds a write waits for another writer (0: fail at once)
         self.index: "faiss.Index" = None  # type: ignore[assignment]
+        self._index_generation = -1  # the store generation self.index reflects (-1: none yet)
         self._trained_on = 0  # vectors the ivfpq index was last trained on (set when it is built or loaded)
+        self._lock = lock or _WriteLock(path)
 
     # -- creation and opening ---------------------------------------------------------------------
 
     @classmethod
-    def create(cls, path: str | os.PathLike, encoder_name: str, dim: int, index: str = "flat") -> "Memory":
+    def create(cls, path: str | os.PathLike, encoder_name: str, dim: int, index: str = "flat",
+               wait: float = DEFAULT_WAIT) -> "Memory":
         if index not in INDEX_TYPES:
             raise ValueError(f"index type {index!r} is not one of {INDEX_TYPES}")
         if dim <= 0 or not encoder_name:
             raise ValueError(f"a memory needs an encoder name and a positive dimension (got {encoder_name!r}, {dim})")
         path = Path(path)
         if (path / STORE).exists():
-            raise MemoryFolderError(f"{path}: a memory already exists here; open it with Memory.open() or pick another folder")
+            raise _exists(path)
         path.mkdir(parents=True, exist_ok=True)
-        conn = _connect(path / STORE)
-        with conn:
-            conn.executescript(_SCHEMA)
-            conn.executemany("INSERT INTO info(key, value) VALUES (?, ?)",
-                             [("encoder", encoder_name), ("dim", str(dim)), ("index", index), ("generation", "0")])
-        mem = cls(path, conn, encoder_name, dim, index)
-        mem.index = _new_index(index, dim)
-        mem._write_index()
+        lock = _WriteLock(path)
+        lock.acquire(wait)
+        try:
+            if (path / STORE).exists():  # another process created it while this one waited
+                raise _exists(path)
+            _create_store(path / STORE, [("encoder", encoder_name), ("dim", str(dim)), ("index", index),
+                                         ("generation", "0")])
+            mem = cls(path, _connect(path / STORE), encoder_name, dim, index, wait, lock)
+            mem.index = _new_index(index, dim)
+            mem._write_index()
+        finally:
+            lock.release()
         return mem
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> "Memory":
+    def open(cls, path: str | os.PathLike, wait: float = DEFAULT_WAIT) -> "Memory":
+        """Open a memory to read it (and to write it: writes take the lock themselves). Writes nothing."""
         path = Path(path)
         if not (path / STORE).exists():
             raise MemoryFolderError(f"{path}: no memory here ({STORE} missing); build one with "
-                               f"`racm3 memory build DATASET_DIR {path}`")
-        conn = _connect(path / STORE)
-        info = dict(conn.execute("SELECT key, value FROM info").fetchall())
-        mem = cls(path, conn, info["encoder"], int(info["dim"]), info["index"])
-        if not mem._load_index():
-            mem.rebuild_index()
+                                    f"`racm3 memory build DATASET_DIR {path}`")
+        if (path / STORE).stat().st_size == 0:
+            raise _corrupt(path, "the file is empty")
+        conn = sqlite3.connect(str(path / STORE), timeout=30)
+        try:
+            _configure(conn)
+            info = dict(conn.execute("SELECT key, value FROM info").fetchall())
+            missing = [k for k in ("encoder", "dim", "index", "generation") if k not in info]
+            if missing or info["index"] not in INDEX_TYPES or not info["dim"].isdigit():
+                raise _corrupt(path, f"its info table lacks or garbles {missing or 'dim or index'}")
+            mem = cls(path, conn, info["encoder"], int(info["dim"]), info["index"], wait)
+            mem._refresh()
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise _corrupt(path, str(exc)) from None
+        except BaseException:
+            conn.close()
+            raise
         return mem
 
     @classmethod
-    def open_or_create(cls, path: str | os.PathLike, encoder_name: str, dim: int, index: str = "flat") -> "Memory":
-        if (Path(path) / STORE).exists():
-            mem = cls.open(path)
-            mem.require_encoder(encoder_name)
-            return mem
-        return cls.create(path, encoder_name, dim, index)
+    def open_or_create(cls, path: str | os.PathLike, encoder_name: str, dim: int, index: str = "flat",
+                       wait: float = DEFAULT_WAIT) -> "Memory":
+        if not (Path(path) / STORE).exists():
+            try:
+                return cls.create(path, encoder_name, dim, index, wait)
+            except MemoryFolderError:
+                if not (Path(path) / STORE).exists():
+                    raise  # not the race with another creator: a real failure
+        mem = cls.open(path, wait)
+        mem.require_encoder(encoder_name)
+        return mem
 
     def close(self) -> None:
         self._conn.close()
@@ -142,33 +213,40 @@ class Memory:
 
     # -- reading ----------------------------------------------------------------------------------
 
+    @_store_errors
     def __len__(self) -> int:
         return self._conn.execute("SELECT COUNT(*) FROM documents").fetchone()[0]
 
+    @_store_errors
     def __contains__(self, doc_id: str) -> bool:
         return self._conn.execute("SELECT 1 FROM documents WHERE id = ?", (doc_id,)).fetchone() is not None
 
+    @_store_errors
     def ids(self) -> list[str]:
         return [r[0] for r in self._conn.execute("SELECT id FROM documents ORDER BY row")]
 
     @property
+    @_store_errors
     def generation(self) -> int:
         return int(self._conn.execute("SELECT value FROM info WHERE key = 'generation'").fetchone()[0])
 
     def info(self) -> dict:
         return {"count": len(self), "encoder": self.encoder_name, "dim": self.dim, "index": self.index_type}
 
+    @_store_errors
     def get(self, ids: Sequence[str]) -> list[Document]:
         """Documents by id, in the order asked; an unknown id raises KeyError naming it."""
         rows = self._rows_by_id(ids)
         return [self._document(rows[i]) for i in ids]
 
+    @_store_errors
     def vectors(self, ids: Sequence[str]) -> np.ndarray:
         """Stored embeddings (n, dim) of the given ids, in order."""
         rows = self._rows_by_id(ids)
         return np.stack([np.frombuffer(rows[i][3], dtype=np.float32) for i in ids]) if ids else \
             np.zeros((0, self.dim), np.float32)
 
+    @_store_errors
     def scan(self) -> tuple[list[str], list[dict], np.ndarray]:
         """Every document's id, meta (with its joined text under "_text") and vector (n, dim), images not decoded."""
         ids, metas, vecs = [], [], []
@@ -184,13 +262,18 @@ class Memory:
                                   f"with encoder {name!r}; use the encoder that built it (--encoder) or rebuild the "
                                   f"memory with `racm3 memory build`")
 
+    @_store_errors
     def search(self, queries: np.ndarray, k: int, encoder_name: str | None = None) -> list[list[Hit]]:
-        """Top-k documents by inner product for each query row (n, dim); rows should be L2-normalised."""
+        """Top-k documents by inner product for each query row (n, dim); rows should be L2-normalised.
+
+        Sees every write committed before the call: the index is reloaded when another process changed the store.
+        """
         if encoder_name is not None:
             self.require_encoder(encoder_name)
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         if queries.shape[1] != self.dim:
             raise ValueError(f"query vectors have dimension {queries.shape[1]}, the memory {self.dim}")
+        self._refresh()
         if k <= 0 or len(queries) == 0 or self.index.ntotal == 0:
             return [[] for _ in range(len(queries))]
         scores, rows = _search(self.index, queries, min(k, self.index.ntotal))
@@ -207,101 +290,135 @@ class Memory:
             out.append(hits)
         return out
 
-    # -- writing ----------------------------------------------------------------------------------
+    # -- writing (each under the write lock, from reading the store's state to writing memory.json) ----------
 
+    @_store_errors
     def add(self, docs: Sequence[Document], embeddings: np.ndarray) -> None:
         """Add documents with their embeddings (n, dim); an id already present raises and nothing is added."""
         emb = self._check_embeddings(docs, embeddings)
         ids = [d.id for d in docs]
-        if len(set(ids)) != len(ids):
-            raise ValueError("the documents to add repeat an id")
-        present = [i for i in ids if i in self]
-        if present:
-            raise KeyError(f"{self.path}: document id {present[0]!r} is already in the memory "
-                           f"({len(present)} ids in all); use update() to replace it")
-        with self._conn:  # one transaction: all documents or none
-            rows = [self._insert(doc, vec) for doc, vec in zip(docs, emb)]
-            self._bump_generation()
-        if self.index_type == "ivfpq" and (not self.index.is_trained or len(self) >= 4 * max(self._trained_on, 1)):
-            # IVF-PQ trains on the stored vectors: first when there are some, again each time the memory has
-            # grown 4x since (lists and PQ codebooks sized for a tenth of the data serve it badly)
-            self.rebuild_index()
+        _refuse_repeats(ids)
+        if not ids:
             return
-        self.index.add_with_ids(emb, np.asarray(rows, dtype=np.int64))
-        self._write_index()
+        with self._writing():
+            self._refuse_present(ids)
+            with self._conn:  # one transaction: all documents or none
+                rows = [self._insert(doc, vec) for doc, vec in zip(docs, emb)]
+                self._bump_generation()
+            if self.index_type == "ivfpq" and (not self.index.is_trained or len(self) >= 4 * max(self._trained_on, 1)):
+                # IVF-PQ trains on the stored vectors: first when there are some, again each time the memory has
+                # grown 4x since (lists and PQ codebooks sized for a tenth of the data serve it badly)
+                self._build_index()
+            else:
+                self.index.add_with_ids(emb, np.asarray(rows, dtype=np.int64))
+            self._write_index()
 
     def add_documents(self, docs: Sequence[Document], encoder, batch_size: int = 512, progress=None) -> int:
-        """Embed documents with `encoder` (which must be the memory's) and add them, batch by batch.
+        """Embed documents with `encoder` (which must be the memory's), batch by batch, and add them in one write.
 
-        Ids are checked for repeats and presence before anything is written, so a bad list adds nothing.
+        Ids are checked for repeats and presence before any embedding, and again under the write lock: a bad
+        list adds nothing, and a process killed at any point leaves all of the documents in the memory or none.
         """
         self.require_encoder(encoder.name)
         ids = [d.id for d in docs]
-        if len(set(ids)) != len(ids):
-            repeated = next(i for i in ids if ids.count(i) > 1)
-            raise ValueError(f"the documents to add repeat the id {repeated!r}")
-        present = [i for i in ids if i in self]
-        if present:
-            raise KeyError(f"{self.path}: document id {present[0]!r} is already in the memory "
-                           f"({len(present)} ids in all); use update() to replace it")
-        added = 0
+        _refuse_repeats(ids)
+        self._refuse_present(ids)
+        vecs = []
         for s in range(0, len(docs), batch_size):
             chunk = docs[s:s + batch_size]
-            self.add(chunk, encoder.embed_documents(chunk))
-            added += len(chunk)
+            vecs.append(np.asarray(encoder.embed_documents(chunk), dtype=np.float32))
             if progress is not None:
                 progress(len(chunk))
-        return added
+        if vecs:
+            self.add(docs, np.concatenate(vecs))
+        return len(docs)
 
+    @_store_errors
     def remove(self, ids: Iterable[str]) -> None:
         """Remove documents; an unknown id raises KeyError naming it and removes nothing."""
         ids = list(dict.fromkeys(ids))
-        rows = self._rows_by_id(ids)
-        with self._conn:
-            self._conn.executemany("DELETE FROM images WHERE row = ?", [(rows[i][0],) for i in ids])
-            self._conn.executemany("DELETE FROM documents WHERE row = ?", [(rows[i][0],) for i in ids])
-            self._bump_generation()
-        self._index_remove([rows[i][0] for i in ids])
-        self._write_index()
+        if not ids:
+            return
+        with self._writing():
+            rows = self._rows_by_id(ids)
+            with self._conn:
+                self._conn.executemany("DELETE FROM images WHERE row = ?", [(rows[i][0],) for i in ids])
+                self._conn.executemany("DELETE FROM documents WHERE row = ?", [(rows[i][0],) for i in ids])
+                self._bump_generation()
+            self._index_remove([rows[i][0] for i in ids])
+            self._write_index()
 
+    @_store_errors
     def update(self, docs: Sequence[Document], embeddings: np.ndarray) -> None:
         """Replace documents that exist (same ids) with new content and embeddings, in one transaction."""
         emb = self._check_embeddings(docs, embeddings)
-        rows = self._rows_by_id([d.id for d in docs])
-        old = [rows[d.id][0] for d in docs]
-        with self._conn:
-            self._conn.executemany("DELETE FROM images WHERE row = ?", [(r,) for r in old])
-            self._conn.executemany("DELETE FROM documents WHERE row = ?", [(r,) for r in old])
-            new = [self._insert(doc, vec) for doc, vec in zip(docs, emb)]
-            self._bump_generation()
-        if self.index_type == "hnsw":  # HNSW cannot delete: one rebuild from the store covers old and new rows
-            self.rebuild_index()
-            return
-        self._index_remove(old)
-        self.index.add_with_ids(emb, np.asarray(new, dtype=np.int64))
-        self._write_index()
+        with self._writing():
+            rows = self._rows_by_id([d.id for d in docs])
+            old = [rows[d.id][0] for d in docs]
+            with self._conn:
+                self._conn.executemany("DELETE FROM images WHERE row = ?", [(r,) for r in old])
+                self._conn.executemany("DELETE FROM documents WHERE row = ?", [(r,) for r in old])
+                new = [self._insert(doc, vec) for doc, vec in zip(docs, emb)]
+                self._bump_generation()
+            if self.index_type == "hnsw":  # HNSW cannot delete: one rebuild from the store covers old and new rows
+                self._build_index()
+            else:
+                self._index_remove(old)
+                self.index.add_with_ids(emb, np.asarray(new, dtype=np.int64))
+            self._write_index()
 
+    @_store_errors
     def rebuild_index(self) -> None:
-        """Rebuild index.faiss from the store's embeddings (after a crash, or to change nothing but the index)."""
-        rows, vecs = [], []
-        for row, blob in self._conn.execute("SELECT row, embedding FROM documents ORDER BY row"):
-            rows.append(row)
-            vecs.append(np.frombuffer(blob, dtype=np.float32))
-        emb = np.stack(vecs) if vecs else np.zeros((0, self.dim), np.float32)
-        index = _new_index(self.index_type, self.dim, n_train=len(rows))
-        self._trained_on = len(rows)
-        if self.index_type == "ivfpq":
-            if len(rows) == 0:
-                self.index = index
-                self._write_index()
-                return
-            index.train(emb)
-        if rows:
-            index.add_with_ids(emb, np.asarray(rows, dtype=np.int64))
-        self.index = index
-        self._write_index()
+        """Rebuild index.faiss from the store's embeddings and save it (a write: it takes the lock)."""
+        with self._writing():
+            self._build_index()
+            self._write_index()
 
     # -- internals --------------------------------------------------------------------------------
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Hold the write lock for a whole write. On taking it, catch up with the store as other writers left it:
+        an index loaded at open time may lack their documents, and saving it would lose them."""
+        first = not self._lock.held
+        self._lock.acquire(self.wait)
+        try:
+            if first:
+                self._refresh()
+            yield
+        finally:
+            self._lock.release()
+
+    def _refresh(self) -> None:
+        """Make self.index reflect the store's current generation, if it does not yet. Writes nothing.
+
+        The saved index is used when memory.json says it was saved for this generation and the file read has the
+        checksum memory.json records; else the index is built in RAM from the store (after waiting a little for
+        a writer that is still saving it), inside one read transaction so vectors and generation agree.
+        """
+        if self.index is not None and self._index_generation == self.generation:
+            return
+        deadline = time.monotonic() + READER_WAIT
+        while True:
+            self._conn.execute("BEGIN")  # one snapshot of the store for the generation, count and vectors
+            try:
+                generation = self.generation
+                if self._load_index(generation):
+                    return
+                if self._lock.held or time.monotonic() >= deadline or not _writer_active(self.path):
+                    self._build_index()
+                    self._index_generation = generation
+                    return
+            finally:
+                self._conn.rollback()
+            time.sleep(0.02)
+
+    def _refuse_present(self, ids: Sequence[str]) -> None:
+        present = [i for i in ids if i in self]
+        if present:
+            raise KeyError(f"{self.path}: document id {_short(present[0])!r} is already in the memory "
+                           f"({len(present)} of the ids to add are); to replace a document, remove it first "
+                           f"(`racm3 memory remove {self.path} ID`, or Memory.remove) and add it again")
 
     def _check_embeddings(self, docs: Sequence[Document], embeddings: np.ndarray) -> np.ndarray:
         emb = np.ascontiguousarray(embeddings, dtype=np.float32)
@@ -339,7 +456,7 @@ class Memory:
             rows.update({r[1]: (r[0], r[1], r[2], r[3], r[4]) for r in self._conn.execute(q, chunk)})
         missing = [i for i in ids if i not in rows]
         if missing:
-            raise KeyError(f"{self.path}: no document with id {missing[0]!r} in the memory"
+            raise KeyError(f"{self.path}: no document with id {_short(missing[0])!r} in the memory"
                            + (f" ({len(missing)} unknown ids)" if len(missing) > 1 else ""))
         return rows
 
@@ -359,41 +476,70 @@ class Memory:
             if "text" in seg:
                 segments.append(seg["text"])
             else:
-                segments.append(load_image(pngs[seg["image"]], name=f"{self.path / STORE}: {doc_id}"))
+                segments.append(load_image(pngs[seg["image"]], name=f"{self.path / STORE}: {_short(doc_id)}"))
         return Document(doc_id, tuple(segments), json.loads(meta_json))
 
     def _index_remove(self, rows: list[int]) -> None:
         if not rows:
             return
         if self.index_type == "hnsw":  # HNSW graphs cannot delete: rebuild from the store
-            self.rebuild_index()
+            self._build_index()
         else:
             self.index.remove_ids(np.asarray(rows, dtype=np.int64))
 
+    def _build_index(self) -> None:
+        """self.index built from the store's embeddings, in RAM (a writer then saves it with _write_index)."""
+        rows, vecs = [], []
+        for row, blob in self._conn.execute("SELECT row, embedding FROM documents ORDER BY row"):
+            rows.append(row)
+            vecs.append(np.frombuffer(blob, dtype=np.float32))
+        emb = np.stack(vecs) if vecs else np.zeros((0, self.dim), np.float32)
+        index = _new_index(self.index_type, self.dim, n_train=len(rows))
+        if self.index_type == "ivfpq" and rows:
+            index.train(emb)
+        if rows:
+            index.add_with_ids(emb, np.asarray(rows, dtype=np.int64))
+        self.index, self._trained_on = index, len(rows)
+
     def _write_index(self) -> None:
+        """Save self.index (temporary file, fsync, rename), then memory.json with the generation it reflects and
+        the file's size and CRC-32, so a reader can tell this file from one another writer saved since."""
         import faiss
 
+        if not self._lock.held:
+            raise RuntimeError("the index is only written under the write lock")
+        generation = self.generation
         tmp = self.path / (INDEX + ".tmp")
-        faiss.write_index(self.index, str(tmp))
-        _fsync_path(tmp)
+        with open(tmp, "wb") as f:
+            sink = _Checksummed(f)
+            faiss.write_index(self.index, faiss.PyCallbackIOWriter(sink.write))
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, self.path / INDEX)
-        info = {**self.info(), "generation": self.generation}
+        info = {**self.info(), "generation": generation, "index_bytes": sink.size, "index_crc32": sink.crc}
         _atomic_write(self.path / INFO, json.dumps(info, indent=2) + "\n")
+        self._index_generation = generation
 
-    def _load_index(self) -> bool:
-        """Load index.faiss if it matches the store's generation and count; False means rebuild."""
+    def _load_index(self, generation: int) -> bool:
+        """Load index.faiss if it is the file saved for this store generation and holds the store's count;
+        False means build one. (A memory.json without a checksum, from before they were written, is trusted.)"""
         import faiss
 
         try:
             info = json.loads((self.path / INFO).read_text())
-            if int(info.get("generation", -1)) != self.generation or not (self.path / INDEX).exists():
+            if int(info.get("generation", -1)) != generation:
                 return False
-            index = faiss.read_index(str(self.path / INDEX))
-        except (OSError, ValueError, RuntimeError):
+            with open(self.path / INDEX, "rb") as f:
+                source = _Checksummed(f)
+                index = faiss.read_index(faiss.PyCallbackIOReader(source.read))
+            if "index_crc32" in info and (source.crc, source.size) != (info["index_crc32"], info.get("index_bytes")):
+                return False  # another writer's file replaced the one memory.json describes
+        except (OSError, ValueError, RuntimeError, TypeError):
             return False
         if index.ntotal != len(self):
             return False
         self.index = index
+        self._index_generation = generation
         if self.index_type == "hnsw":  # search-time settings are not saved in the file
             faiss.downcast_index(index.index).hnsw.efSearch = HNSW_EF_SEARCH
         elif self.index_type == "ivfpq":
@@ -401,6 +547,131 @@ class Memory:
             ivf.nprobe = min(ivf.nlist, IVF_NPROBE)
             self._trained_on = index.ntotal  # at least what it holds; a 4x growth from here retrains it
         return True
+
+
+class _WriteLock:
+    """An exclusive flock on FOLDER/write.lock, re-entrant within one Memory; the OS drops it when the process dies.
+
+    The holder writes its pid into the file, so a waiting writer can say whom it waits for.
+    """
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self._fd: int | None = None
+        self._depth = 0
+
+    @property
+    def held(self) -> bool:
+        return self._depth > 0
+
+    def acquire(self, wait: float) -> None:
+        if self._depth:
+            self._depth += 1
+            return
+        try:
+            fd = os.open(self.folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise MemoryFolderError(f"{self.folder / LOCK}: cannot open the write lock ({exc.strerror}); a memory is "
+                                    f"written only where the user may write files: check the folder's permissions") \
+                from None
+        try:
+            _flock_within(fd, wait, self.folder)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except BaseException:
+            os.close(fd)  # closing the descriptor releases the lock
+            raise
+        self._fd, self._depth = fd, 1
+
+    def release(self) -> None:
+        self._depth -= 1
+        if self._depth == 0 and self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+
+
+def _flock_within(fd: int, wait: float, folder: Path) -> None:
+    """Take the exclusive lock on fd, polling for up to `wait` seconds; MemoryBusy names the folder and the fix."""
+    start = time.monotonic()
+    told = False
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass
+        waited = time.monotonic() - start
+        if waited >= wait:
+            gave_up = "and --wait 0 says not to wait" if wait <= 0 else f"and did not finish within {wait:g} s"
+            raise MemoryBusy(f"{folder}: another process{_holder(fd)} is writing this memory ({LOCK} is held) "
+                             f"{gave_up}; try again when it has finished, or wait longer with --wait SECONDS")
+        if not told and waited >= WAIT_NOTICE:
+            print(f"{folder}: another process{_holder(fd)} is writing this memory; waiting up to {wait:g} s "
+                  f"for it to finish", file=sys.stderr, flush=True)
+            told = True
+        time.sleep(min(random.uniform(0.005, 0.03), max(wait - waited, 0.0)))
+
+
+def _holder(fd: int) -> str:
+    try:
+        pid = os.pread(fd, 32, 0).decode().strip()
+    except (OSError, UnicodeDecodeError):
+        return ""
+    return f" (pid {pid})" if pid.isdigit() else ""
+
+
+def _writer_active(folder: Path) -> bool:
+    """Whether some process holds the memory's write lock (a shared probe of the lock; creates nothing)."""
+    try:
+        fd = os.open(folder / LOCK, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+class _Checksummed:
+    """A file seen through FAISS's callback IO, keeping the CRC-32 and size of the bytes that pass."""
+
+    def __init__(self, f):
+        self.f, self.crc, self.size = f, 0, 0
+
+    def _count(self, data: bytes) -> bytes:
+        self.crc = zlib.crc32(data, self.crc)
+        self.size += len(data)
+        return data
+
+    def read(self, n: int) -> bytes:
+        return self._count(self.f.read(n))
+
+    def write(self, data: bytes) -> int:
+        self.f.write(self._count(data))
+        return len(data)
+
+
+def _short(doc_id: str, limit: int = 80) -> str:
+    """An id as messages quote it: whole up to `limit` characters, else its start and its length."""
+    return doc_id if len(doc_id) <= limit else f"{doc_id[:limit]}... ({len(doc_id)} characters)"
+
+
+def _refuse_repeats(ids: Sequence[str]) -> None:
+    repeated = [i for i, n in Counter(ids).items() if n > 1]
+    if repeated:
+        raise ValueError(f"the documents to add repeat the id {_short(repeated[0])!r}; give each document its own id")
+
+
+def _exists(path: Path) -> MemoryFolderError:
+    return MemoryFolderError(f"{path}: a memory already exists here; open it with Memory.open() or pick another folder")
+
+
+def _corrupt(path: Path, reason: str) -> CorruptStore:
+    return CorruptStore(f"{path / STORE}: not a readable memory store ({reason}); restore it from a backup, or "
+                        f"delete {path} and build it again with `racm3 memory build DATASET_DIR {path}`")
 
 
 _SCHEMA = """
@@ -434,10 +705,32 @@ def _search(index: "faiss.Index", queries: np.ndarray, k: int) -> tuple[np.ndarr
 
 
 def _connect(path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(str(path))
-    conn.execute("PRAGMA journal_mode=WAL")  # a killed writer's half transaction is rolled back on open
-    conn.execute("PRAGMA synchronous=NORMAL")
+    """A connection that changes nothing on disk by opening (the store was put in WAL mode when it was created)."""
+    conn = sqlite3.connect(str(path), timeout=30)
+    _configure(conn)
     return conn
+
+
+def _configure(conn: sqlite3.Connection) -> None:
+    conn.execute("PRAGMA synchronous=NORMAL")  # per connection: a commit is durable at the next checkpoint
+
+
+def _create_store(store: Path, info: list[tuple[str, str]]) -> None:
+    """Write an empty store under a temporary name and rename it into place: a store.sqlite, once there, holds
+    the schema and the encoder's identity, so a process killed while creating leaves no half store."""
+    tmp = store.with_name(store.name + ".tmp")
+    for leftover in ("", "-journal", "-wal", "-shm"):
+        Path(f"{tmp}{leftover}").unlink(missing_ok=True)
+    conn = sqlite3.connect(str(tmp))
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")  # recorded in the file; a killed writer's half transaction is
+        with conn:  # rolled back on the next open, and readers never block the writer
+            conn.executescript(_SCHEMA)
+            conn.executemany("INSERT INTO info(key, value) VALUES (?, ?)", info)
+    finally:
+        conn.close()  # the last connection checkpoints and removes the -wal file
+    _fsync_path(tmp)
+    os.replace(tmp, store)
 
 
 def _fsync_path(path: Path) -> None:
