@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -311,7 +312,7 @@ def test_sigkill_at_each_point_of_every_writer_leaves_all_or_nothing(tmp_path, o
 # ---------------------------------------------------------------------------------------------
 
 
-def test_memory_cli_build_info_search_remove(tmp_path):
+def test_memory_cli_build_info_search_remove(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     from racm3.cli import app
@@ -324,6 +325,7 @@ def test_memory_cli_build_info_search_remove(tmp_path):
     docs = [Document(f"e{i}", (Image.new("RGB", (16, 16), (40 * i, 80, 200)), c), {"split": "train"})
             for i, c in enumerate(captions)]
     write_jsonl_dataset(docs, tmp_path / "data")
+    monkeypatch.setenv("RACM3_CACHE", str(tmp_path / "cache"))  # the hits' images go to $RACM3_CACHE/hits
     run = CliRunner().invoke
     mem = str(tmp_path / "mem")
     r = run(app, ["memory", "build", str(tmp_path / "data"), mem, "--encoder", str(enc_dir)])
@@ -346,3 +348,138 @@ def test_memory_cli_build_info_search_remove(tmp_path):
     EmojiEncoder.untrained(ImageTowerConfig(image_size=16, widths=(8, 16)), seed=5).save_pretrained(other)
     r = run(app, ["memory", "search", mem, "--text", "pizza", "--encoder", str(other)])
     assert r.exit_code == 1 and "built with encoder" in r.output
+
+
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory):
+    """(run, encoder folder, dataset folder, a built memory to copy): the five-document CLI set-up above."""
+    from typer.testing import CliRunner
+
+    from racm3.cli import app
+    from racm3.documents import write_jsonl_dataset
+    from racm3.retrieval.encoder import EmojiEncoder, ImageTowerConfig
+
+    root = tmp_path_factory.mktemp("cli")
+    EmojiEncoder.untrained(ImageTowerConfig(image_size=16, widths=(8, 16))).save_pretrained(root / "enc")
+    docs = [Document(f"e{i}", (Image.new("RGB", (16, 16), (40 * i, 80, 200)), c), {"split": "train"})
+            for i, c in enumerate(["flag: France", "pizza", "thumbs up", "red apple", "sun with face"])]
+    write_jsonl_dataset(docs, root / "data")
+    runner = CliRunner()
+
+    def run(*args: str):
+        return runner.invoke(app, [str(a) for a in args])
+
+    r = run("memory", "build", root / "data", root / "mem", "--encoder", root / "enc")
+    assert r.exit_code == 0, r.output
+    return run, root / "enc", root / "data", root / "mem"
+
+
+def one_line_error(r, *needles: str) -> str:
+    """The command failed with exit 1 and one line on stderr holding every needle (no traceback)."""
+    lines = r.stderr.strip().splitlines()
+    assert r.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error: "), r.output
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+def test_memory_cli_build_of_a_missing_dataset_fails_and_creates_nothing(cli, tmp_path):
+    run, enc, _, _ = cli
+    r = run("memory", "build", tmp_path / "no-such-data", tmp_path / "mem", "--encoder", enc)
+    one_line_error(r, str(tmp_path / "no-such-data"))
+    assert not (tmp_path / "mem").exists()
+
+
+@pytest.mark.parametrize("damage", ["garbage", "empty", "truncated"])
+def test_memory_cli_unreadable_store_is_one_line_naming_the_file_and_the_fix(cli, tmp_path, damage):
+    import shutil
+
+    from racm3.retrieval.memory import STORE
+
+    run, enc, data, built = cli
+    mem = tmp_path / "mem"
+    shutil.copytree(built, mem)
+    conn = sqlite3.connect(str(mem / STORE))
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # every page in store.sqlite itself, none in the -wal file
+    conn.close()
+    raw = (mem / STORE).read_bytes()
+    (mem / STORE).write_bytes({"garbage": os.urandom(len(raw)), "empty": b"", "truncated": raw[:len(raw) // 2]}[damage])
+    for args in (["info", mem], ["search", mem, "--text", "pizza", "--encoder", enc], ["remove", mem, "e1"],
+                 ["add", mem, data, "--encoder", enc], ["build", data, mem, "--encoder", enc]):
+        one_line_error(run("memory", *args), str(mem / STORE), "racm3 memory build")
+    with pytest.raises(MemoryFolderError, match="not a readable memory store"):
+        Memory.open(mem)
+
+
+def test_memory_cli_duplicate_id_says_remove_then_add_and_adds_nothing(cli, tmp_path):
+    import shutil
+
+    run, enc, data, built = cli
+    shutil.copytree(built, tmp_path / "mem")
+    line = one_line_error(run("memory", "add", tmp_path / "mem", data, "--encoder", enc), "'e0'",
+                          f"racm3 memory remove {tmp_path / 'mem'} ID")
+    assert "update" not in line  # the CLI has no update command
+    assert len(Memory.open(tmp_path / "mem")) == 5
+
+
+def test_memory_cli_writers_wait_or_fail_at_once(cli, tmp_path):
+    import fcntl
+    import shutil
+
+    from racm3.documents import write_jsonl_dataset
+    from racm3.retrieval.memory import LOCK
+
+    run, enc, data, built = cli
+    mem = tmp_path / "mem"
+    shutil.copytree(built, mem)
+    fd = os.open(mem / LOCK, os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # another writer holds the memory
+    docs = [Document(f"n{i}", (Image.new("RGB", (16, 16), (i, 0, 0)), f"new {i}"), {}) for i in range(3)]
+    write_jsonl_dataset(docs, tmp_path / "new")
+    try:
+        one_line_error(run("memory", "remove", mem, "e1", "--wait", "0"), str(mem), "--wait")
+        one_line_error(run("memory", "build", tmp_path / "new", mem, "--encoder", enc, "--wait", "0.2"), str(mem),
+                       "within 0.2 s")
+        one_line_error(run("memory", "add", mem, tmp_path / "new", "--encoder", enc, "--wait", "0"), str(mem))
+    finally:
+        os.close(fd)
+    again = Memory.open(mem)
+    assert "e1" in again and len(again) == 5 and "n0" not in again
+    r = run("memory", "remove", mem, "e1", "--wait", "0")  # free again
+    assert r.exit_code == 0 and "e1" not in Memory.open(mem)
+
+
+def test_memory_cli_search_with_a_10kb_id_and_no_leaked_folders(cli, tmp_path, monkeypatch):
+    import shutil
+    import tempfile
+
+    from racm3.retrieval.encoder import load_encoder
+
+    run, enc_dir, _, built = cli
+    mem_dir = tmp_path / "mem"
+    shutil.copytree(built, mem_dir)
+    monkeypatch.setenv("RACM3_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    enc = load_encoder(enc_dir)
+    long_id = "x/" * 5000 + "end"
+    doc = Document(long_id, (Image.new("RGB", (16, 16), (1, 2, 3)), "a very long id"), {})
+    with Memory.open(mem_dir) as mem:
+        mem.add([doc], enc.embed_documents([doc]))
+    for _ in range(2):
+        r = run("memory", "search", mem_dir, "--text", "a very long id", "-k", "6", "--json", "--encoder", enc_dir)
+        assert r.exit_code == 0, r.output
+        hits = json.loads(r.stdout)
+        assert long_id in [h["id"] for h in hits] and len(hits) == 6
+        for h in hits:
+            assert os.path.exists(h["image"]) and len(os.path.basename(h["image"])) <= 100
+            assert os.path.dirname(h["image"]) == str(tmp_path / "cache" / "hits")
+    assert len(os.listdir(tmp_path / "cache" / "hits")) == 6  # the second search reused the files
+    assert os.listdir(tmp_path / "tmp") == []  # no racm3-hits-* folder left behind
+    saved = tmp_path / "saved"
+    r = run("memory", "search", mem_dir, "--text", "a very long id", "-k", "6", "--json", "--encoder", enc_dir,
+            "--save-images", saved)
+    hits = json.loads(r.stdout)
+    assert sorted(os.listdir(saved)) == sorted(os.path.basename(h["image"]) for h in hits)
+    long_hit = next(h for h in hits if h["id"] == long_id)
+    np.testing.assert_array_equal(np.asarray(Image.open(long_hit["image"])), np.asarray(doc.image))

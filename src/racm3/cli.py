@@ -78,11 +78,17 @@ def _fail(message: str) -> None:
     raise typer.Exit(1)
 
 
-def _add_dataset(memory, encoder, dataset_dir: Path, label: str, strict: bool = False) -> int:
-    """Embed every document of dataset_dir into memory with a progress bar; returns how many were added.
+MEMORY_WAIT_S = 300.0  # racm3.retrieval.memory.DEFAULT_WAIT (not imported here: `racm3 --help` stays instant)
+WAIT_HELP = ("Seconds to wait while another process writes this memory (one writer at a time), then fail; "
+             "0: fail at once.")
 
-    Bad records (corrupt or huge images, empty captions, missing files) are skipped and summarised on stderr,
-    or stop the command at the first one with strict.
+
+def _add_dataset(open_memory, encoder, dataset_dir: Path, label: str, strict: bool = False):
+    """Read every document of dataset_dir, then embed them into open_memory() with a progress bar, in one write.
+
+    Returns (memory, how many were added). Nothing is created or written before the whole data set has been
+    read: a missing dataset leaves no memory folder. Bad records (corrupt or huge images, empty captions,
+    missing files) are skipped and summarised on stderr, or stop the command at the first one with strict.
     """
     from tqdm import tqdm
 
@@ -96,8 +102,14 @@ def _add_dataset(memory, encoder, dataset_dir: Path, label: str, strict: bool = 
         _fail(f"{exc} (--strict)")
     if report.skipped:
         typer.echo(report.summary(), err=True)
-    with tqdm(total=len(docs), desc=label, unit="doc") as bar:
-        return memory.add_documents(docs, encoder, progress=bar.update)
+    memory = open_memory()
+    with tqdm(total=len(docs), desc=label, unit="doc", delay=0.5) as bar:  # a quick refusal draws no bar
+        return memory, memory.add_documents(docs, encoder, progress=bar.update)
+
+
+def _memory_error(exc: Exception) -> str:
+    """The one line to print for a memory command's error (a KeyError's message without repr quotes)."""
+    return str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
 
 
 @memory_app.command("build")
@@ -107,21 +119,26 @@ def memory_build(
     encoder: Optional[Path] = typer.Option(None, "--encoder", help="Encoder or model folder; default: the shipped one."),
     index: Optional[str] = typer.Option(None, "--index", help="flat (exact, the default), hnsw or ivfpq (approximate)."),
     strict: bool = typer.Option(False, "--strict", help="Stop at the first bad record instead of skipping it."),
+    wait: float = typer.Option(MEMORY_WAIT_S, "--wait", min=0, help=WAIT_HELP),
 ) -> None:
-    """Embed a data set's documents into a memory (SQLite store + FAISS index)."""
+    """Embed a data set's documents into a memory (SQLite store + FAISS index): all of them or none."""
     import time
 
-    from racm3.retrieval import EncoderError, EncoderMismatch, Memory, load_encoder
+    from racm3.retrieval import EncoderError, Memory, MemoryFolderError, load_encoder
 
     t0 = time.perf_counter()
-    try:
-        enc = load_encoder(encoder)
-        mem = Memory.open_or_create(memory_dir, enc.name, enc.dim, index=index or "flat")
+
+    def open_memory():
+        mem = Memory.open_or_create(memory_dir, enc.name, enc.dim, index=index or "flat", wait=wait)
         if index is not None and mem.index_type != index:
             _fail(f"{memory_dir} already holds a {mem.index_type} index; drop --index or build a new memory")
-        added = _add_dataset(mem, enc, dataset_dir, "embedding", strict)
-    except (EncoderError, EncoderMismatch, KeyError, ValueError, FileNotFoundError) as exc:
-        _fail(str(exc))
+        return mem
+
+    try:
+        enc = load_encoder(encoder)
+        mem, added = _add_dataset(open_memory, enc, dataset_dir, "embedding", strict)
+    except (EncoderError, MemoryFolderError, KeyError, ValueError, FileNotFoundError) as exc:
+        _fail(_memory_error(exc))
     typer.echo(f"added {added} documents to {memory_dir} ({len(mem)} in all, {mem.index_type} index) "
                f"in {time.perf_counter() - t0:.1f}s", err=True)
 
@@ -132,16 +149,18 @@ def memory_add(
     dataset_dir: Path = typer.Argument(..., help="Documents to add (any reader format)."),
     encoder: Optional[Path] = typer.Option(None, "--encoder", help="The encoder that built the memory; default: shipped."),
     strict: bool = typer.Option(False, "--strict", help="Stop at the first bad record instead of skipping it."),
+    wait: float = typer.Option(MEMORY_WAIT_S, "--wait", min=0, help=WAIT_HELP),
 ) -> None:
-    """Add documents to a memory without retraining anything."""
-    from racm3.retrieval import EncoderError, EncoderMismatch, Memory, MemoryFolderError, load_encoder
+    """Add documents to a memory without retraining anything: all of them or none (an id already there adds none)."""
+    from racm3.retrieval import EncoderError, Memory, MemoryFolderError, load_encoder
 
     try:
-        mem = Memory.open(memory_dir)
+        mem = Memory.open(memory_dir, wait=wait)
         enc = load_encoder(encoder)
-        added = _add_dataset(mem, enc, dataset_dir, "adding", strict)
-    except (EncoderError, EncoderMismatch, MemoryFolderError, KeyError, ValueError, FileNotFoundError) as exc:
-        _fail(str(exc))
+        mem.require_encoder(enc.name)
+        mem, added = _add_dataset(lambda: mem, enc, dataset_dir, "adding", strict)
+    except (EncoderError, MemoryFolderError, KeyError, ValueError, FileNotFoundError) as exc:
+        _fail(_memory_error(exc))
     typer.echo(f"added {added} documents ({len(mem)} in all)", err=True)
 
 
@@ -149,17 +168,18 @@ def memory_add(
 def memory_remove(
     memory_dir: Path = typer.Argument(..., help="An existing memory folder."),
     ids: list[str] = typer.Argument(..., help="Document ids to remove; an unknown id removes nothing."),
+    wait: float = typer.Option(MEMORY_WAIT_S, "--wait", min=0, help=WAIT_HELP),
 ) -> None:
     """Remove documents from a memory; they are never returned again."""
     from racm3.retrieval import Memory, MemoryFolderError
 
     try:
-        mem = Memory.open(memory_dir)
+        mem = Memory.open(memory_dir, wait=wait)
         mem.remove(ids)
     except MemoryFolderError as exc:
         _fail(str(exc))
     except KeyError as exc:
-        _fail(f"{exc.args[0]}; nothing was removed")
+        _fail(f"{_memory_error(exc)}; nothing was removed")
     typer.echo(f"removed {len(set(ids))} documents ({len(mem)} left)", err=True)
 
 
@@ -188,13 +208,18 @@ def memory_search(
     k: int = typer.Option(2, "-k", help="How many documents."),
     encoder: Optional[Path] = typer.Option(None, "--encoder", help="The encoder that built the memory; default: shipped."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list of {id, score, text, image}."),
-    save_images: Optional[Path] = typer.Option(None, "--save-images", help="Folder for the hits' images (JSON paths)."),
+    save_images: Optional[Path] = typer.Option(
+        None, "--save-images", help="Folder for the hits' images, RANK-ID-HASH.png (the id cut to 60 safe characters). "
+        "Default: one reused folder, hits/ in the racm3 cache ($RACM3_CACHE, else ~/.cache/racm3), holding "
+        "ID-HASH.png per document returned (each search rewrites its hits' files; delete the folder at will)."),
 ) -> None:
     """Search a memory with a text or an image (plain top-k by cosine, no selection rules)."""
+    import hashlib
     import json
-    import tempfile
+    import os
 
     from racm3.documents import BadRecord, load_image
+    from racm3.embedded import cache_dir
     from racm3.retrieval import EncoderError, EncoderMismatch, Memory, MemoryFolderError, load_encoder
 
     if (text is None) == (image is None):
@@ -207,16 +232,24 @@ def memory_search(
         hits = mem.search(query, k)[0]
     except (EncoderError, EncoderMismatch, MemoryFolderError, BadRecord) as exc:
         _fail(str(exc))
-    out_dir = save_images
+    out_dir = save_images if save_images is not None else cache_dir() / "hits"
     rows = []
     for h in hits:
         path = None
         if h.document.image is not None:
-            if out_dir is None:
-                out_dir = Path(tempfile.mkdtemp(prefix="racm3-hits-"))
-            out_dir.mkdir(parents=True, exist_ok=True)
-            path = out_dir / f"{h.rank}-{''.join(c if c.isalnum() or c in '-_' else '_' for c in h.id)}.png"
-            h.document.image.save(path)
+            # a file name of bounded length whatever the id: its first 60 safe characters and a hash of it
+            safe = "".join(c if c.isascii() and (c.isalnum() or c in "-_") else "_" for c in h.id[:60])
+            digest = hashlib.sha256(f"{memory_dir.resolve()}\0{h.id}".encode()).hexdigest()[:16]
+            path = out_dir / (f"{h.rank}-{safe}-{digest}.png" if save_images is not None else f"{safe}-{digest}.png")
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            try:
+                out_dir.mkdir(parents=True, exist_ok=True)
+                h.document.image.save(tmp, format="PNG")
+                os.replace(tmp, path)  # whole files only, also for a concurrent search
+            except OSError as exc:
+                tmp.unlink(missing_ok=True)
+                _fail(f"{out_dir}: cannot save the hits' images there ({exc.strerror or exc}); "
+                      f"give another folder with --save-images DIR")
         rows.append({"id": h.id, "score": round(h.score, 6), "text": h.document.text,
                      "image": str(path) if path else None})
     if as_json:
