@@ -1,4 +1,4 @@
-"""Memory: round trips, remove/update, encoder identity, index rebuilds, SIGKILLs at each step of every writer, the memory CLI."""
+"""Memory: round trips, remove/update, encoder identity, index rebuilds, SIGKILLs at every writer's steps, the CLI."""
 
 from __future__ import annotations
 

@@ -8,10 +8,9 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from racm3.retrieval.memory import INDEX, INFO, LOCK, Memory, MemoryBusy
+from racm3.retrieval.memory import INFO, LOCK, Memory, MemoryBusy
 from test_memory import DIM, consistent, make_docs
 
 ROOT = Path(__file__).resolve().parent.parent
