@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from racm3.generator.data import ExampleBank, Recipe
+from racm3.generator.data import ExampleBank, Recipe, tokenize_documents
 from racm3.generator.decode import Sampling, generate_image_codes, generate_text_ids
 from racm3.generator.loss import ra_cm3_loss
 from racm3.generator.model import check_vocab, load_generator, save_generator
-from racm3.generator.train import tokenize_documents, train
+from racm3.generator.train import train
 from racm3.runtime import load_checkpoint
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -114,3 +114,61 @@ def test_source_reranking_scores_against_the_matching_source(model):
     assert np.allclose(caption, model.encoder.embed_text(["red circle"])[0])
     with pytest.raises(ValueError, match="rerank"):
         model.generate_image("red circle", rerank="best")
+
+
+def _captured_prompts(monkeypatch, name: str) -> list:
+    """Record the prompts the pipeline hands to racm3.pipeline.<name> (the real function still runs)."""
+    import racm3.pipeline as pipeline
+
+    seen, real = [], getattr(pipeline, name)
+
+    def spy(model, vocab, prompts, *args, **kwargs):
+        seen.append((prompts, kwargs.get("uncond_prompts")))
+        return real(model, vocab, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, name, spy)
+    return seen
+
+
+@pytest.mark.parametrize("task", ["caption->image", "image->caption"])
+def test_the_inference_prompt_is_the_training_sequence_up_to_the_part_to_generate(model, monkeypatch, task):
+    from racm3.generator.data import ExampleBank, Recipe, tokenize_documents
+
+    docs = {d.id: d for d in shape_documents()}
+    main, context = "filled-red-circle", ["outline-red-circle", "filled-blue-bar"]
+    demos = [docs[i] for i in context]
+    v, text_first = model.vocab, task == "caption->image"
+    seen = _captured_prompts(monkeypatch, "generate_image_codes" if text_first else "generate_text_ids")
+    if text_first:
+        out = model.generate_image(docs[main].text, demos=demos, num_samples=2, guidance=2.0)
+    else:
+        out = model.generate_text(docs[main].image, demos=demos, num_samples=2, guidance=2.0)
+    (prompts, uncond), = seen
+    bank = ExampleBank(tokenize_documents(list(docs.values()), model.tokenizer), max_len=model.max_len)
+    training = bank.sequence(main, context, v, Recipe(), text_first=text_first).ids
+    prompt = prompts[0]
+    assert training[:len(prompt)] == prompt  # token for token what training showed, up to...
+    rest = training[len(prompt):]
+    if text_first:  # ...the image the model now draws: N codes, </img>, <eos>
+        assert prompt[-1] == v.img_id and len(rest) == model.tokenizer.tokens_per_image + 2
+    else:  # ...the caption it now writes, then <eos>
+        assert prompt[-1] == v.img_end_id and all(v.is_text(t) for t in rest[:-1]) and rest[-1] == v.eos_id
+    assert [h.id for h in out.sources] == context
+    # guidance's unconditional stream: the same documents, the query masked
+    context_end = len(prompt) - prompt[::-1].index(v.doc_end_id)
+    assert uncond[0][:context_end] == prompt[:context_end]
+    assert v.mask_id(0) in uncond[0] and v.mask_id(0) not in prompt
+
+
+def test_documents_that_do_not_fit_the_context_are_dropped_worst_first_and_not_listed(model, monkeypatch):
+    docs = shape_documents()
+    seen = _captured_prompts(monkeypatch, "generate_image_codes")
+    out = model.generate_image("red circle", demos=docs, num_samples=1)  # 48 documents: far past max_len
+    (prompts, _), = seen
+    n = model.tokenizer.tokens_per_image
+    assert 0 < len(out.sources) < len(docs)
+    assert [h.id for h in out.sources] == [d.id for d in docs[:len(out.sources)]]  # the first (best) ones kept
+    assert len(prompts[0]) + n + 2 <= model.max_len  # prompt + codes + </img> + <eos> fits what training used
+    assert prompts[0].count(model.vocab.doc_id) == len(out.sources)
+    with pytest.raises(ValueError, match="shorten the caption"):
+        model.generate_image("red circle " * 400)

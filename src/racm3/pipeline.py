@@ -11,10 +11,12 @@ import torch
 from PIL import Image
 
 from racm3.documents import Document, to_rgb
+from racm3.generator.data import document_tokens
 from racm3.generator.decode import Sampling, generate_image_codes, generate_text_ids
 from racm3.generator.model import check_vocab, load_generator
 from racm3.retrieval.memory import Hit, Memory
 from racm3.tokenizers.multimodal import MultimodalTokenizer
+from racm3.tokenizers.sequence import Prompt, task_prompt
 
 
 @dataclass
@@ -25,7 +27,8 @@ class Output:
     text: str | None = None
     samples: list = field(default_factory=list)  # images or captions, best first
     scores: list[float] = field(default_factory=list)  # encoder text-image cosine of each sample
-    sources: list[Hit] = field(default_factory=list)  # retrieved (or demonstration) documents, in context order
+    # retrieved (or demonstration) documents in the context, in its order: those the length rule kept
+    sources: list[Hit] = field(default_factory=list)
     seconds: float = 0.0
     codes: torch.Tensor | None = None  # image outputs: the VQ codes of each sample [num_samples, N], best first
 
@@ -46,7 +49,10 @@ class RACM3:
 
     A prompt's top-k documents from a memory (or the given demonstrations) are placed before it as
     `<doc> ... </doc>` blocks, in the same order of caption and image as the prompt, and the generator
-    continues: after `<img>` exactly N image codes (caption->image), after `</img>` a caption.
+    continues: after `<img>` exactly N image codes (caption->image), after `</img>` a caption. Prompts follow
+    the training sequence format token for token (tokenizers.sequence.task_prompt), its length rule included:
+    documents that do not fit the generator's context are dropped, the worst ranked first, and `.sources` of
+    the output lists those that were used.
     """
 
     def __init__(self, tokenizer: MultimodalTokenizer, generator, encoder):
@@ -55,18 +61,34 @@ class RACM3:
         check_vocab(generator, self.vocab, tokenizer.tokens_per_image, image_codes=tokenizer.image_code_fingerprint())
         self.image_base = int(generator.racm3["generator"]["image_base"])
         self.text_base = generator.racm3["generator"].get("text_base")  # None: plain text positions
+        self.max_len = int(generator.racm3["generator"]["max_len"])  # the context it was trained on
+        self.device = next(generator.parameters()).device
+        tokenizer.image.to(self.device)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path | None = None, generator: str = "generator") -> "RACM3":
-        """A model folder with text_tokenizer/, image_tokenizer/, encoder/ and a generator folder; None = shipped."""
+    def from_pretrained(cls, path: str | Path | None = None, generator: str = "generator",
+                        device: str | torch.device = "auto", dtype: torch.dtype = torch.float32) -> "RACM3":
+        """A model folder with text_tokenizer/, image_tokenizer/, encoder/ and a generator folder; None = shipped.
+
+        device: auto (CUDA when present), cpu, cuda or cuda:N; the generator and the image tokenizer run there.
+        dtype: the generator's weights; float32 by default, as decoding is evaluated (bf16 cached and uncached
+        decoding disagree on some tokens).
+        """
         from racm3.generator.train import load_tokenizers
         from racm3.pretrained import shipped_model_dir
         from racm3.retrieval.encoder import load_encoder
+        from racm3.runtime import resolve_device
 
+        dev = resolve_device(device)
         root = Path(path) if path is not None else shipped_model_dir()
         if not root.is_dir():
             raise FileNotFoundError(f"{root}: no model folder here")
-        return cls(load_tokenizers(root), load_generator(root / generator), load_encoder(root / "encoder"))
+        gen = load_generator(root / generator).to(device=dev, dtype=dtype)
+        return cls(load_tokenizers(root), gen, load_encoder(root / "encoder"))
+
+    def _random(self, seed: int) -> torch.Generator:
+        """Sampling's random generator, on the device the logits are on (torch refuses a CPU one for CUDA)."""
+        return torch.Generator(device=self.device).manual_seed(seed)
 
     # --- context -------------------------------------------------------------------------------
     def retrieve(self, query: str | Image.Image, memory: Memory, k: int) -> list[Hit]:
@@ -84,20 +106,15 @@ class RACM3:
             return []
         return self.retrieve(query, memory, k)
 
-    def _doc_ids(self, doc: Document, text_first: bool) -> list[int]:
-        v, mt = self.vocab, self.tokenizer
-        text = v.text_to_vocab(mt.text.encode(doc.text)) if doc.text else []
-        image = []
-        if doc.image is not None:
-            image = [v.img_id, *v.image_to_vocab(mt.encode_images([doc.image])[0].tolist()), v.img_end_id]
-        return text + image if text_first else image + text
-
-    def _prefix(self, sources: list[Hit], text_first: bool) -> list[int]:
-        v = self.vocab
-        ids = [v.bos_id]
-        for h in sources:
-            ids += [v.doc_id, *self._doc_ids(h.document, text_first), v.doc_end_id]
-        return ids
+    def _prompts(self, sources: list[Hit], text_first: bool, query: list[int], generate: int,
+                 uncond_query: list[int] | None = None) -> tuple[Prompt, Prompt | None, list[Hit]]:
+        """The prompt (and guidance's unconditional prompt) for a query and its sources, in the training format;
+        the sources the length rule kept."""
+        docs = [t.ids(text_first) for t in document_tokens([h.document for h in sources], self.tokenizer)]
+        prompt = task_prompt(docs, query, self.vocab, generate, self.max_len)
+        kept = docs[:prompt.documents]
+        uncond = task_prompt(kept, uncond_query, self.vocab, generate, self.max_len) if uncond_query else None
+        return prompt, uncond, sources[:prompt.documents]
 
     # --- caption -> image ----------------------------------------------------------------------------
     def generate_image(self, text: str, memory: Memory | None = None, k: int = 2, num_samples: int = 8,
@@ -114,15 +131,14 @@ class RACM3:
             raise ValueError(f"rerank must be 'caption' or 'source', got {rerank!r}")
         t0 = time.perf_counter()
         text = _caption(text)
-        sources = self._context(text, memory, k, demos)
-        v = self.vocab
-        prefix = self._prefix(sources, text_first=True)
-        prompt = prefix + v.text_to_vocab(self.tokenizer.text.encode(text)) + [v.img_id]
-        uncond = prefix + [v.mask_id(0), v.img_id]  # CM3Leon: the unconditional stream is the prompt masked
-        g = torch.Generator().manual_seed(seed)
-        codes = generate_image_codes(self.generator, v, [prompt] * num_samples, self.tokenizer.tokens_per_image,
-                                     self.image_base, Sampling(temperature, top_k, top_p, guidance),
-                                     uncond_prompts=[uncond] * num_samples, generator=g,
+        v, n = self.vocab, self.tokenizer.tokens_per_image
+        # CM3Leon: the unconditional stream is the prompt with its caption masked
+        prompt, uncond, sources = self._prompts(self._context(text, memory, k, demos), True,
+                                                v.text_to_vocab(self.tokenizer.text.encode(text)) + [v.img_id], n + 1,
+                                                uncond_query=[v.mask_id(0), v.img_id])
+        codes = generate_image_codes(self.generator, v, [prompt.ids] * num_samples, n, self.image_base,
+                                     Sampling(temperature, top_k, top_p, guidance),
+                                     uncond_prompts=[uncond.ids] * num_samples, generator=self._random(seed),
                                      text_base=self.text_base)
         with torch.no_grad():
             images = self.tokenizer.image.to_pil(self.tokenizer.image.decode(codes))
@@ -149,17 +165,15 @@ class RACM3:
         if not isinstance(image, Image.Image):
             raise TypeError(f"generate_text takes a PIL image, got {type(image).__name__}")
         image = to_rgb(image)
-        sources = self._context(image, memory, k, demos)
         v = self.vocab
-        prefix = self._prefix(sources, text_first=False)
         codes = self.tokenizer.encode_images([image])[0].tolist()
-        prompt = prefix + [v.img_id, *v.image_to_vocab(codes), v.img_end_id]
-        uncond = prefix + [v.img_id, v.mask_id(0), v.img_end_id]
-        g = torch.Generator().manual_seed(seed)
-        ids = generate_text_ids(self.generator, v, [prompt] * num_samples, self.tokenizer.tokens_per_image,
+        prompt, uncond, sources = self._prompts(self._context(image, memory, k, demos), False,
+                                                [v.img_id, *v.image_to_vocab(codes), v.img_end_id], max_new_tokens,
+                                                uncond_query=[v.img_id, v.mask_id(0), v.img_end_id])
+        ids = generate_text_ids(self.generator, v, [prompt.ids] * num_samples, self.tokenizer.tokens_per_image,
                                 self.image_base, Sampling(temperature, top_k, top_p, guidance),
-                                max_new_tokens=max_new_tokens, uncond_prompts=[uncond] * num_samples, generator=g,
-                                text_base=self.text_base)
+                                max_new_tokens=max_new_tokens, uncond_prompts=[uncond.ids] * num_samples,
+                                generator=self._random(seed), text_base=self.text_base)
         captions = [self.tokenizer.text.decode(v.vocab_to_text(t)).strip() or "?" for t in ids]
         scores = (self.encoder.embed_text(captions) @ self.encoder.embed_image([image])[0]).tolist()
         order = sorted(range(num_samples), key=lambda i: -scores[i])
@@ -182,19 +196,18 @@ class RACM3:
         if not 0 <= r0 < r1 <= grid_h:
             raise ValueError(f"rows {rows} are not a range inside the {grid_h}-row code grid")
         caption = _caption(caption) if caption is not None else None
-        sources = self._context(caption if caption is not None else image, memory, k, demos)
         v = self.vocab
         codes = self.tokenizer.encode_images([image])[0]  # [N], raster order
         first, count = r0 * grid_w, (r1 - r0) * grid_w
         kept = v.image_to_vocab(codes.tolist())
         hole = [v.img_id, *kept[:first], v.mask_id(0), *kept[first + count:], v.img_end_id]
         text = v.text_to_vocab(self.tokenizer.text.encode(caption)) if caption else []
-        prompt = self._prefix(sources, text_first=True) + text + hole + [v.mask_id(0)]
-        g = torch.Generator().manual_seed(seed)
-        new = generate_image_codes(self.generator, v, [prompt] * num_samples, self.tokenizer.tokens_per_image,
-                                   self.image_base, Sampling(temperature, 0, top_p), generator=g,
+        prompt, _, sources = self._prompts(self._context(caption if caption is not None else image, memory, k, demos),
+                                           True, text + hole + [v.mask_id(0)], count)
+        new = generate_image_codes(self.generator, v, [prompt.ids] * num_samples, self.tokenizer.tokens_per_image,
+                                   self.image_base, Sampling(temperature, 0, top_p), generator=self._random(seed),
                                    n_codes=count, first_cell=first, text_base=self.text_base)
-        full = codes.repeat(num_samples, 1)
+        full = codes.to(new.device).repeat(num_samples, 1)
         full[:, first:first + count] = new
         with torch.no_grad():
             images = self.tokenizer.image.to_pil(self.tokenizer.image.decode(full))
@@ -210,17 +223,16 @@ class RACM3:
         """Fill the blank between `before` and `after` in an image's caption ("flag: ___"); .text is the full caption."""
         t0 = time.perf_counter()
         image = to_rgb(image)
-        sources = self._context(image, memory, k, demos)
         v, tt = self.vocab, self.tokenizer.text
         codes = self.tokenizer.encode_images([image])[0].tolist()
         img = [v.img_id, *v.image_to_vocab(codes), v.img_end_id]
         hole = (v.text_to_vocab(tt.encode(before)) if before else []) + [v.mask_id(0)] + \
             (v.text_to_vocab(tt.encode(after)) if after else [])
-        prompt = self._prefix(sources, text_first=False) + img + hole + [v.mask_id(0)]
-        g = torch.Generator().manual_seed(seed)
-        ids = generate_text_ids(self.generator, v, [prompt] * num_samples, self.tokenizer.tokens_per_image,
+        prompt, _, sources = self._prompts(self._context(image, memory, k, demos), False, img + hole + [v.mask_id(0)],
+                                           max_new_tokens)
+        ids = generate_text_ids(self.generator, v, [prompt.ids] * num_samples, self.tokenizer.tokens_per_image,
                                 self.image_base, Sampling(temperature, 0, 0.9), max_new_tokens=max_new_tokens,
-                                generator=g, text_base=self.text_base)
+                                generator=self._random(seed), text_base=self.text_base)
         # decode the whole caption at once: byte-level BPE pieces only join correctly in one sequence
         fills = [tt.decode(tt.encode(before) + v.vocab_to_text(t) + tt.encode(after)).strip() if before or after
                  else tt.decode(v.vocab_to_text(t)).strip() for t in ids]

@@ -36,7 +36,6 @@ class Recipe:
     # and in its copy in context. Only the context says what this image is called, so the model must copy the
     # caption rather than recall the one it memorised for the image (see ExampleBank.relabel).
     relabel_rate: float = 0.0
-    max_len: int = 384
 
     def __post_init__(self) -> None:
         lessons = self.copy_rate + self.sibling_rate + self.cross_style_rate
@@ -63,6 +62,30 @@ class DocTokens:
         return list(self.text + self.image) if text_first else list(self.image + self.text)
 
 
+def document_tokens(docs, mt, batch_size: int = 256) -> list[DocTokens]:
+    """Each document's caption ids and <img> codes </img> ids (either may be empty), the VQ run once per image.
+
+    The one document -> ids conversion of training and inference alike; DocTokens.ids puts the two parts in the
+    task's order.
+    """
+    vocab = mt.vocab
+    out = []
+    for i in range(0, len(docs), batch_size):
+        chunk = docs[i:i + batch_size]
+        drawn = [d.image for d in chunk if d.image is not None]
+        codes = iter(mt.encode_images(drawn).tolist() if drawn else [])
+        for d in chunk:
+            text = tuple(vocab.text_to_vocab(mt.text.encode(d.text))) if d.text else ()
+            image = (vocab.img_id, *vocab.image_to_vocab(next(codes)), vocab.img_end_id) if d.image is not None else ()
+            out.append(DocTokens(text, image, d.concept or d.id, d.style or ""))
+    return out
+
+
+def tokenize_documents(docs, mt, batch_size: int = 256) -> dict[str, DocTokens]:
+    """document_tokens keyed by document id (a training set's ids are unique)."""
+    return {d.id: t for d, t in zip(docs, document_tokens(docs, mt, batch_size))}
+
+
 class ExampleBank:
     """Token ids of every training document plus its ranked retrieval candidates (precomputed once).
 
@@ -70,10 +93,11 @@ class ExampleBank:
     caption or image (with query dropout), near-duplicates and other splits already removed.
     """
 
-    def __init__(self, docs: dict[str, DocTokens], candidates: dict[str, dict[str, list[str]]] | None = None):
+    def __init__(self, docs: dict[str, DocTokens], candidates: dict[str, dict[str, list[str]]] | None = None,
+                 max_len: int | None = None):
         if not docs:
             raise ValueError("no training documents")
-        self.docs = docs
+        self.docs, self.max_len = docs, max_len  # max_len: the generator's context (GeneratorConfig.max_len)
         self.ids = sorted(docs)
         self.candidates = candidates or {}
         self.by_concept_style: dict[tuple[str, str], list[str]] = defaultdict(list)
@@ -132,7 +156,7 @@ class ExampleBank:
     def sequence(self, doc_id: str, context: list[str], vocab: Vocab, recipe: Recipe, text_first: bool) -> Sequence:
         """[<doc> c1 </doc>]...[main]: every document in the same order (caption first or image first)."""
         return build_sequence(self.docs[doc_id].ids(text_first), [self.docs[c].ids(text_first) for c in context],
-                              vocab, alpha=recipe.alpha, max_len=recipe.max_len)
+                              vocab, alpha=recipe.alpha, max_len=self.max_len)
 
     def relabel(self, doc_id: str, vocab: Vocab, recipe: Recipe, rng: np.random.Generator) -> Sequence:
         """A relabel lesson: [<doc> image, other caption </doc>] (+ a retrieved neighbour, in random order)
@@ -148,7 +172,7 @@ class ExampleBank:
         neighbour = next((c for c in cands if c != doc_id), None)
         if recipe.k > 1 and neighbour is not None and rng.random() < 0.5:
             ctx.insert(int(rng.integers(2)), self.docs[neighbour].ids(text_first=False))
-        return build_sequence(main, ctx, vocab, alpha=recipe.alpha, max_len=recipe.max_len)
+        return build_sequence(main, ctx, vocab, alpha=recipe.alpha, max_len=self.max_len)
 
     def sample(self, doc_id: str, vocab: Vocab, recipe: Recipe, rng: np.random.Generator) -> Sequence:
         if recipe.k and recipe.relabel_rate and rng.random() < recipe.relabel_rate:

@@ -8,12 +8,11 @@ prompt is masked: logp = logp_u + s * (logp_c - logp_u); s = 1 is plain conditio
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
-import inspect
-
-from transformers import DynamicCache, LlamaForCausalLM
+from transformers import LlamaForCausalLM, StaticCache
 
 from racm3.tokenizers.sequence import position_ids
 from racm3.tokenizers.vocab import Vocab
@@ -88,44 +87,55 @@ class Streams:
 
     Rows are independent sequences (samples, and the unconditional copies used by guidance). Positions
     follow the image-aligned rule of tokenizers.sequence.position_ids; the caller gives each new token's.
+    Everything that grows is allocated once for prompt + max_new tokens: a static KV cache and the attention
+    mask (a view of it is passed each step), so a decoding step copies nothing that came before it.
     """
 
     def __init__(self, model, prompts: list[list[int]], vocab: Vocab, image_base: int, tokens_per_image: int,
-                 use_cache: bool = True, text_base: int | None = None):
+                 use_cache: bool = True, text_base: int | None = None, max_new: int = 0):
         self.model, self.use_cache = model, use_cache
         device = next(model.parameters()).device
         T = max(len(p) for p in prompts)
         B = len(prompts)
-        self.ids = torch.full((B, T), vocab.pad_id, dtype=torch.long, device=device)
-        self.mask = torch.zeros((B, T), dtype=torch.long, device=device)
-        self.pos = torch.zeros((B, T), dtype=torch.long, device=device)
+        total = T + max_new
+        ids = torch.full((B, total), vocab.pad_id, dtype=torch.long)
+        self.mask = torch.ones((B, total), dtype=torch.long)  # positions after the prompt are filled as decoded
+        pos = torch.zeros((B, total), dtype=torch.long)
         for b, p in enumerate(prompts):
-            self.ids[b, T - len(p):] = torch.tensor(p, device=device)
-            self.mask[b, T - len(p):] = 1
-            self.pos[b, T - len(p):] = position_ids(p, vocab, image_base, tokens_per_image, text_base).to(device)
+            ids[b, T - len(p):T] = torch.tensor(p)
+            self.mask[b, :T - len(p)] = 0
+            pos[b, T - len(p):T] = position_ids(p, vocab, image_base, tokens_per_image, text_base)
         # where the next text token of each row goes (its plain index, or its caption-aligned slot); each
         # further text token sits one position later under both rules
         dummy = vocab.text_to_vocab([0])[0]
-        self.next_text = torch.tensor([int(position_ids(p + [dummy], vocab, image_base, tokens_per_image,
-                                                        text_base)[-1]) for p in prompts], device=device)
-        self.cache = DynamicCache() if use_cache else None
-        self.logits = self._forward(self.ids, self.pos)
+        next_text = [int(position_ids(p + [dummy], vocab, image_base, tokens_per_image, text_base)[-1]) for p in prompts]
+        self.ids, self.mask, self.pos = ids.to(device), self.mask.to(device), pos.to(device)
+        self.next_text = torch.tensor(next_text, device=device)
+        self.length, self.capacity = T, total
+        self.cache = StaticCache(config=model.config, max_cache_len=total) if use_cache else None
+        self.logits = self._forward(self.ids[:, :T], self.pos[:, :T])
 
     @torch.no_grad()
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        n, start = ids.shape[1], self.length - ids.shape[1]
+        mask = self.mask[:, :self.length]
         if self.use_cache:
-            out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=pos,
-                             use_cache=True, **{_CACHE_ARG: self.cache})
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
+                             cache_position=torch.arange(start, start + n, device=ids.device), **{_CACHE_ARG: self.cache})
         else:  # recompute the whole prefix: the reference the cache must reproduce
-            out = self.model(input_ids=self.ids, attention_mask=self.mask, position_ids=self.pos, use_cache=False)
+            out = self.model(input_ids=self.ids[:, :self.length], attention_mask=mask,
+                             position_ids=self.pos[:, :self.length], use_cache=False, logits_to_keep=1)
         return out.logits[:, -1]
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Append one token per row [B] at the given positions [B]; returns next-token logits [B, V]."""
-        self.ids = torch.cat([self.ids, tokens[:, None]], 1)
-        self.mask = torch.cat([self.mask, torch.ones_like(tokens)[:, None]], 1)
-        self.pos = torch.cat([self.pos, positions[:, None]], 1)
-        self.logits = self._forward(tokens[:, None], positions[:, None])
+        if self.length == self.capacity:
+            raise ValueError(f"decoding past the {self.capacity} tokens these streams were allocated for")
+        t = self.length
+        self.ids[:, t] = tokens
+        self.pos[:, t] = positions
+        self.length += 1
+        self.logits = self._forward(self.ids[:, t:t + 1], self.pos[:, t:t + 1])
         return self.logits
 
 
@@ -150,7 +160,7 @@ def generate_image_codes(model, vocab: Vocab, prompts: list[list[int]], tokens_p
         raise ValueError(f"cells {first_cell}..{first_cell + n_codes} do not fit an image of {tokens_per_image}")
     guided = uncond_prompts is not None and sampling.guidance != 1.0
     rows = prompts + (uncond_prompts if guided else [])
-    streams = Streams(model, rows, vocab, image_base, tokens_per_image, use_cache, text_base)
+    streams = Streams(model, rows, vocab, image_base, tokens_per_image, use_cache, text_base, max_new=n_codes)
     allowed = allowed_ids(vocab, "image", streams.ids.device)
     B = len(prompts)
     out = []
@@ -175,26 +185,25 @@ def generate_text_ids(model, vocab: Vocab, prompts: list[list[int]], tokens_per_
     """Text vocabulary ids per prompt, up to <eos> (excluded); only text ids are ever produced."""
     guided = uncond_prompts is not None and sampling.guidance != 1.0
     rows = prompts + (uncond_prompts if guided else [])
-    streams = Streams(model, rows, vocab, image_base, tokens_per_image, use_cache, text_base)
-    allowed = allowed_ids(vocab, "text", streams.ids.device)
+    streams = Streams(model, rows, vocab, image_base, tokens_per_image, use_cache, text_base, max_new=max_new_tokens)
+    device = streams.ids.device
+    allowed = allowed_ids(vocab, "text", device)
     no_eos = allowed.clone()
     no_eos[vocab.eos_id] = False  # a caption has at least one token
     B = len(prompts)
-    out: list[list[int]] = [[] for _ in range(B)]
-    done = torch.zeros(B, dtype=torch.bool)
+    toks = torch.full((B, max_new_tokens), vocab.eos_id, dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
     for k in range(max_new_tokens):
         cond, uncond = _split(streams.logits, B, guided)
         mask = no_eos if k == 0 else allowed
         uncond_lp = constrained_logprobs(uncond, mask) if uncond is not None else None
         tok = sample(guide(constrained_logprobs(cond, mask), uncond_lp, sampling.guidance), sampling, generator)
-        for b in range(B):
-            if not done[b]:
-                if int(tok[b]) == vocab.eos_id:
-                    done[b] = True
-                else:
-                    out[b].append(int(tok[b]))
-        if bool(done.all()) or k + 1 == max_new_tokens:
+        tok = tok.masked_fill(done, vocab.eos_id)  # a finished row stays finished
+        toks[:, k] = tok
+        done |= tok == vocab.eos_id
+        # one host sync every few tokens to stop early, not one per row and token
+        if k + 1 == max_new_tokens or (k % 4 == 3 and bool(done.all())):
             break
         both = torch.cat([tok, tok]) if guided else tok
         streams.step(both, streams.next_text + k)
-    return out
+    return [row[:row.index(vocab.eos_id)] if vocab.eos_id in row else row for row in toks.tolist()]

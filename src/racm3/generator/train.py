@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from racm3.documents import Document
-from racm3.generator.data import DocTokens, ExampleBank, Recipe, batch
+from racm3.generator.data import DocTokens, ExampleBank, Recipe, batch, tokenize_documents
 from racm3.generator.loss import ra_cm3_loss
 from racm3.generator.model import build_model, get_preset, save_generator
 from racm3.tokenizers.multimodal import MultimodalTokenizer
@@ -79,20 +79,6 @@ def load_tokenizers(path: Path | None) -> MultimodalTokenizer:
     root = Path(path) if path is not None else shipped_model_dir()
     return MultimodalTokenizer(TextTokenizer.from_pretrained(root / "text_tokenizer"),
                                ImageTokenizer.from_pretrained(root / "image_tokenizer"))
-
-
-def tokenize_documents(docs: list[Document], mt: MultimodalTokenizer, batch_size: int = 256) -> dict[str, DocTokens]:
-    """Every document's caption ids and <img> codes </img> ids, the VQ encoder run once per image."""
-    vocab = mt.vocab
-    out = {}
-    for i in range(0, len(docs), batch_size):
-        chunk = docs[i:i + batch_size]
-        codes = mt.encode_images([d.image for d in chunk])  # [b, N]
-        for d, c in zip(chunk, codes):
-            text = tuple(vocab.text_to_vocab(mt.text.encode(d.text)))
-            image = (vocab.img_id, *vocab.image_to_vocab(c.tolist()), vocab.img_end_id)
-            out[d.id] = DocTokens(text, image, d.concept or d.id, d.style or "")
-    return out
 
 
 def retrieval_candidates(train_docs: list[Document], memory_dir: Path, encoder_path: Path | None,
@@ -246,15 +232,13 @@ def train(cfg: TrainConfig) -> dict:
     vocab, n_img = mt.vocab, mt.tokens_per_image
     gen_cfg = get_preset(cfg.preset)
     recipe = cfg.recipe
-    if recipe.max_len > gen_cfg.max_len:
-        raise ValueError(f"recipe max_len {recipe.max_len} exceeds the preset's {gen_cfg.max_len}")
 
     train_docs, heldout_docs = _load_split_documents(cfg.dataset)
     if not train_docs:
         raise ValueError(f"{cfg.dataset} holds no training documents with both an image and a caption")
     cached = precompute(cfg, mt, train_docs, heldout_docs, dist)
-    bank = ExampleBank(cached["train"], cached["candidates"])
-    eval_bank = ExampleBank({**cached["heldout"]}) if cached["heldout"] else None
+    bank = ExampleBank(cached["train"], cached["candidates"], max_len=gen_cfg.max_len)
+    eval_bank = ExampleBank({**cached["heldout"]}, max_len=gen_cfg.max_len) if cached["heldout"] else None
     eval_ids = []
     if eval_bank is not None:
         # held-out documents whose concept is drawn in the other style too, a fixed sample

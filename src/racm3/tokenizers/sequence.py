@@ -1,8 +1,13 @@
-"""RA-CM3 training sequences: retrieved documents + main document, CM3 causal masking, positions and batching.
+"""The one sequence format of RA-CM3, for training and inference: documents in context + main document, the
+length rule, CM3 causal masking, positions and batching.
 
 Layout (RA-CM3, Yasunaga et al. 2023, Sec. 3.3):
 
     <bos> [<doc> r_1 </doc>] ... [<doc> r_k </doc>] main <eos>
+
+At inference the prompt is this sequence cut where the part to generate begins (task_prompt), so the generator
+sees, token for token, what it saw in training. The length rule is the same on both sides: documents in context
+are dropped, the last (worst ranked) first, before the main document or the prompt is ever cut.
 
 weights[t] is the loss weight of *predicting* ids[t] from ids[:t] (the generator shifts by one):
 0 on <bos>, alpha on every token of a retrieved document (its <doc> wrappers included), 1 on the main
@@ -76,6 +81,23 @@ def truncate_main(main: list[int], budget: int, vocab: Vocab) -> list[int]:
     return main[:cut]
 
 
+def fit_documents(doc_lengths: Seq[int], rest: int, max_len: int | None) -> int:
+    """How many of the documents (best first) fit: <bos> + sum(len + 2 for <doc> </doc>) + rest <= max_len."""
+    kept = len(doc_lengths)
+    if max_len is not None:
+        while kept and 1 + sum(n + 2 for n in doc_lengths[:kept]) + rest > max_len:
+            kept -= 1
+    return kept
+
+
+def context_ids(documents: Seq[Seq[int]], vocab: Vocab) -> list[int]:
+    """<bos> [<doc> d_1 </doc>] ... [<doc> d_k </doc>]: how every sequence of the format begins."""
+    ids = [vocab.bos_id]
+    for d in documents:
+        ids += [vocab.doc_id, *d, vocab.doc_end_id]
+    return ids
+
+
 def build_sequence(main: list[int], retrieved: list[list[int]], vocab: Vocab, alpha: float = 0.1,
                    max_len: int | None = None) -> Sequence:
     """<bos> [<doc> r1 </doc>] ... main <eos>, with weights (0 / alpha / 1) and doc_index.
@@ -88,27 +110,19 @@ def build_sequence(main: list[int], retrieved: list[list[int]], vocab: Vocab, al
         raise ValueError("the main document has no tokens")
     if not 0.0 <= alpha:
         raise ValueError(f"alpha must be >= 0, got {alpha}")
-    retrieved = [list(r) for r in retrieved]
     main = list(main)
-
-    def total(rs: list[list[int]]) -> int:
-        return 1 + sum(len(r) + 2 for r in rs) + len(main) + 1
-
+    retrieved = [list(r) for r in retrieved[:fit_documents([len(r) for r in retrieved], len(main) + 1, max_len)]]
     eos = True
-    if max_len is not None:
-        while retrieved and total(retrieved) > max_len:
-            retrieved.pop()
-        if total(retrieved) > max_len:
-            main = truncate_main(main, max_len - 1, vocab)
-            eos = False
+    if max_len is not None and 1 + sum(len(r) + 2 for r in retrieved) + len(main) + 1 > max_len:
+        main = truncate_main(main, max_len - 1, vocab)  # no document left in context (fit_documents)
+        eos = False
 
     k = len(retrieved)
-    ids, weights, doc_index = [vocab.bos_id], [0.0], [-1]
+    ids = context_ids(retrieved, vocab)
+    weights, doc_index = [0.0], [-1]
     for j, r in enumerate(retrieved):
-        block = [vocab.doc_id, *r, vocab.doc_end_id]
-        ids += block
-        weights += [alpha] * len(block)
-        doc_index += [j] * len(block)
+        weights += [alpha] * (len(r) + 2)  # the <doc> wrappers belong to their document
+        doc_index += [j] * (len(r) + 2)
     ids += main
     weights += [1.0] * len(main)
     doc_index += [k] * len(main)
@@ -117,6 +131,31 @@ def build_sequence(main: list[int], retrieved: list[list[int]], vocab: Vocab, al
         weights.append(1.0)
         doc_index.append(k)
     return Sequence(ids, weights, doc_index)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """An inference prompt and how many of the offered documents it holds (the first ones, best ranked)."""
+
+    ids: list[int]
+    documents: int
+
+
+def task_prompt(documents: Seq[Seq[int]], query: Seq[int], vocab: Vocab, generate: int,
+                max_len: int | None) -> Prompt:
+    """<bos> [<doc> d </doc>] ... query: the training sequence up to the `generate` tokens the model now writes.
+
+    The length rule of build_sequence: the prompt, the generated tokens and the <eos> after them must fit
+    max_len; documents are dropped, the last first, and the query is never cut (too long alone: ValueError).
+    The query is the main document's beginning: a caption and <img> (caption -> image), an image (image ->
+    caption), or a document with a <mask:i> hole followed by the <mask:i> that opens its tail (infilling).
+    """
+    rest = len(query) + generate + 1
+    if max_len is not None and 1 + rest > max_len:
+        raise ValueError(f"the prompt needs {len(query)} tokens and {generate} more to generate, beyond the "
+                         f"generator's {max_len}-token context even with no document in it: shorten the caption")
+    kept = fit_documents([len(d) for d in documents], rest, max_len)
+    return Prompt(context_ids(documents[:kept], vocab) + list(query), kept)
 
 
 # ---------------------------------------------------------------------------------------------
