@@ -260,6 +260,21 @@ def memory_search(
 
 # --- train -------------------------------------------------------------------------------------
 
+# Every trainer runs on the one runtime (racm3.runtime): the same device, precision and resume options.
+DEVICE_HELP = "auto (CUDA when present), cpu, cuda or cuda:N."
+PRECISION_HELP = "auto (bf16 autocast where supported, fp16 on CUDA without bf16, else fp32), bf16, fp16 or fp32."
+RESUME_HELP = "Continue the run in OUT_DIR (a run folder with a checkpoint is refused without it)."
+
+
+def _train(run, *args, **kwargs):
+    """Run one trainer; a bad option, device or run folder is one line on stderr and exit 1."""
+    from racm3.runtime import CheckpointError, DeviceError
+
+    try:
+        return run(*args, **kwargs)
+    except (DeviceError, CheckpointError, FileExistsError, FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+
 
 @train_app.command("encoder")
 def train_encoder_cmd(
@@ -285,21 +300,6 @@ def train_encoder_cmd(
         _fail(str(exc))
     encoder = _train(train_encoder, dataset_dir, out_dir, cfg, log=lambda m: typer.echo(m, err=True), resume=resume)
     typer.echo(f"saved {encoder.name} to {out_dir}")
-
-# Every trainer runs on the one runtime (racm3.runtime): the same device, precision and resume options.
-DEVICE_HELP = "auto (CUDA when present), cpu, cuda or cuda:N."
-PRECISION_HELP = "auto (bf16 autocast where supported, fp16 on CUDA without bf16, else fp32), bf16, fp16 or fp32."
-RESUME_HELP = "Continue the run in OUT_DIR (a run folder with a checkpoint is refused without it)."
-
-
-def _train(run, *args, **kwargs):
-    """Run one trainer; a bad option, device or run folder is one line on stderr and exit 1."""
-    from racm3.runtime import CheckpointError, DeviceError
-
-    try:
-        return run(*args, **kwargs)
-    except (DeviceError, CheckpointError, FileExistsError, FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
 
 
 @train_app.command("generator")
