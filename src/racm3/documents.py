@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 # A decoded image larger than this is refused (decompression bombs); 4096 x 4096 is far above any
 # image this project trains on and far below what would exhaust memory.
@@ -21,7 +21,14 @@ META_KEYS = ("source", "license", "style", "split", "concept")
 
 
 class BadRecord(ValueError):
-    """A record that cannot become a Document; the message names the record and the reason."""
+    """A record that cannot become a Document; the message names the record and the reason.
+
+    The message is kept to one line: newlines and other unprintable characters (in ids, member names,
+    paths taken from the record) are written as escapes.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__("".join(c if c.isprintable() else repr(c)[1:-1] for c in str(message)))
 
 
 Segment = str | Image.Image
@@ -147,6 +154,8 @@ def load_image(source: str | os.PathLike | bytes, *, name: str = "") -> Image.Im
             raise
         except Image.DecompressionBombError as exc:  # Pillow's own guard fires first for huge headers
             raise BadRecord(f"{label}: image is over the pixel limit ({exc})") from None
+        except UnidentifiedImageError:  # its message names a BytesIO object's address: say it plainly
+            raise BadRecord(f"{label}: not a readable image (no known image format)") from None
         except Exception as exc:  # noqa: BLE001 - decoders of untrusted bytes raise many types (struct.error, ...)
             reason = " ".join(str(exc).split())[:200]
             raise BadRecord(f"{label}: not a readable image ({type(exc).__name__}: {reason})") from None

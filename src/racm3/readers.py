@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import lzma
 import os
 import tarfile
 import zlib
@@ -250,7 +251,8 @@ def _tar_items(shard: Path) -> Iterator[_Item]:
                     key, files = k, {}
                 handle = tar.extractfile(member)
                 files[suffix] = handle.read() if handle else b""
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
+    # what tarfile and its decompressors raise on cut or garbled bytes (TypeError: a gzip header cut short)
+    except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError, TypeError, ValueError) as exc:
         yield BadRecord(f"{shard}: tar shard is truncated or corrupt after {samples} samples ({exc})")
         return
     if key is not None:
