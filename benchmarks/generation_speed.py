@@ -56,13 +56,11 @@ def main(argv: list[str] | None = None) -> dict:
         return statistics.median(times)
 
     s = args.samples
-    tb = model.text_base
     guided = timed(lambda: generate_image_codes(gen, vocab, [prompt] * s, n, model.image_base,
-                                                Sampling(guidance=3.0), uncond_prompts=[uncond] * s, text_base=tb))
-    plain = timed(lambda: generate_image_codes(gen, vocab, [prompt] * s, n, model.image_base, Sampling(),
-                                               text_base=tb))
+                                                Sampling(guidance=3.0), uncond_prompts=[uncond] * s))
+    plain = timed(lambda: generate_image_codes(gen, vocab, [prompt] * s, n, model.image_base, Sampling()))
     nocache = timed(lambda: generate_image_codes(gen, vocab, [prompt] * s, n, model.image_base, Sampling(),
-                                                 use_cache=False, text_base=tb))
+                                                 use_cache=False))
     image = model.tokenizer.image.to_pil(model.tokenizer.image.decode(torch.zeros(1, n, dtype=torch.long)))[0]
     caption = timed(lambda: model.generate_text(image, memory=None, num_samples=4))
     full_image = timed(lambda: model.generate_image("flag: France", memory=None, num_samples=s, guidance=3.0))

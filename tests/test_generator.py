@@ -77,23 +77,20 @@ def _prompts(mt, model, caption: str, context_docs=()):
 
 def test_kv_cache_decoding_equals_full_recompute(trained):
     _, _, mt, model = trained
-    base, text_base = model.racm3["generator"]["image_base"], model.racm3["generator"]["text_base"]
-    assert text_base is not None  # the tiny preset uses caption-aligned positions: test that rule's decoding
+    base = model.racm3["generator"]["image_base"]
     n = mt.tokens_per_image
     prompts = [_prompts(mt, model, "red circle", ["filled-red-circle"]), _prompts(mt, model, "blue bar")]
     greedy = Sampling(temperature=0)
-    cached = generate_image_codes(model, mt.vocab, prompts, n, base, greedy, use_cache=True, text_base=text_base)
-    full = generate_image_codes(model, mt.vocab, prompts, n, base, greedy, use_cache=False, text_base=text_base)
+    cached = generate_image_codes(model, mt.vocab, prompts, n, base, greedy, use_cache=True)
+    full = generate_image_codes(model, mt.vocab, prompts, n, base, greedy, use_cache=False)
     assert torch.equal(cached, full)
     # and for text, after an image, with a retrieved document before it (two prompts of different lengths)
     v = mt.vocab
     img = [v.img_id, *v.image_to_vocab(cached[0].tolist()), v.img_end_id]
     ctx = [v.doc_id, *img, *v.text_to_vocab(mt.text.encode("red circle")), v.doc_end_id]
     text_prompts = [[v.bos_id, *img], [v.bos_id, *ctx, *img]]
-    t_cached = generate_text_ids(model, v, text_prompts, n, base, greedy, max_new_tokens=6, use_cache=True,
-                                 text_base=text_base)
-    t_full = generate_text_ids(model, v, text_prompts, n, base, greedy, max_new_tokens=6, use_cache=False,
-                               text_base=text_base)
+    t_cached = generate_text_ids(model, v, text_prompts, n, base, greedy, max_new_tokens=6, use_cache=True)
+    t_full = generate_text_ids(model, v, text_prompts, n, base, greedy, max_new_tokens=6, use_cache=False)
     assert t_cached == t_full and all(len(t) >= 1 for t in t_cached)
 
 
@@ -124,9 +121,11 @@ def test_guidance_one_equals_unguided_and_guidance_changes_output(trained):
                                     uncond_prompts=[uncond] * 2 if with_uncond else None, generator=g)
 
     assert torch.equal(run(1.0, True), run(1.0, False))
-    greedy_plain = generate_image_codes(model, vocab, [prompt], n, base, Sampling(temperature=0))
-    greedy_guided = generate_image_codes(model, vocab, [prompt], n, base, Sampling(temperature=0, guidance=5.0),
-                                         uncond_prompts=[uncond])
+    # with no drawing to copy (a copy in context is drawn alike either way), guidance changes what is drawn
+    bare, bare_uncond = _prompts(mt, model, "red square"), [vocab.bos_id, vocab.mask_id(0), vocab.img_id]
+    greedy_plain = generate_image_codes(model, vocab, [bare], n, base, Sampling(temperature=0))
+    greedy_guided = generate_image_codes(model, vocab, [bare], n, base, Sampling(temperature=0, guidance=5.0),
+                                         uncond_prompts=[bare_uncond])
     assert not torch.equal(greedy_plain, greedy_guided)
 
 
@@ -238,3 +237,21 @@ def test_training_retrieval_never_returns_heldout_or_self(tiny_model_dir):
     found = [c for i, q in cands.items() for kind in ("text", "image") for c in q[kind]]
     assert found and not heldout_ids & set(found)
     assert all(i not in q["text"] + q["image"] for i, q in cands.items())
+
+
+def test_presets_are_json_files_and_a_path_works_too(tmp_path):
+    from racm3.generator.model import GeneratorConfig, get_preset, list_presets
+
+    assert {"tiny", "emoji-small", "medium"} <= set(list_presets())
+    assert get_preset("emoji-small") == GeneratorConfig()  # the shipped architecture, as data
+    (tmp_path / "mine.json").write_text(json.dumps({"hidden_size": 64, "num_layers": 3, "num_heads": 4,
+                                                    "intermediate_size": 128, "max_len": 512}))
+    mine = get_preset(tmp_path / "mine.json")
+    assert (mine.hidden_size, mine.num_layers, mine.max_len) == (64, 3, 512)
+    (tmp_path / "typo.json").write_text(json.dumps({"hidden": 64}))
+    with pytest.raises(ValueError, match=r"typo.json: unknown fields \['hidden'\]"):
+        get_preset(tmp_path / "typo.json")
+    with pytest.raises(ValueError, match="unknown generator preset 'huge'; choose from"):
+        get_preset("huge")
+    with pytest.raises(ValueError, match="missing.json: no such file"):
+        get_preset(tmp_path / "missing.json")

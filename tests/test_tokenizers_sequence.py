@@ -151,37 +151,6 @@ def test_image_aligned_positions_survive_masking_and_are_causal(seq, seed):
             assert position_ids(masked.ids[:p], V, image_base=BASE, tokens_per_image=N).tolist() == full[:p].tolist()
 
 
-@settings(max_examples=100, deadline=None)
-@given(sequences, st.integers(0, 2**32 - 1))
-def test_caption_aligned_positions_count_within_each_caption_and_are_causal(seq, seed):
-    tb = 4 * BASE
-    pos = position_ids(seq.ids, V, image_base=BASE, tokens_per_image=N, text_base=tb).tolist()
-    plain = position_ids(seq.ids, V, image_base=BASE, tokens_per_image=N).tolist()
-    run = 0
-    for t, tok in enumerate(seq.ids):
-        if V.is_text(tok):
-            assert pos[t] == tb + run  # the j-th token of every caption sits at text_base + j
-            run += 1
-        else:
-            assert pos[t] == plain[t]  # images and specials as without text_base
-            run = 0
-    masked = cm3_mask(seq, V, np.random.default_rng(seed))
-    full = position_ids(masked.ids, V, image_base=BASE, tokens_per_image=N, text_base=tb).tolist()
-    for p in range(1, len(masked) + 1):  # a prefix never changes when tokens follow it (KV-cache decoding)
-        if V.is_text(masked.ids[p - 1]):
-            assert position_ids(masked.ids[:p], V, image_base=BASE, tokens_per_image=N, text_base=tb).tolist() \
-                == full[:p]
-
-
-def test_masked_caption_span_continues_from_its_sentinel():
-    cap = V.text_to_vocab([5, 6, 7, 8])
-    ids = [V.bos_id, cap[0], V.mask_id(0), cap[3], V.eos_id, V.mask_id(0), cap[1], cap[2]]
-    pos = position_ids(ids, V, image_base=BASE, text_base=4 * BASE).tolist()
-    tb = 4 * BASE
-    assert pos[1] == tb and pos[3] == tb + 2  # the sentinel takes one slot
-    assert pos[6:] == [tb + 1, tb + 2]  # the span's tokens follow on from the sentinel's slot
-
-
 def test_collate_pads_right_with_zero_weight():
     a = build_sequence(V.text_to_vocab([1, 2]), [], V)
     b = build_sequence(V.text_to_vocab([1]), [V.text_to_vocab([4, 4, 4])], V)

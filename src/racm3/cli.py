@@ -309,7 +309,7 @@ def train_generator_cmd(
     out_dir: Path = typer.Argument(..., help="Generator folder: config.json, model.safetensors, checkpoint.safetensors, train_log.jsonl."),
     tokenizers: Optional[Path] = typer.Option(None, help="Model folder with text_tokenizer/ and image_tokenizer/; default: shipped."),
     encoder: Optional[Path] = typer.Option(None, help="Encoder that filled the memory; default: shipped."),
-    preset: str = typer.Option("emoji-small", help="Generator preset: tiny, emoji-small, emoji-small-aligned (caption-aligned positions)."),
+    preset: str = typer.Option("emoji-small", help="Generator preset: tiny, emoji-small, medium (~27M, for GPUs), or a PRESET.json of GeneratorConfig fields."),
     k: int = typer.Option(2, "--k", help="At most k documents in context (0 = the no-retrieval CM3 baseline)."),
     alpha: float = typer.Option(0.1, help="Loss weight of retrieved documents' tokens."),
     copy_rate: float = typer.Option(0.35, help="Share of contexts holding the document itself (0 = the paper's rule)."),

@@ -60,7 +60,6 @@ class RACM3:
         self.vocab = tokenizer.vocab
         check_vocab(generator, self.vocab, tokenizer.tokens_per_image, image_codes=tokenizer.image_code_fingerprint())
         self.image_base = int(generator.racm3["generator"]["image_base"])
-        self.text_base = generator.racm3["generator"].get("text_base")  # None: plain text positions
         self.max_len = int(generator.racm3["generator"]["max_len"])  # the context it was trained on
         self.device = next(generator.parameters()).device
         tokenizer.image.to(self.device)
@@ -138,8 +137,7 @@ class RACM3:
                                                 uncond_query=[v.mask_id(0), v.img_id])
         codes = generate_image_codes(self.generator, v, [prompt.ids] * num_samples, n, self.image_base,
                                      Sampling(temperature, top_k, top_p, guidance),
-                                     uncond_prompts=[uncond.ids] * num_samples, generator=self._random(seed),
-                                     text_base=self.text_base)
+                                     uncond_prompts=[uncond.ids] * num_samples, generator=self._random(seed))
         with torch.no_grad():
             images = self.tokenizer.image.to_pil(self.tokenizer.image.decode(codes))
         scores = (self.encoder.embed_image(images) @ self._rerank_target(text, sources, rerank)).tolist()
@@ -173,7 +171,7 @@ class RACM3:
         ids = generate_text_ids(self.generator, v, [prompt.ids] * num_samples, self.tokenizer.tokens_per_image,
                                 self.image_base, Sampling(temperature, top_k, top_p, guidance),
                                 max_new_tokens=max_new_tokens, uncond_prompts=[uncond.ids] * num_samples,
-                                generator=self._random(seed), text_base=self.text_base)
+                                generator=self._random(seed))
         captions = [self.tokenizer.text.decode(v.vocab_to_text(t)).strip() or "?" for t in ids]
         scores = (self.encoder.embed_text(captions) @ self.encoder.embed_image([image])[0]).tolist()
         order = sorted(range(num_samples), key=lambda i: -scores[i])
@@ -206,7 +204,7 @@ class RACM3:
                                            True, text + hole + [v.mask_id(0)], count)
         new = generate_image_codes(self.generator, v, [prompt.ids] * num_samples, self.tokenizer.tokens_per_image,
                                    self.image_base, Sampling(temperature, 0, top_p), generator=self._random(seed),
-                                   n_codes=count, first_cell=first, text_base=self.text_base)
+                                   n_codes=count, first_cell=first)
         full = codes.to(new.device).repeat(num_samples, 1)
         full[:, first:first + count] = new
         with torch.no_grad():
@@ -232,7 +230,7 @@ class RACM3:
                                            max_new_tokens)
         ids = generate_text_ids(self.generator, v, [prompt.ids] * num_samples, self.tokenizer.tokens_per_image,
                                 self.image_base, Sampling(temperature, 0, 0.9), max_new_tokens=max_new_tokens,
-                                generator=self._random(seed), text_base=self.text_base)
+                                generator=self._random(seed))
         # decode the whole caption at once: byte-level BPE pieces only join correctly in one sequence
         fills = [tt.decode(tt.encode(before) + v.vocab_to_text(t) + tt.encode(after)).strip() if before or after
                  else tt.decode(v.vocab_to_text(t)).strip() for t in ids]

@@ -183,10 +183,9 @@ class ExampleBank:
         return cm3_mask(seq, vocab, rng, mask_rate=recipe.mask_rate)
 
 
-def batch(seqs: list[Sequence], vocab: Vocab, image_base: int, tokens_per_image: int,
-          text_base: int | None = None) -> dict[str, torch.Tensor]:
+def batch(seqs: list[Sequence], vocab: Vocab, image_base: int, tokens_per_image: int) -> dict[str, torch.Tensor]:
     """collate + main_mask [B, T]: True on the main document's tokens (for L_main vs L_retrieved)."""
-    out = collate(seqs, vocab, image_base=image_base, tokens_per_image=tokens_per_image, text_base=text_base)
+    out = collate(seqs, vocab, image_base=image_base, tokens_per_image=tokens_per_image)
     main = torch.zeros_like(out["attention_mask"], dtype=torch.bool)
     for b, s in enumerate(seqs):
         k = max(s.doc_index)

@@ -92,7 +92,7 @@ class Streams:
     """
 
     def __init__(self, model, prompts: list[list[int]], vocab: Vocab, image_base: int, tokens_per_image: int,
-                 use_cache: bool = True, text_base: int | None = None, max_new: int = 0):
+                 use_cache: bool = True, max_new: int = 0):
         self.model, self.use_cache = model, use_cache
         device = next(model.parameters()).device
         T = max(len(p) for p in prompts)
@@ -104,13 +104,10 @@ class Streams:
         for b, p in enumerate(prompts):
             ids[b, T - len(p):T] = torch.tensor(p)
             self.mask[b, :T - len(p)] = 0
-            pos[b, T - len(p):T] = position_ids(p, vocab, image_base, tokens_per_image, text_base)
-        # where the next text token of each row goes (its plain index, or its caption-aligned slot); each
-        # further text token sits one position later under both rules
-        dummy = vocab.text_to_vocab([0])[0]
-        next_text = [int(position_ids(p + [dummy], vocab, image_base, tokens_per_image, text_base)[-1]) for p in prompts]
+            pos[b, T - len(p):T] = position_ids(p, vocab, image_base, tokens_per_image)
         self.ids, self.mask, self.pos = ids.to(device), self.mask.to(device), pos.to(device)
-        self.next_text = torch.tensor(next_text, device=device)
+        # a text token's position is its plain index: the next one of each row sits right after its prompt
+        self.next_text = torch.tensor([len(p) for p in prompts], device=device)
         self.length, self.capacity = T, total
         self.cache = StaticCache(config=model.config, max_cache_len=total) if use_cache else None
         self.logits = self._forward(self.ids[:, :T], self.pos[:, :T])
@@ -147,7 +144,7 @@ def _split(logits: torch.Tensor, n_cond: int, guided: bool) -> tuple[torch.Tenso
 def generate_image_codes(model, vocab: Vocab, prompts: list[list[int]], tokens_per_image: int, image_base: int,
                          sampling: Sampling = Sampling(), uncond_prompts: list[list[int]] | None = None,
                          generator: torch.Generator | None = None, use_cache: bool = True,
-                         n_codes: int | None = None, first_cell: int = 0, text_base: int | None = None) -> torch.Tensor:
+                         n_codes: int | None = None, first_cell: int = 0) -> torch.Tensor:
     """Codes [B, n] (0..image_size-1); exactly n image ids, nothing else.
 
     Caption->image: prompts end with <img>, n = N cells from cell 0. Image infilling: prompts end with the
@@ -160,7 +157,7 @@ def generate_image_codes(model, vocab: Vocab, prompts: list[list[int]], tokens_p
         raise ValueError(f"cells {first_cell}..{first_cell + n_codes} do not fit an image of {tokens_per_image}")
     guided = uncond_prompts is not None and sampling.guidance != 1.0
     rows = prompts + (uncond_prompts if guided else [])
-    streams = Streams(model, rows, vocab, image_base, tokens_per_image, use_cache, text_base, max_new=n_codes)
+    streams = Streams(model, rows, vocab, image_base, tokens_per_image, use_cache, max_new=n_codes)
     allowed = allowed_ids(vocab, "image", streams.ids.device)
     B = len(prompts)
     out = []
@@ -181,11 +178,11 @@ def generate_image_codes(model, vocab: Vocab, prompts: list[list[int]], tokens_p
 def generate_text_ids(model, vocab: Vocab, prompts: list[list[int]], tokens_per_image: int, image_base: int,
                       sampling: Sampling = Sampling(), max_new_tokens: int = 32,
                       uncond_prompts: list[list[int]] | None = None, generator: torch.Generator | None = None,
-                      use_cache: bool = True, text_base: int | None = None) -> list[list[int]]:
+                      use_cache: bool = True) -> list[list[int]]:
     """Text vocabulary ids per prompt, up to <eos> (excluded); only text ids are ever produced."""
     guided = uncond_prompts is not None and sampling.guidance != 1.0
     rows = prompts + (uncond_prompts if guided else [])
-    streams = Streams(model, rows, vocab, image_base, tokens_per_image, use_cache, text_base, max_new=max_new_tokens)
+    streams = Streams(model, rows, vocab, image_base, tokens_per_image, use_cache, max_new=max_new_tokens)
     device = streams.ids.device
     allowed = allowed_ids(vocab, "text", device)
     no_eos = allowed.clone()

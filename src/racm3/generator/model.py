@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from racm3.tokenizers.sequence import DEFAULT_IMAGE_BASE, DEFAULT_TEXT_BASE
+from racm3.tokenizers.sequence import DEFAULT_IMAGE_BASE
 from racm3.tokenizers.vocab import Vocab
 
 RACM3_FILE = "racm3.json"  # beside config.json: what the generator needs beyond the Llama config
@@ -23,9 +23,8 @@ class GeneratorConfig:
     num_layers: int = 6
     num_heads: int = 8
     intermediate_size: int = 688
-    max_len: int = 384  # tokens per training sequence: [doc1][doc2][main] at 64 codes per image fits
+    max_len: int = 384  # the context: every training sequence and inference prompt (+ output) fits in it
     image_base: int = DEFAULT_IMAGE_BASE  # image code k sits at RoPE position image_base + k (image-aligned)
-    text_base: int | None = None  # caption token j sits at text_base + j (caption-aligned); None: plain positions
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
@@ -33,31 +32,35 @@ class GeneratorConfig:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.max_len > self.image_base:
             raise ValueError(f"max_len {self.max_len} must not exceed image_base {self.image_base}")
-        if self.text_base is not None and self.text_base < self.image_base + self.max_len:
-            raise ValueError(f"text_base {self.text_base} must be at least image_base + max_len "
-                             f"({self.image_base + self.max_len}) so caption and image positions stay apart")
 
 
-PRESETS: dict[str, GeneratorConfig] = {
-    # Unit tests: a few thousand parameters beyond the embeddings, trains in seconds.
-    "tiny": GeneratorConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, max_len=384,
-                            text_base=DEFAULT_TEXT_BASE),
-    # The shipped model: ~5M parameters, ~5k tokens/s of training on 2 CPU cores.
-    "emoji-small": GeneratorConfig(),
-    # The same with caption-aligned positions: held-out caption NLL with the document in context 1.12 against
-    # 1.82, but no better at naming held-out concepts and worse at copying images (README, "Generator").
-    "emoji-small-aligned": GeneratorConfig(text_base=DEFAULT_TEXT_BASE),
-}
+PRESET_DIR = Path(__file__).with_name("presets")  # architectures as data: one JSON file per preset
 
 
 def list_presets() -> list[str]:
-    return sorted(PRESETS)
+    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
 
 
-def get_preset(name: str) -> GeneratorConfig:
-    if name not in PRESETS:
-        raise ValueError(f"unknown generator preset {name!r}; choose from {', '.join(list_presets())}")
-    return PRESETS[name]
+def get_preset(name: str | Path) -> GeneratorConfig:
+    """A preset by name (generator/presets/NAME.json) or a path to such a JSON file; unknown keys are refused."""
+    path = Path(name) if str(name).endswith(".json") else PRESET_DIR / f"{name}.json"
+    if not path.is_file():
+        where = f"{path}: no such file" if str(name).endswith(".json") else f"unknown generator preset {name!r}"
+        raise ValueError(f"{where}; choose from {', '.join(list_presets())} or give a PRESET.json")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: a preset is a JSON object of GeneratorConfig fields")
+    raw.pop("about", None)  # a preset's one-line description
+    unknown = set(raw) - {f.name for f in fields(GeneratorConfig)}
+    if unknown:
+        raise ValueError(f"{path}: unknown fields {sorted(unknown)}; a preset sets {[f.name for f in fields(GeneratorConfig)]}")
+    try:
+        return GeneratorConfig(**raw)
+    except TypeError as exc:
+        raise ValueError(f"{path}: {exc}") from None
 
 
 def build_model(cfg: GeneratorConfig, vocab: Vocab, tokens_per_image: int) -> LlamaForCausalLM:
@@ -69,7 +72,7 @@ def build_model(cfg: GeneratorConfig, vocab: Vocab, tokens_per_image: int) -> Ll
         num_hidden_layers=cfg.num_layers,
         num_attention_heads=cfg.num_heads,
         num_key_value_heads=cfg.num_heads,
-        max_position_embeddings=max(cfg.image_base + tokens_per_image, (cfg.text_base or 0) + cfg.max_len),
+        max_position_embeddings=cfg.image_base + tokens_per_image,
         attention_dropout=cfg.dropout,
         tie_word_embeddings=True,  # input and output embeddings shared: a third fewer parameters at this size
         pad_token_id=vocab.pad_id,

@@ -113,11 +113,10 @@ def retrieval_candidates(train_docs: list[Document], memory_dir: Path, encoder_p
 
 
 @torch.no_grad()
-def main_nll(model, seqs, vocab, image_base: int, tokens_per_image: int, text_base: int | None = None,
-             modality: str = "image") -> float:
+def main_nll(model, seqs, vocab, image_base: int, tokens_per_image: int, modality: str = "image") -> float:
     """Mean NLL per token of the main document's image codes or caption tokens (unmasked sequences)."""
     device = next(model.parameters()).device
-    b = {k: t.to(device) for k, t in batch(seqs, vocab, image_base, tokens_per_image, text_base).items()}
+    b = {k: t.to(device) for k, t in batch(seqs, vocab, image_base, tokens_per_image).items()}
     logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
                    position_ids=b["position_ids"]).logits.float()
     targets = b["input_ids"][:, 1:]
@@ -128,7 +127,7 @@ def main_nll(model, seqs, vocab, image_base: int, tokens_per_image: int, text_ba
 
 
 def context_benefit(model, bank: ExampleBank, eval_ids: list[str], vocab, recipe: Recipe, image_base: int,
-                    tokens_per_image: int, text_base: int | None = None) -> dict[str, float]:
+                    tokens_per_image: int) -> dict[str, float]:
     """Held-out per-code NLL (caption first) with no context, with the document's own drawing, with the other
     style's; and per caption token (image first) with no context and with the document itself."""
     was_training = model.training
@@ -137,10 +136,10 @@ def context_benefit(model, bank: ExampleBank, eval_ids: list[str], vocab, recipe
     for name, ctx in (("none", lambda i: []), ("self", lambda i: [i]),
                       ("cross_style", lambda i: bank.other_styles(i)[:1])):
         seqs = [bank.sequence(i, ctx(i), vocab, recipe, text_first=True) for i in eval_ids]
-        out[f"nll_{name}"] = main_nll(model, seqs, vocab, image_base, tokens_per_image, text_base)
+        out[f"nll_{name}"] = main_nll(model, seqs, vocab, image_base, tokens_per_image)
     for name, ctx in (("none", lambda i: []), ("self", lambda i: [i])):
         seqs = [bank.sequence(i, ctx(i), vocab, recipe, text_first=False) for i in eval_ids]
-        out[f"caption_nll_{name}"] = main_nll(model, seqs, vocab, image_base, tokens_per_image, text_base, "text")
+        out[f"caption_nll_{name}"] = main_nll(model, seqs, vocab, image_base, tokens_per_image, "text")
     out["context_benefit"] = out["nll_none"] - out["nll_self"]
     out["cross_style_benefit"] = out["nll_none"] - out["nll_cross_style"]
     out["caption_benefit"] = out["caption_nll_none"] - out["caption_nll_self"]
@@ -276,7 +275,7 @@ def train(cfg: TrainConfig) -> dict:
         picks, order = order[:cfg.batch_size], order[cfg.batch_size:]
         seqs = [bank.sample(bank.ids[i], vocab, recipe, rng) for i in picks]
         b = {name: t.to(device, non_blocking=True) for name, t in
-             batch(seqs, vocab, gen_cfg.image_base, n_img, gen_cfg.text_base).items()}
+             batch(seqs, vocab, gen_cfg.image_base, n_img).items()}
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
         with precision.autocast():
@@ -299,8 +298,7 @@ def train(cfg: TrainConfig) -> dict:
             last = {"step": step, "loss": float(parts["loss"].detach()), "main": float(parts["main"]),
                     "retrieved": float(parts["retrieved"]), "lr": lr_at(step - 1, cfg), "tokens_per_s": tps}
             if eval_ids and (step % cfg.eval_every == 0 or step == cfg.steps):
-                last.update(context_benefit(model, eval_bank, eval_ids, vocab, recipe, gen_cfg.image_base, n_img,
-                                            gen_cfg.text_base))
+                last.update(context_benefit(model, eval_bank, eval_ids, vocab, recipe, gen_cfg.image_base, n_img))
             with open(log_path, "a") as f:
                 f.write(json.dumps(last) + "\n")
             bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{tps:.0f}",

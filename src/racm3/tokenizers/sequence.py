@@ -27,8 +27,6 @@ from racm3.tokenizers.vocab import NUM_MASKS, Vocab
 
 # Image token k of any image gets position IMAGE_BASE + k (see position_ids); text positions must stay below.
 DEFAULT_IMAGE_BASE = 2048
-# With caption-aligned positions, the j-th token of a caption gets TEXT_BASE + j (above any image position).
-DEFAULT_TEXT_BASE = 4096
 
 
 @dataclass(frozen=True)
@@ -335,7 +333,7 @@ def cm3_unmask(ids: Seq[int] | torch.Tensor, vocab: Vocab) -> list[int]:
 
 
 def position_ids(ids: Seq[int] | torch.Tensor, vocab: Vocab, image_base: int = DEFAULT_IMAGE_BASE,
-                 tokens_per_image: int | None = None, text_base: int | None = None) -> torch.Tensor:
+                 tokens_per_image: int | None = None) -> torch.Tensor:
     """RoPE positions [T] where the same image cell has the same position in every image.
 
     Rule: a non-image token (text, special, sentinel) at index t gets position t, its plain position.
@@ -350,11 +348,6 @@ def position_ids(ids: Seq[int] | torch.Tensor, vocab: Vocab, image_base: int = D
     With tokens_per_image given, positions of a prefix never depend on tokens past the end of the current
     image, so decoding with a KV cache sees the same positions as a full forward pass.
 
-    Caption-aligned positions (text_base given): the same idea for text, so copying a caption from a
-    retrieved document is the same one-step-offset lookup as copying an image. The j-th token of a text run
-    (consecutive text tokens outside images; an in-text sentinel counts as one token) gets text_base + j; a
-    masked text span re-emitted in the tail continues from its sentinel's j. Specials keep position t.
-    Positions of a prefix never depend on later tokens here either.
     """
     ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
     if len(ids) > image_base:
@@ -389,39 +382,13 @@ def position_ids(ids: Seq[int] | torch.Tensor, vocab: Vocab, image_base: int = D
             for j, t in enumerate(range(s, e)):
                 if vocab.is_image(ids[t]):
                     pos[t] = image_base + start_cell[i] + j
-    if text_base is not None:
-        _align_text(ids, pos, vocab, text_base, tail_start, tail, images)
     return torch.tensor(pos, dtype=torch.long)
 
 
-def _align_text(ids: list[int], pos: list[int], vocab: Vocab, text_base: int, tail_start: int,
-                tail: dict[int, tuple[int, int]], images: list[tuple[int, int]]) -> None:
-    """Caption-aligned positions, in place (see position_ids)."""
-    if len(ids) > text_base:
-        raise ValueError(f"sequence of {len(ids)} tokens is longer than text_base={text_base}; raise text_base")
-    in_image = {t for open_t, close_t in images for t in range(open_t, close_t + 1)}
-    run, sentinel_run = 0, {}
-    for t in range(tail_start):
-        tok = ids[t]
-        if vocab.is_text(tok):
-            pos[t] = text_base + run
-            run += 1
-        elif vocab.is_mask(tok) and t not in in_image:
-            sentinel_run[vocab.mask_index(tok)] = run
-            run += 1
-        else:
-            run = 0
-    for i, (s, e) in tail.items():
-        if i in sentinel_run:
-            for j, t in enumerate(range(s, e)):
-                if vocab.is_text(ids[t]):
-                    pos[t] = text_base + sentinel_run[i] + j
-
-
 def collate(seqs: list[Sequence], vocab: Vocab, image_base: int = DEFAULT_IMAGE_BASE,
-            tokens_per_image: int | None = None, text_base: int | None = None) -> dict[str, torch.Tensor]:
+            tokens_per_image: int | None = None) -> dict[str, torch.Tensor]:
     """Right-pad a batch: input_ids [B, T] (pad_id), attention_mask [B, T], loss_weights [B, T] (0 on pads),
-    position_ids [B, T] (image-aligned, and caption-aligned with text_base; 0 on pads)."""
+    position_ids [B, T] (image-aligned; 0 on pads)."""
     if not seqs:
         raise ValueError("collate needs at least one sequence")
     T = max(len(s) for s in seqs)
@@ -435,6 +402,6 @@ def collate(seqs: list[Sequence], vocab: Vocab, image_base: int = DEFAULT_IMAGE_
         input_ids[b, :n] = torch.tensor(s.ids, dtype=torch.long)
         attention_mask[b, :n] = 1
         loss_weights[b, :n] = torch.tensor(s.weights, dtype=torch.float32)
-        positions[b, :n] = position_ids(s.ids, vocab, image_base, tokens_per_image, text_base)
+        positions[b, :n] = position_ids(s.ids, vocab, image_base, tokens_per_image)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_weights": loss_weights,
             "position_ids": positions}
