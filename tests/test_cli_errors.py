@@ -284,3 +284,17 @@ def test_default_outputs_never_overwrite_and_out_replaces(tmp_path: Path, monkey
     assert np.asarray(Image.open(target)).shape == (64, 64, 3)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["chosen.png", "racm3-output"]
     assert not [p for p in Path("racm3-output").iterdir() if p.name.startswith(".")]
+
+
+def test_save_without_hard_links_still_never_overwrites(tmp_path: Path, monkeypatch) -> None:
+    taken = tmp_path / "a.png"
+    taken.write_bytes(b"keep me")
+
+    def no_links(src, dst):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    written = cli.save_output_image(Image.new("RGB", (4, 4), (1, 2, 3)), taken, replace=False)
+    assert written == tmp_path / "a-2.png" and taken.read_bytes() == b"keep me"
+    assert np.asarray(Image.open(written))[0, 0].tolist() == [1, 2, 3]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-2.png", "a.png"]  # no temporary file left

@@ -583,6 +583,10 @@ def save_output_image(image, path: Path, replace: bool) -> Path:
                 return path
             except FileExistsError:
                 path = _free_path(path)
+            except OSError:  # a file system without hard links: check, then move in
+                path = _free_path(path)
+                os.replace(tmp_name, path)
+                return path
     finally:
         Path(tmp_name).unlink(missing_ok=True)
 
