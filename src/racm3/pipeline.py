@@ -83,7 +83,7 @@ class RACM3:
         if not root.is_dir():
             raise FileNotFoundError(f"{root}: no model folder here")
         gen = load_generator(root / generator).to(device=dev, dtype=dtype)
-        return cls(load_tokenizers(root), gen, load_encoder(root / "encoder"))
+        return cls(load_tokenizers(root), gen, load_encoder(root / "encoder").to(dev))
 
     def _random(self, seed: int) -> torch.Generator:
         """Sampling's random generator, on the device the logits are on (torch refuses a CPU one for CUDA)."""

@@ -62,6 +62,12 @@ class Encoder(Protocol):
 
     def embed_documents(self, docs: Sequence["Document"]) -> np.ndarray: ...  # (n, dim)
 
+    def to(self, device) -> "Encoder": ...  # run the networks on a torch device; returns self
+
+
+def _device_of(module) -> "torch.device":
+    return next(module.parameters()).device
+
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
@@ -133,6 +139,10 @@ class MiniLMTextTower:
         self.max_length = max_length
         self._torch = torch
 
+    def to(self, device) -> "MiniLMTextTower":
+        self.model.to(device)
+        return self
+
     def __call__(self, texts: Sequence[str], batch_size: int = 128) -> np.ndarray:
         texts = _check_texts(texts)
         return _batched(self._embed, texts, batch_size, self.dim)
@@ -140,11 +150,12 @@ class MiniLMTextTower:
     def _embed(self, texts: list[str]) -> np.ndarray:
         torch = self._torch
         batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        batch = {k: v.to(_device_of(self.model)) for k, v in batch.items()}
         with torch.inference_mode(), few_threads(len(texts)):
             states = self.model(**batch).last_hidden_state  # (n, L, 384)
         mask = batch["attention_mask"].unsqueeze(-1).to(states.dtype)  # (n, L, 1)
         pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # (n, 384)
-        return pooled.float().numpy()
+        return pooled.float().cpu().numpy()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,8 +257,15 @@ class EmojiEncoder:
     @property
     def text_tower(self) -> MiniLMTextTower:
         if self._text_tower is None:
-            self._text_tower = MiniLMTextTower()
+            self._text_tower = MiniLMTextTower().to(_device_of(self.image_tower))
         return self._text_tower
+
+    def to(self, device) -> "EmojiEncoder":
+        """Both towers on a torch device (the text tower when it is first used, if not loaded yet)."""
+        self.image_tower.to(device)
+        if self._text_tower is not None:
+            self._text_tower.to(device)
+        return self
 
     def embed_text(self, texts: Sequence[str]) -> np.ndarray:
         return self.text_tower(texts)
@@ -257,7 +275,8 @@ class EmojiEncoder:
 
         def run(chunk):
             with torch.inference_mode(), few_threads(len(chunk)):
-                return self.image_tower(images_to_tensor(chunk, self.config.image_size)).float().numpy()
+                x = images_to_tensor(chunk, self.config.image_size).to(_device_of(self.image_tower))
+                return self.image_tower(x).float().cpu().numpy()
 
         return _batched(run, list(images), batch_size, self.dim)
 
@@ -324,6 +343,10 @@ class ClipEncoder:
         self.dim = int(model.config.projection_dim)
         self.name = name
 
+    def to(self, device) -> "ClipEncoder":
+        self.model.to(device)
+        return self
+
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> "ClipEncoder":
         from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
@@ -351,9 +374,11 @@ class ClipEncoder:
 
         def run(chunk):
             batch = self.tokenizer(chunk, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+            dev = _device_of(self.model)
             with torch.inference_mode():
-                out = self.model.get_text_features(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            return _features(out).float().numpy()
+                out = self.model.get_text_features(input_ids=batch["input_ids"].to(dev),
+                                                   attention_mask=batch["attention_mask"].to(dev))
+            return _features(out).float().cpu().numpy()
 
         return _batched(run, texts, batch_size, self.dim)
 
@@ -365,8 +390,8 @@ class ClipEncoder:
         def run(chunk):
             pixels = self.image_processor([to_rgb(im) for im in chunk], return_tensors="pt")["pixel_values"]
             with torch.inference_mode():
-                out = self.model.get_image_features(pixel_values=pixels)
-            return _features(out).float().numpy()
+                out = self.model.get_image_features(pixel_values=pixels.to(_device_of(self.model)))
+            return _features(out).float().cpu().numpy()
 
         return _batched(run, list(images), batch_size, self.dim)
 

@@ -1,0 +1,163 @@
+"""Generator training speed: tokens/s and MFU of the real training step, against the bf16 matmul rate measured here.
+
+    python benchmarks/training_speed.py [--dataset DIR] [--preset emoji-small] [--steps 8] [--variants ...]
+    python benchmarks/training_speed.py --device cuda --preset medium     # on a GPU: batch sizes, fused AdamW
+
+Each variant runs the real step (the recipe's sequences from the emoji documents, collation, bf16 autocast,
+forward, RA-CM3 loss, backward, clipping, AdamW) for a few steps after warm-up, in this one process, so the
+rows are ratios measured under the same machine load. MFU = model FLOP/s / the bf16 matrix-multiply rate of
+both cores measured in the same process (a large square matmul: the best this CPU does; on CUDA, the GPU's). Model FLOPs per
+token: 6 x parameters + 12 x layers x hidden x sequence length (attention; PaLM's appendix B), counted on
+real (non-padding) tokens. Prints a table and writes benchmarks/results/training_speed.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+VARIANTS = {
+    # name: (threads, batch size, fused AdamW, attention implementation)
+    "shipped: 1 thread, batch 24": (1, 24, False, "sdpa"),
+    "2 threads, batch 24": (2, 24, False, "sdpa"),
+    "2 threads, batch 48": (2, 48, False, "sdpa"),
+    "2 threads, batch 96": (2, 96, False, "sdpa"),
+    "2 threads, batch 48, fused AdamW": (2, 48, True, "sdpa"),
+    "2 threads, batch 48, eager attention": (2, 48, False, "eager"),
+}
+CUDA_VARIANTS = {  # threads do not matter there
+    "batch 24": (1, 24, False, "sdpa"),
+    "batch 64": (1, 64, False, "sdpa"),
+    "batch 128": (1, 128, False, "sdpa"),
+    "batch 128, fused AdamW": (1, 128, True, "sdpa"),
+}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_rate(dtype: torch.dtype, threads: int, device: torch.device, n: int = 2048, repeats: int = 8) -> float:
+    """GFLOP/s of an n x n matmul in dtype on `threads` threads (CPU) or on the GPU."""
+    torch.set_num_threads(threads)
+    if device.type == "cuda":
+        n, repeats = 8192, 20
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    a @ b
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    sync(device)
+    return 2 * n ** 3 * repeats / (time.perf_counter() - t) / 1e9
+
+
+def flops_per_token(model, seq_len: float) -> float:
+    cfg = model.config
+    params = sum(p.numel() for p in model.parameters())  # tied embeddings counted once: the LM head's matmul
+    return 6 * params + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_len
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from racm3.embedded import ensure_emoji_dataset
+    from racm3.generator.data import ExampleBank, Recipe, batch, tokenize_documents
+    from racm3.generator.loss import ra_cm3_loss
+    from racm3.generator.model import build_model, get_preset
+    from racm3.generator.train import _load_split_documents, load_tokenizers
+    from racm3.runtime import resolve_device, resolve_precision
+    from racm3.training import decay_groups
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dataset", type=Path, default=None, help="default: the embedded emoji set")
+    p.add_argument("--preset", default="emoji-small")
+    p.add_argument("--documents", type=int, default=1500, help="training documents tokenized for the sequences")
+    p.add_argument("--steps", type=int, default=8, help="timed steps per variant (after 2 warm-up steps)")
+    p.add_argument("--variants", nargs="*", default=None, help=f"subset of: {list(VARIANTS)}")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile of the best eager variant")
+    p.add_argument("--device", default="cpu", help="cpu (the default: the thread variants) or cuda[:N]")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/training_speed.json"))
+    args = p.parse_args(argv)
+
+    dataset = args.dataset or ensure_emoji_dataset(log=lambda m: None)
+    mt = load_tokenizers(None)
+    vocab, n_img = mt.vocab, mt.tokens_per_image
+    train_docs, _ = _load_split_documents(dataset)
+    docs = random.Random(0).sample(train_docs, min(args.documents, len(train_docs)))
+    gen_cfg = get_preset(args.preset)
+    bank = ExampleBank(tokenize_documents(docs, mt), max_len=gen_cfg.max_len)  # lessons and distractors, k <= 2
+    recipe = Recipe()
+    device = resolve_device(args.device)
+    variants = CUDA_VARIANTS if device.type == "cuda" else VARIANTS
+    peak = matmul_rate(torch.bfloat16, 2, device)
+    fp32_peak = matmul_rate(torch.float32, 2, device)
+    precision = resolve_precision("auto", device)
+
+    def run(name: str, threads: int, batch_size: int, fused: bool, attn: str, compiled: bool = False) -> dict:
+        torch.set_num_threads(threads)
+        torch.manual_seed(0)
+        model = build_model(gen_cfg, vocab, n_img).to(device)
+        model.config._attn_implementation = attn
+        model.train()
+        opt = torch.optim.AdamW(decay_groups(model, 0.1), lr=1e-3, betas=(0.9, 0.95), fused=fused or None)
+        step_fn = torch.compile(model) if compiled else model
+        rng = np.random.default_rng(0)
+        build_s, step_s, tokens, lengths = 0.0, 0.0, 0, []
+        for i in range(args.steps + 2):
+            t0 = time.perf_counter()
+            seqs = [bank.sample(bank.ids[j], vocab, recipe, rng) for j in rng.integers(0, len(bank), batch_size)]
+            b = {k: t.to(device) for k, t in batch(seqs, vocab, gen_cfg.image_base, n_img).items()}
+            sync(device)
+            t1 = time.perf_counter()
+            with precision.autocast():
+                logits = step_fn(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                                 position_ids=b["position_ids"]).logits
+            loss = ra_cm3_loss(logits, b["input_ids"], b["loss_weights"], b["main_mask"])["loss"]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sync(device)
+            t2 = time.perf_counter()
+            if i >= 2:  # warm-up steps (allocator, compilation) are not timed
+                build_s += t1 - t0
+                step_s += t2 - t1
+                tokens += sum(len(s) for s in seqs)
+                lengths += [len(s) for s in seqs]
+        seq_len = float(np.mean(lengths))
+        tps = tokens / (build_s + step_s)
+        achieved = tps * flops_per_token(model, seq_len) / 1e9
+        row = {"variant": name, "threads": threads, "batch": batch_size, "fused_adamw": fused, "attention": attn,
+               "compiled": compiled, "tokens_per_s": round(tps), "tokens_per_s_step_only": round(tokens / step_s),
+               "batch_build_share": round(build_s / (build_s + step_s), 3), "mean_seq_len": round(seq_len, 1),
+               "model_gflops": round(achieved, 1), "mfu": round(achieved / peak, 4)}
+        print(f"{name:44s} {row['tokens_per_s']:7d} tok/s  (step only {row['tokens_per_s_step_only']:7d})  "
+              f"build {row['batch_build_share']:.0%}  MFU {row['mfu']:.1%}", flush=True)
+        return row
+
+    chosen = args.variants or list(variants)
+    rows = [run(name, *variants[name]) for name in chosen]
+    if args.compile:
+        best = max(rows, key=lambda r: r["tokens_per_s"])
+        rows.append(run(best["variant"] + ", torch.compile", best["threads"], best["batch"], best["fused_adamw"],
+                        best["attention"], compiled=True))
+    model = build_model(gen_cfg, vocab, n_img)
+    result = {"preset": args.preset, "parameters": sum(p.numel() for p in model.parameters()), "device": str(device),
+              "bf16_matmul_gflops": round(peak, 1), "fp32_matmul_gflops": round(fp32_peak, 1),
+              "precision": precision.name, "steps_timed": args.steps, "rows": rows}
+    print(f"bf16 matmul {peak:.0f} GFLOP/s (fp32 {fp32_peak:.0f}) on {device} (2 threads on a CPU); "
+          f"{result['parameters']:,} parameters")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
