@@ -255,3 +255,25 @@ def test_presets_are_json_files_and_a_path_works_too(tmp_path):
         get_preset("huge")
     with pytest.raises(ValueError, match="missing.json: no such file"):
         get_preset(tmp_path / "missing.json")
+
+
+def test_training_batches_are_built_off_the_step_in_loader_workers(trained):
+    from racm3.generator.data import TrainingBatches, batch
+
+    _, _, mt, _ = trained
+    bank = ExampleBank(tokenize_documents([d for d in shape_documents() if d.split == "train"], mt), max_len=384)
+    stream = TrainingBatches(bank, mt.vocab, Recipe(), 6, 2048, mt.tokens_per_image, seed=3)
+
+    def take(workers: int, n: int = 4) -> list[dict]:
+        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers)
+        it = iter(loader)
+        return [next(it) for _ in range(n)]
+
+    inline, again, pooled = take(0), take(0), take(2)
+    for b in inline + pooled:
+        assert b["input_ids"].shape[0] == 6 and int(b["tokens"]) == int(b["attention_mask"].sum())
+        assert set(b) == set(batch([bank.sample(bank.ids[0], mt.vocab, Recipe(), np.random.default_rng(0))],
+                                   mt.vocab, 2048, mt.tokens_per_image)) | {"tokens"}
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(inline, again))  # one seed, one stream
+    # two workers interleave batches from two streams of their own
+    assert not torch.equal(pooled[0]["input_ids"], pooled[1]["input_ids"])
