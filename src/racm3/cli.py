@@ -426,10 +426,13 @@ def _load_model_and_memory(model_dir: Optional[Path], memory_dir: Optional[Path]
     check(model), when given, runs between the two: options that depend on the model are refused before
     the memory is opened or built.
     """
+    from transformers.utils import logging as hf_logging
+
     from racm3.embedded import ensure_emoji_memory
     from racm3.pipeline import RACM3
     from racm3.retrieval.memory import Memory
 
+    hf_logging.disable_progress_bar()  # main() sets the environment variable, read only if transformers loads later
     try:
         model = RACM3.from_pretrained(model_dir, generator=generator)
     except (FileNotFoundError, ValueError) as exc:  # ModelFolderError (a ValueError) names the broken file
