@@ -18,6 +18,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from racm3.evaluation.recall import neighbour_recall
 from racm3.retrieval.memory import INDEX_TYPES, _new_index
 
 DIM = 384
@@ -40,11 +41,6 @@ def synthetic(n: int, n_queries: int, seed: int = 0) -> tuple[np.ndarray, np.nda
         return x
 
     return draw(n), draw(n_queries)
-
-
-def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
-    """Mean share of the exact top-k found in the approximate top-k: found, truth (Q, k) ids."""
-    return float(np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found, truth)]))
 
 
 def timed_search(index, xq: np.ndarray, single: int) -> tuple[np.ndarray, float, float]:
@@ -72,8 +68,8 @@ def bench(kind: str, xb: np.ndarray, xq: np.ndarray, truth: np.ndarray, single: 
     exact = np.einsum("qd,qcd->qc", xq, xb[np.maximum(cands, 0)])  # (Q, RERANK)
     exact[cands < 0] = -np.inf
     reranked = np.take_along_axis(cands, np.argsort(-exact, axis=1)[:, :K], axis=1)
-    return {"index": kind, "n": len(xb), "recall@10": round(recall_at_k(found, truth), 4),
-            "recall@10_rerank32": round(recall_at_k(reranked, truth), 4),
+    return {"index": kind, "n": len(xb), "recall@10": round(neighbour_recall(found, truth), 4),
+            "recall@10_rerank32": round(neighbour_recall(reranked, truth), 4),
             "qps_batched": round(batched, 1), "qps_single": round(one, 1), "build_s": round(build, 2),
             "bytes": len(faiss.serialize_index(index))}
 
@@ -88,7 +84,7 @@ def ef_sweep(xb: np.ndarray, xq: np.ndarray, truth: np.ndarray, single: int, efs
     for ef in efs:
         faiss.downcast_index(index.index).hnsw.efSearch = ef
         found, batched, one = timed_search(index, xq, single)
-        rows.append({"index": "hnsw", "n": len(xb), "ef_search": ef, "recall@10": round(recall_at_k(found, truth), 4),
+        rows.append({"index": "hnsw", "n": len(xb), "ef_search": ef, "recall@10": round(neighbour_recall(found, truth), 4),
                      "qps_batched": round(batched, 1), "qps_single": round(one, 1), "build_s": round(build, 2)})
     return rows
 

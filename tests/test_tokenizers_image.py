@@ -119,3 +119,13 @@ def test_bf16_autocast_training_learns_as_well(tmp_path):
 def test_psnr_known_answer():
     a = torch.zeros(1, 3, 4, 4)
     assert psnr(a, a + 0.1).item() == pytest.approx(20.0, abs=1e-4)
+
+
+def test_rfid_is_the_projects_one_fid():
+    from racm3.evaluation.fid import fid
+    from racm3.tokenizers.image_train import reconstruction_fid
+
+    a, b = _shapes(4, seed=0), _shapes(4, seed=1)
+    assert reconstruction_fid(a, a) == pytest.approx(0.0, abs=1e-3)
+    pil = lambda x: [Image.fromarray(im) for im in x.permute(0, 2, 3, 1).numpy()]  # noqa: E731
+    assert reconstruction_fid(a, b) == pytest.approx(fid(pil(a), pil(b)), rel=1e-9) and reconstruction_fid(a, b) > 1

@@ -398,23 +398,15 @@ def train_image_tokenizer_cmd(
 
 @train_app.command("text-tokenizer")
 def train_text_tokenizer_cmd(
-    dataset_dir: Path = typer.Argument(..., help="Dataset folder (docs.jsonl + images/); train split captions are used."),
+    dataset_dir: Path = typer.Argument(..., help="Dataset (docs.jsonl folder, Parquet, shards, image folder); train split captions are used."),
     out_dir: Path = typer.Argument(..., help="Where tokenizer.json goes."),
     vocab_size: int = typer.Option(2048, help="BPE vocabulary size (256 bytes + merges)."),
 ) -> None:
     """Train the byte-level BPE text tokenizer on the train split's captions."""
-    from racm3.readers import read_jsonl_dataset
-    from racm3.tokenizers.text import TextTokenizer
+    from racm3.tokenizers.text import train_text_tokenizer
 
-    try:
-        texts = [t for d in read_jsonl_dataset(dataset_dir) if d.meta.get("split") == "train" for t in d.texts]
-        if not texts:
-            _fail(f"{dataset_dir}: no captions in the train split")
-        tok = TextTokenizer.train(texts, vocab_size=vocab_size)
-    except (FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
-    path = tok.save_pretrained(out_dir)
-    typer.echo(f"trained on {len(texts)} captions: {tok.vocab_size} tokens, saved {path}")
+    tok, captions = _train(train_text_tokenizer, dataset_dir, out_dir, vocab_size)
+    typer.echo(f"trained on {captions} captions: {tok.vocab_size} tokens, saved {Path(out_dir) / 'tokenizer.json'}")
 
 # --- generate ----------------------------------------------------------------------------------
 

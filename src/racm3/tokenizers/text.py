@@ -78,3 +78,18 @@ class TextTokenizer:
         except Exception as exc:  # tokenizers raises a bare Exception for a malformed file
             raise ModelFolderError(f"{file}: not a readable tokenizers JSON file ({one_line(exc)}); restore it from "
                                    "the model it came from or retrain it with `racm3 train text-tokenizer`") from None
+
+
+def train_text_tokenizer(dataset: str | os.PathLike, out_dir: str | os.PathLike,
+                         vocab_size: int = 2048) -> tuple[TextTokenizer, int]:
+    """Byte-level BPE on the captions of a dataset's train split (any format the readers take, racm3.splits);
+    saved as OUT_DIR/tokenizer.json. Returns the tokenizer and how many captions it learnt from."""
+    from racm3.readers import read_documents
+    from racm3.splits import in_split
+
+    texts = [t for d in in_split(read_documents(dataset), "train") for t in d.texts]
+    if not texts:
+        raise ValueError(f"{dataset}: no captions in the train split")
+    tok = TextTokenizer.train(texts, vocab_size=vocab_size)
+    tok.save_pretrained(out_dir)
+    return tok, len(texts)
