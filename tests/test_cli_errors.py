@@ -227,7 +227,7 @@ def test_generate_image_refuses_a_read_only_folder(no_model, tmp_path: Path) -> 
 
 def test_a_caption_too_long_for_the_context_is_refused_by_its_length(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
-    caption = "flag: France " * 400  # 5,200 characters, 2,001 tokens: over image_base's 2,048 positions with k=2
+    caption = "flag: France " * 400  # 5,200 characters, 2,001 tokens: far over the 384-token context
     line = one_line_error(run(["generate", "image", caption, "--memory", str(tmp_path / "nomemory"), "-k", "2"]),
                           "the caption is 2001 tokens long (5200 characters)", "shorten the caption")
     assert "image_base" not in line and "nomemory" not in line  # refused before the memory was opened
@@ -236,12 +236,12 @@ def test_a_caption_too_long_for_the_context_is_refused_by_its_length(tmp_path: P
 
 def test_a_k_over_the_context_is_refused(tmp_path: Path) -> None:
     line = one_line_error(run(["generate", "image", "flag: France", "--memory", str(tmp_path / "nomemory"),
-                               "-k", "40"]), "-k 40 is more documents than the generator's context holds")
+                               "-k", "40"]), "k=40 is more documents than the generator's 384-token context holds")
     assert "nomemory" not in line
     image = tmp_path / "i.png"
     Image.new("RGB", (8, 8), (200, 0, 0)).save(image)
     one_line_error(run(["generate", "text", str(image), "--memory", str(tmp_path / "nomemory"), "-k", "40"]),
-                   "-k 40 is more documents")
+                   "k=40 is more documents")
 
 
 # ---------------------------------------------------------------------------------------------

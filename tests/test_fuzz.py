@@ -246,12 +246,16 @@ def test_fuzz_read_webdataset(data: bytes) -> None:
 
 @pytest.fixture(scope="module")
 def fake_model():
-    """What the model-dependent checks read (image_base, tokens per image, the real text tokenizer)."""
+    """What the model-dependent checks read (the context length, tokens per image, the real text tokenizer),
+    with RACM3's own check_request."""
+    from racm3.pipeline import RACM3
     from racm3.pretrained import shipped_model_dir
     from racm3.tokenizers.text import TextTokenizer
 
     text = TextTokenizer.from_pretrained(shipped_model_dir() / "text_tokenizer")
-    return SimpleNamespace(image_base=2048, tokenizer=SimpleNamespace(tokens_per_image=64, text=text))
+    model = SimpleNamespace(max_len=384, tokenizer=SimpleNamespace(tokens_per_image=64, text=text))
+    model.check_request = lambda k, caption=None: RACM3.check_request(model, k, caption)
+    return model
 
 
 def _stand_in(model):
@@ -313,7 +317,7 @@ def check_cli(args: list[str], values_ok: bool, expect_written: Path | None) -> 
     else:
         assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error: "), (args, out)
         if values_ok:  # option values in range: only the caption, the image, -k's fit or --out can be refused
-            assert any(p in lines[0] for p in ("caption", "-k ", "--out", "image", "not a readable")), lines
+            assert any(p in lines[0] for p in ("caption", "k=", "--out", "image", "not a readable")), lines
     if expect_written is not None:
         assert not expect_written.exists()  # nothing written, whatever happened
 

@@ -283,7 +283,7 @@ def train_encoder_cmd(
     epochs: int = typer.Option(24, help="Passes over the train split."),
     batch_size: int = typer.Option(128, help="Images per step."),
     seed: int = typer.Option(0, help="Random seed (initialisation, order, augmentation)."),
-    threads: int = typer.Option(1, help="torch CPU threads."),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's, all cores)."),
     split: str = typer.Option("train", help="train (a retriever), or all: an evaluation judge that knows every "
                                             "concept (racm3 eval knowledge --judge-encoder); never retrieve with it."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
@@ -377,7 +377,7 @@ def train_image_tokenizer_cmd(
     batch_size: int = typer.Option(32, help="Images per step."),
     lr: float = typer.Option(1e-3, help="Peak learning rate (warm-up, then cosine decay)."),
     seed: int = typer.Option(0, help="Random seed (initialisation and batches)."),
-    threads: int = typer.Option(1, help="torch CPU threads."),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's, all cores)."),
     resume: bool = typer.Option(False, "--resume", help=RESUME_HELP),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     precision: str = typer.Option("auto", help=PRECISION_HELP + " The encoder and decoder only: the quantizer "
@@ -464,10 +464,6 @@ MAX_SAMPLES = 64  # each sample is a full decode; 64 x 64 codes fit in memory an
 MAX_GUIDANCE = 100.0  # far above useful scales (1-5); larger ones overflow the guided log-probabilities
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0  # besides 0 (greedy): outside, the scaled logits overflow
 MAX_SEED = 2**63 - 1
-# Context budget: a retrieved document takes <doc> <img> codes </img> </doc> plus its caption, for which
-# this many tokens are kept (the emoji captions take 2-15); generated captions may take MAX_NEW_TEXT.
-DOC_TEXT_RESERVE = 32
-MAX_NEW_TEXT = 32
 
 
 def check_generate_options(*, samples: int, temperature: float, k: int, seed: int, guidance: float | None = None,
@@ -501,22 +497,11 @@ def check_generate_options(*, samples: int, temperature: float, k: int, seed: in
 
 
 def check_context(model, k: int, caption: str | None = None) -> None:
-    """Refuse a -k or a caption the generator's context cannot hold (image_base text positions).
-
-    Generating an image, the context holds <bos>, k documents, the caption, <img> and the image's codes;
-    captioning, <bos>, k documents, the image and up to MAX_NEW_TEXT new tokens.
-    """
-    base, n = int(model.image_base), int(model.tokenizer.tokens_per_image)
-    per_doc = n + 4 + DOC_TEXT_RESERVE
-    main = 1 + (1 + n if caption is not None else n + 2 + MAX_NEW_TEXT)
-    k_max = max(0, (base - main - (1 if caption is not None else 0)) // per_doc)
-    if k > k_max:
-        _fail(f"-k {k} is more documents than the generator's context holds (at most {k_max}); use a smaller -k")
-    if caption is not None:
-        tokens, room = len(model.tokenizer.text.encode(caption)), base - main - k * per_doc
-        if tokens > room:
-            _fail(f"the caption is {tokens} tokens long ({len(caption)} characters); with -k {k} the generator's "
-                  f"context leaves room for {room}: shorten the caption")
+    """Refuse a -k or a caption the generator's context cannot hold (RACM3.check_request), before any retrieval."""
+    try:
+        model.check_request(k, caption)
+    except ValueError as exc:
+        _fail(str(exc))
 
 
 def output_path(caption: str, out: Optional[Path]) -> tuple[Path, bool]:

@@ -105,6 +105,27 @@ class RACM3:
             return []
         return self.retrieve(query, memory, k)
 
+    def check_request(self, k: int, caption: str | None = None, max_new_tokens: int = 32) -> None:
+        """Refuse, before any retrieval, a k or a caption the generator's context cannot hold (one-line ValueError).
+
+        With a caption: caption -> image (the caption, <img> and N codes); without: image -> caption (the image
+        and up to max_new_tokens). k is refused past the documents that could ever fit beside that query (each
+        at least <doc> <img> N codes </img> </doc>); below it, the length rule drops what does not fit.
+        """
+        n = self.tokenizer.tokens_per_image
+        if caption is not None:
+            tokens = len(self.tokenizer.text.encode(caption))
+            room = self.max_len - 2 - (tokens + 1) - (n + 1)  # <bos>, <eos>; caption <img>; N codes </img>
+            if room < 0:
+                raise ValueError(f"the caption is {tokens} tokens long ({len(caption)} characters); the generator's "
+                                 f"{self.max_len}-token context leaves room for {tokens + room}: shorten the caption")
+        else:
+            room = self.max_len - 2 - (n + 2) - max_new_tokens
+        k_max = max(0, room // (n + 4))
+        if k > k_max:
+            raise ValueError(f"k={k} is more documents than the generator's {self.max_len}-token context holds "
+                             f"(at most {k_max} beside this query); use a smaller k")
+
     def _prompts(self, sources: list[Hit], text_first: bool, query: list[int], generate: int,
                  uncond_query: list[int] | None = None) -> tuple[Prompt, Prompt | None, list[Hit]]:
         """The prompt (and guidance's unconditional prompt) for a query and its sources, in the training format;

@@ -32,5 +32,6 @@ def decay_groups(module: torch.nn.Module, weight_decay: float,
 
 
 def adamw(groups: list[dict], lr: float, betas: tuple[float, float], device: torch.device) -> torch.optim.AdamW:
-    """AdamW for every trainer; the fused kernel on CUDA (one launch for all parameters), foreach on a CPU."""
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device.type == "cuda" or None)
+    """AdamW for every trainer, with the fused kernel: one pass over all parameters, on CUDA and on CPUs alike
+    (the generator's training step was 5-13% faster with it on this CPU: benchmarks/training_speed.py)."""
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)

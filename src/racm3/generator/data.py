@@ -2,7 +2,7 @@
 
 The paper (Sec. 3.3) retrieves with the training document's text or image part, drops 20% of the query,
 skips near-duplicates (score > 0.9) and trains on [retrieved][main] with the CM3 objective. At our scale a
-generator trained only that way memorizes its training set and ignores its context (DESIGN.md, "Teaching the
+generator trained only that way memorizes its training set and ignores its context (docs/design.md, "Teaching a small
 generator to use its memory"), so the context also holds *lessons*: the document itself (learn to copy), a
 same-concept sibling in the same style (a skin-tone variant: copy and adapt), the other style's drawing of
 the concept (transfer), and distractors (another concept's drawing: learn to check the caption first).

@@ -113,7 +113,7 @@ def save_generator(model: LlamaForCausalLM, out_dir: str | Path, dtype: torch.dt
 
 
 def load_generator(path: str | Path) -> LlamaForCausalLM:
-    """Load a generator folder; float32 for decoding (bf16 cached and uncached decoding disagree, DESIGN.md).
+    """Load a generator folder; float32 for decoding (bf16 cached and uncached decoding disagree, docs/design.md).
 
     A missing, truncated or foreign file raises ModelFolderError naming it; weights of another shape than
     config.json builds are refused before transformers would re-initialise them.

@@ -108,7 +108,7 @@ def retrieval_candidates(train_docs: list[Document], memory_dir: Path, encoder_p
 
 
 # ---------------------------------------------------------------------------------------------
-# The context benefit: does the model read its context? (DESIGN.md)
+# The context benefit: does the model read its context? (docs/design.md)
 # ---------------------------------------------------------------------------------------------
 
 

@@ -39,7 +39,7 @@ class TrainEncoderConfig:
     max_shift: float = 0.08  # random translation, fraction of the side (about 5 px at 64)
     scale_range: tuple[float, float] = (0.9, 1.1)  # random zoom; no flips or colour jitter: both change meaning
     seed: int = 0
-    threads: int = 1
+    threads: int | None = None  # torch CPU threads; None: torch's choice (all cores)
     device: str = "auto"
     precision: str = "auto"  # the shipped tower was trained in fp32 (scripts/train_emoji_small.sh says so)
     # "train" for the retriever. "all" (both splits) only for an evaluation judge: a tower that has seen every
@@ -138,7 +138,8 @@ def train_encoder(dataset: str | os.PathLike | Sequence[Document], out_dir: str 
     if state is not None and state["config"] != asdict(cfg):
         raise ValueError(f"{ckpt} was written with another training config; resume with the same options, "
                          "or choose another OUT_DIR")
-    torch.set_num_threads(cfg.threads)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     from racm3.splits import in_split
 
     docs = read_dataset(dataset) if isinstance(dataset, (str, os.PathLike)) else list(dataset)

@@ -63,7 +63,7 @@ class ImageTrainConfig:
     seed: int = 0
     checkpoint_every: int = 200
     log_every: int = 50
-    threads: int = 1
+    threads: int | None = None  # torch CPU threads; None: torch's choice (all cores)
     device: str = "auto"
     # auto: bf16 autocast for the encoder and decoder where supported (the quantizer stays float32); the shipped
     # VQ was trained in fp32, so its reproduction passes precision="fp32"
@@ -101,7 +101,8 @@ def train_image_tokenizer(dataset_dir: str | os.PathLike, out_dir: str | os.Path
     device, precision = dist.device, resolve_precision(cfg.precision, dist.device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(cfg.threads)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     model_cfg = ImageTokenizerConfig.from_preset(preset)
     ckpt_path = out / CHECKPOINT_FILE
     state = load_checkpoint(ckpt_path, device) if check_resume(ckpt_path, resume) else None

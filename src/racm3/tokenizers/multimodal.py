@@ -35,7 +35,7 @@ class MultimodalTokenizer:
 
     @classmethod
     def from_pretrained(cls, model_dir: str | os.PathLike) -> "MultimodalTokenizer":
-        """Load MODEL_DIR/text_tokenizer/ and MODEL_DIR/image_tokenizer/ (DESIGN.md's model folder layout)."""
+        """Load MODEL_DIR/text_tokenizer/ and MODEL_DIR/image_tokenizer/ (docs/design.md, Artifacts)."""
         from racm3.tokenizers.image import ImageTokenizer
 
         d = Path(model_dir)

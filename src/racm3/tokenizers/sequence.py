@@ -328,7 +328,7 @@ def cm3_unmask(ids: Seq[int] | torch.Tensor, vocab: Vocab) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Image-aligned positions (DESIGN.md, "Teaching the generator to use its memory")
+# Image-aligned positions (docs/design.md, "The one sequence format")
 # ---------------------------------------------------------------------------------------------
 
 
