@@ -260,7 +260,7 @@ def fake_model():
 
 def _stand_in(model):
     """A _load_model_and_memory that runs the model-dependent checks on model, then stops (exit 0)."""
-    def load(model_dir, memory_dir, k, generator="generator", check=None):
+    def load(model_dir, memory_dir, k, generator="generator", check=None, device="auto"):
         if check is not None:
             check(model)
         raise typer.Exit(0)

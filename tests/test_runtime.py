@@ -228,3 +228,22 @@ def test_pickles_planted_in_run_folders_are_never_loaded(tmp_path):
         train_image_tokenizer(None, tmp_path / "vq", "tiny", ImageTrainConfig(steps=2, batch_size=4), resume=True,
                               images=images, progress=False)
     assert not marker.exists()
+
+
+@pytest.mark.skipif(not NO_CUDA, reason="checks the message on a machine without CUDA")
+@pytest.mark.parametrize("command", [
+    ["generate", "image", "flag: France", "-k", "0", "--device", "cuda"],
+    ["train", "generator", "data", "memory", "out", "--device", "cuda"],
+    ["train", "encoder", "data", "out", "--device", "cuda:3"],
+    ["train", "image-tokenizer", "data", "out", "--device", "cuda"],
+])
+def test_cli_device_cuda_without_one_is_one_line_and_writes_nothing(tmp_path, monkeypatch, command):
+    from typer.testing import CliRunner
+
+    from racm3.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, command)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 1 and len(lines) == 1 and "no CUDA device" in lines[0], result.output
+    assert list(tmp_path.iterdir()) == []

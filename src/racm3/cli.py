@@ -326,6 +326,8 @@ def train_generator_cmd(
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's choice)."),
     resume: bool = typer.Option(False, "--resume", help=RESUME_HELP),
     snapshot_every: int = typer.Option(0, help="Keep a generator folder OUT_DIR/step-N every N steps (0 = off)."),
+    loader_workers: Optional[int] = typer.Option(None, help="Processes building training batches (default: 2 on "
+                                                 "CUDA, 0 = in the training process on a CPU)."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     precision: str = typer.Option("auto", help=PRECISION_HELP),
 ) -> None:
@@ -340,7 +342,7 @@ def train_generator_cmd(
         cfg = TrainConfig(dataset=dataset_dir, memory=memory_dir if k else None, out=out_dir, tokenizers=tokenizers, encoder=encoder,
                           preset=preset, steps=steps, batch_size=batch_size, lr=lr, seed=seed, threads=threads,
                           resume=resume, snapshot_every=snapshot_every, recipe=recipe, device=device,
-                          precision=precision)
+                          precision=precision, loader_workers=loader_workers)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     last = _train(train, cfg)
@@ -412,7 +414,7 @@ def train_text_tokenizer_cmd(
 
 
 def _load_model_and_memory(model_dir: Optional[Path], memory_dir: Optional[Path], k: int, generator: str = "generator",
-                           check=None):
+                           check=None, device: str = "auto"):
     """The model (shipped by default) and the memory (the emoji memory, built on first use, by default).
 
     check(model), when given, runs between the two: options that depend on the model are refused before
@@ -426,8 +428,8 @@ def _load_model_and_memory(model_dir: Optional[Path], memory_dir: Optional[Path]
 
     hf_logging.disable_progress_bar()  # main() sets the environment variable, read only if transformers loads later
     try:
-        model = RACM3.from_pretrained(model_dir, generator=generator)
-    except (FileNotFoundError, ValueError) as exc:  # ModelFolderError (a ValueError) names the broken file
+        model = RACM3.from_pretrained(model_dir, generator=generator, device=device)
+    except (FileNotFoundError, ValueError) as exc:  # ModelFolderError and DeviceError (ValueErrors) say what to fix
         _fail(str(exc))
     if check is not None:
         check(model)
@@ -585,6 +587,7 @@ def generate_image_cmd(
     out: Optional[Path] = typer.Option(None, help="Image to write (replaced if present); default "
                                        "racm3-output/CAPTION.png, never replacing a file (CAPTION-2.png...)."),
     as_json: bool = typer.Option(False, "--json", help="Print {image, sources, seconds} as JSON."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
     """Caption -> retrieve -> image: draw a caption, grounded in the documents retrieved for it."""
     import json
@@ -592,7 +595,7 @@ def generate_image_cmd(
     check_generate_options(samples=samples, temperature=temperature, k=k, seed=seed, guidance=guidance, top_p=top_p,
                            caption=caption)
     path, replace = output_path(caption, out)
-    m, mem = _load_model_and_memory(model, memory, k, check=lambda m_: check_context(m_, k, caption))
+    m, mem = _load_model_and_memory(model, memory, k, check=lambda m_: check_context(m_, k, caption), device=device)
     from racm3.retrieval.memory import MemoryFolderError
 
     try:
@@ -624,6 +627,7 @@ def generate_text_cmd(
     temperature: float = typer.Option(0.7, help="Sampling temperature (0 = greedy)."),
     seed: int = typer.Option(0, help="Random seed."),
     as_json: bool = typer.Option(False, "--json", help="Print {text, sources, seconds} as JSON."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
     """Image -> retrieve -> caption: name what an image shows, grounded in the documents retrieved for it."""
     import json
@@ -637,7 +641,7 @@ def generate_text_cmd(
         _fail(str(exc))
     from racm3.retrieval.memory import MemoryFolderError
 
-    m, mem = _load_model_and_memory(model, memory, k, check=lambda m_: check_context(m_, k))
+    m, mem = _load_model_and_memory(model, memory, k, check=lambda m_: check_context(m_, k), device=device)
     try:
         result = m.generate_text(image, memory=mem, k=k, num_samples=samples, temperature=temperature, seed=seed)
     except (ValueError, MemoryFolderError) as exc:

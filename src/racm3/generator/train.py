@@ -61,6 +61,8 @@ class TrainConfig:
         if self.steps < 1 or self.batch_size < 1 or self.lr <= 0 or self.warmup < 0:
             raise ValueError(f"steps, batch_size and lr must be positive and warmup >= 0: {self.steps}, "
                              f"{self.batch_size}, {self.lr}, {self.warmup}")
+        if self.loader_workers is not None and self.loader_workers < 0:
+            raise ValueError(f"loader_workers must be >= 0, got {self.loader_workers}")
         if self.save_dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"save_dtype must be float32, bfloat16 or float16, got {self.save_dtype!r}")
         get_preset(self.preset)  # an unknown preset fails here, not after the precomputation
