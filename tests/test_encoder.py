@@ -110,7 +110,7 @@ def test_tiny_lit_training_beats_chance_and_resumes_only_when_asked(tmp_path, te
     again = train_encoder(docs, tmp_path, cfg, text_tower=text_tower, progress=False, log=lambda m: None, resume=True)
     assert again.name == enc.name
     with pytest.raises(ValueError, match="another training config"):
-        train_encoder(docs, tmp_path, TrainEncoderConfig(epochs=41, batch_size=16, tower=TINY, precision=precision),
+        train_encoder(docs, tmp_path, TrainEncoderConfig(epochs=40, batch_size=8, tower=TINY, precision=precision),
                       text_tower=text_tower, progress=False, log=lambda m: None, resume=True)
 
 

@@ -483,3 +483,14 @@ def test_memory_cli_search_with_a_10kb_id_and_no_leaked_folders(cli, tmp_path, m
     assert sorted(os.listdir(saved)) == sorted(os.path.basename(h["image"]) for h in hits)
     long_hit = next(h for h in hits if h["id"] == long_id)
     np.testing.assert_array_equal(np.asarray(Image.open(long_hit["image"])), np.asarray(doc.image))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--text", ""], "--text is empty"), (["--text", "   "], "--text is empty"),
+    (["--text", "pizza", "-k", "0"], "-k must be between 1 and 1000"),
+    (["--text", "pizza", "-k", "-1"], "-k must be between 1 and 1000"),
+    (["--text", "pizza", "-k", "1001"], "-k must be between 1 and 1000"),
+])
+def test_memory_search_refuses_an_empty_query_or_a_k_out_of_range(cli, args, message):
+    run, enc_dir, _, built = cli
+    one_line_error(run("memory", "search", built, *args, "--encoder", enc_dir), message)

@@ -247,3 +247,68 @@ def test_cli_device_cuda_without_one_is_one_line_and_writes_nothing(tmp_path, mo
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert result.exit_code == 1 and len(lines) == 1 and "no CUDA device" in lines[0], result.output
     assert list(tmp_path.iterdir()) == []
+
+
+_TRAINERS = {
+    "generator": """
+from pathlib import Path
+from racm3.generator.train import TrainConfig, train
+train(TrainConfig(dataset=Path(ROOT) / "data", out=Path(ROOT) / "run", tokenizers=Path(ROOT) / "tok", preset="tiny",
+                  steps=STEPS, batch_size=4, eval_docs=2, eval_every=10**6, save_every=1, log_every=1, progress=False,
+                  threads=1, resume=RESUME))
+""",
+    "encoder": """
+import sys; sys.path.insert(0, TESTS)
+from pathlib import Path
+from test_encoder import TINY, shape_docs
+from racm3.retrieval.train_encoder import TrainEncoderConfig, train_encoder
+train_encoder(shape_docs(), Path(ROOT) / "run", TrainEncoderConfig(epochs=STEPS, batch_size=4, tower=TINY, threads=1),
+              progress=False, log=lambda m: None, resume=RESUME)
+""",
+    "image-tokenizer": """
+import torch
+from pathlib import Path
+from racm3.tokenizers.image_train import ImageTrainConfig, train_image_tokenizer
+images = torch.Generator().manual_seed(0)
+images = torch.randint(0, 256, (16, 3, 16, 16), dtype=torch.uint8, generator=images)
+train_image_tokenizer(None, Path(ROOT) / "run", "tiny", ImageTrainConfig(steps=STEPS, batch_size=4, checkpoint_every=1,
+                      log_every=1, threads=1), resume=RESUME, images=images, progress=False)
+""",
+}
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="SIGKILL timing test")
+@pytest.mark.parametrize("trainer", list(_TRAINERS))
+def test_a_trainer_killed_while_it_checkpoints_every_step_resumes(tmp_path, trainer):
+    """SIGKILL at a random moment of a run that saves at every step (so mid-save, often); --resume then finishes."""
+    from pathlib import Path
+
+    from generator_fixtures import write_shape_dataset, write_tiny_tokenizers
+
+    if trainer == "generator":
+        write_shape_dataset(tmp_path / "data")
+        write_tiny_tokenizers(tmp_path / "tok")
+    tests = str(Path(__file__).parent)
+
+    def script(steps: int, resume: bool) -> str:
+        return (f"ROOT, TESTS, STEPS, RESUME = {str(tmp_path)!r}, {tests!r}, {steps}, {resume}\n"
+                + _TRAINERS[trainer])
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", script(10**6, False)], env=env, stderr=subprocess.PIPE)
+    ckpt = tmp_path / "run" / "checkpoint.safetensors"
+    deadline = time.time() + 120
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert ckpt.exists(), proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "no checkpoint in 120 s"
+    time.sleep(float(np.random.default_rng().uniform(0.2, 1.0)))  # a few more saves, one maybe half-written
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = load_checkpoint(ckpt)  # the last whole checkpoint
+    reached = done["epoch"] if trainer == "encoder" else done["step"]
+    run = subprocess.run([sys.executable, "-c", script(reached + 2, True)], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    after = load_checkpoint(ckpt)
+    assert (after["epoch"] if trainer == "encoder" else after["step"]) == reached + 2
+    assert (tmp_path / "run" / "model.safetensors").exists() and (tmp_path / "run" / "config.json").exists()

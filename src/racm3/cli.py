@@ -36,9 +36,18 @@ def main(version: bool = typer.Option(False, "--version", callback=_version, is_
     """RA-CM3: retrieval-augmented multimodal generation."""
     import os
 
-    # transformers draws a progress bar for every small checkpoint it loads or saves: noise on a command line.
+    import sys
+
+    # transformers draws a progress bar for every small checkpoint it loads or saves: noise on a command line
+    # (and a second line in a one-line error). The variables reach a transformers imported later; one already
+    # imported (a test process, a notebook) is told directly.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
 
 
 # --- data --------------------------------------------------------------------------------------
@@ -200,12 +209,15 @@ def memory_info(
     typer.echo(json.dumps(info) if as_json else "\n".join(f"{k}: {v}" for k, v in info.items()))
 
 
+MAX_SEARCH_K = 1000  # each hit is decoded and its image written: more is a dump of the memory, not a search
+
+
 @memory_app.command("search")
 def memory_search(
     memory_dir: Path = typer.Argument(..., help="A memory folder."),
     text: Optional[str] = typer.Option(None, "--text", help="Query text."),
     image: Optional[Path] = typer.Option(None, "--image", help="Query image file."),
-    k: int = typer.Option(2, "-k", help="How many documents."),
+    k: int = typer.Option(2, "-k", help=f"How many documents (1-{MAX_SEARCH_K})."),
     encoder: Optional[Path] = typer.Option(None, "--encoder", help="The encoder that built the memory; default: shipped."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list of {id, score, text, image}."),
     save_images: Optional[Path] = typer.Option(
@@ -224,6 +236,10 @@ def memory_search(
 
     if (text is None) == (image is None):
         _fail("give exactly one of --text TEXT or --image PATH")
+    if text is not None and not text.strip():
+        _fail("--text is empty; give the words to search for, e.g. --text 'flag: France'")
+    if not 1 <= k <= MAX_SEARCH_K:
+        _fail(f"-k must be between 1 and {MAX_SEARCH_K}, got {k}")
     try:
         mem = Memory.open(memory_dir)
         enc = load_encoder(encoder)
@@ -336,9 +352,9 @@ def train_generator_cmd(
     from racm3.generator.train import TrainConfig, train
 
     try:
-        recipe = Recipe(k=k, alpha=alpha, copy_rate=copy_rate if k else 0.0, sibling_rate=sibling_rate if k else 0.0,
-                        cross_style_rate=cross_style_rate if k else 0.0, distractor_rate=distractor_rate,
-                        mask_rate=mask_rate, relabel_rate=relabel_rate if k else 0.0)
+        recipe = Recipe(k=k, alpha=alpha, copy_rate=copy_rate, sibling_rate=sibling_rate,
+                        cross_style_rate=cross_style_rate, distractor_rate=distractor_rate, mask_rate=mask_rate,
+                        relabel_rate=relabel_rate)
         cfg = TrainConfig(dataset=dataset_dir, memory=memory_dir if k else None, out=out_dir, tokenizers=tokenizers, encoder=encoder,
                           preset=preset, steps=steps, batch_size=batch_size, lr=lr, seed=seed, threads=threads,
                           resume=resume, snapshot_every=snapshot_every, recipe=recipe, device=device,
@@ -420,13 +436,10 @@ def _load_model_and_memory(model_dir: Optional[Path], memory_dir: Optional[Path]
     check(model), when given, runs between the two: options that depend on the model are refused before
     the memory is opened or built.
     """
-    from transformers.utils import logging as hf_logging
-
     from racm3.embedded import ensure_emoji_memory
     from racm3.pipeline import RACM3
     from racm3.retrieval.memory import Memory
 
-    hf_logging.disable_progress_bar()  # main() sets the environment variable, read only if transformers loads later
     try:
         model = RACM3.from_pretrained(model_dir, generator=generator, device=device)
     except (FileNotFoundError, ValueError) as exc:  # ModelFolderError and DeviceError (ValueErrors) say what to fix
@@ -669,26 +682,13 @@ def eval_retrieval(
     """Recall@1/5/10 text->image and image->text: through the memory, and cross-modal within the split."""
     import json
 
-    from racm3.retrieval import EncoderError, EncoderMismatch, Memory, MemoryFolderError, load_encoder
-    from racm3.retrieval.evaluate import cross_modal_recall, cross_style_recall, memory_recall, text_query_latency
-    from racm3.retrieval.train_encoder import read_dataset
+    from racm3.retrieval import EncoderError, MemoryFolderError
+    from racm3.retrieval.evaluate import evaluate_retrieval
 
     try:
-        mem = Memory.open(memory_dir)
-        enc = load_encoder(encoder)
-        mem.require_encoder(enc.name)
-    except (EncoderError, EncoderMismatch, MemoryFolderError) as exc:
+        result = evaluate_retrieval(memory_dir, dataset_dir, split, encoder)
+    except (EncoderError, MemoryFolderError, ValueError) as exc:
         _fail(str(exc))
-    docs = read_dataset(dataset_dir, None if split in (None, "all") else split)
-    if not docs:
-        _fail(f"{dataset_dir}: no documents in split {split!r}")
-    result = {
-        "split": split, "queries": len(docs), "memory": mem.info(),
-        "through_memory": memory_recall(mem, enc, docs),
-        "cross_modal": cross_modal_recall(enc, docs),
-        "cross_style": cross_style_recall(mem, enc, docs, k=5),
-        "text_query_ms_median": round(text_query_latency(mem, enc, [d.text for d in docs[:100] if d.text]), 2),
-    }
     if as_json:
         typer.echo(json.dumps(result, indent=2))
     else:

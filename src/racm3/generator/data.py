@@ -22,7 +22,10 @@ from racm3.tokenizers.vocab import Vocab
 
 @dataclass(frozen=True)
 class Recipe:
-    """How training contexts are drawn; shares are per training sequence and are checked to sum to <= 1."""
+    """How training contexts are drawn; shares are per training sequence and are checked to sum to <= 1.
+
+    With k = 0 (the no-retrieval baseline) every context is empty, so the lesson shares have no effect.
+    """
 
     k: int = 2  # at most k documents in context (the paper's K)
     alpha: float = 0.1  # loss weight of retrieved tokens (L = L_main + alpha * L_retrieved)

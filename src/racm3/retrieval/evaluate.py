@@ -122,3 +122,24 @@ def text_query_latency(memory: Memory, encoder: Encoder, texts: Sequence[str], k
         memory.search(encoder.embed_text([t]), k)
         times.append((time.perf_counter() - t0) * 1000)
     return float(np.median(times))
+
+
+def evaluate_retrieval(memory_dir, dataset, split: str | None = "heldout", encoder_dir=None) -> dict:
+    """`racm3 eval retrieval`: recall through the memory, cross-modal recall within the split, the other style's
+    drawing in the top 5, and one text query's latency, for the documents of one split (None or "all": every one)."""
+    from racm3.retrieval.encoder import load_encoder
+    from racm3.retrieval.train_encoder import read_dataset
+
+    mem = Memory.open(memory_dir)
+    enc = load_encoder(encoder_dir)
+    mem.require_encoder(enc.name)
+    docs = read_dataset(dataset, split)
+    if not docs:
+        raise ValueError(f"{dataset}: no documents in split {split!r}")
+    return {
+        "split": split, "queries": len(docs), "memory": mem.info(),
+        "through_memory": memory_recall(mem, enc, docs),
+        "cross_modal": cross_modal_recall(enc, docs),
+        "cross_style": cross_style_recall(mem, enc, docs, k=5),
+        "text_query_ms_median": round(text_query_latency(mem, enc, [d.text for d in docs[:100] if d.text]), 2),
+    }

@@ -121,8 +121,9 @@ def train_encoder(dataset: str | os.PathLike | Sequence[Document], out_dir: str 
     """Train on the dataset's train split (split == "train"; all documents when none carries a split, or with
     config.split == "all").
 
-    Checkpoints every epoch to out_dir/checkpoint.safetensors; resume=True continues from it (a checkpoint of
-    another config is refused); writes the final tower with save_pretrained(out_dir). Returns the trained encoder.
+    Checkpoints every epoch to out_dir/checkpoint.safetensors; resume=True continues from it, up to config.epochs
+    (a checkpoint of another recipe is refused); writes the final tower with save_pretrained(out_dir). Returns the
+    trained encoder.
     """
     import torch
     import torch.nn.functional as F
@@ -135,9 +136,12 @@ def train_encoder(dataset: str | os.PathLike | Sequence[Document], out_dir: str 
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / CHECKPOINT_FILE
     state = load_checkpoint(ckpt) if check_resume(ckpt, resume) else None
-    if state is not None and state["config"] != asdict(cfg):
-        raise ValueError(f"{ckpt} was written with another training config; resume with the same options, "
-                         "or choose another OUT_DIR")
+    # A resumed run may train longer or elsewhere (as the other trainers may), not on other data or another recipe.
+    free = ("epochs", "threads", "device")
+    if state is not None and {k: v for k, v in state["config"].items() if k not in free} != \
+            {k: v for k, v in asdict(cfg).items() if k not in free}:
+        raise ValueError(f"{ckpt} was written with another training config; resume with the same options "
+                         f"(only {', '.join(free)} may change), or choose another OUT_DIR")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     from racm3.splits import in_split
