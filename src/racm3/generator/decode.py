@@ -98,14 +98,14 @@ class Streams:
         T = max(len(p) for p in prompts)
         B = len(prompts)
         total = T + max_new
-        ids = torch.full((B, total), vocab.pad_id, dtype=torch.long)
-        self.mask = torch.ones((B, total), dtype=torch.long)  # positions after the prompt are filled as decoded
+        ids = torch.full((B, total), vocab.pad_id, dtype=torch.long)  # [B, prompt + new], prompts left-padded
+        mask = torch.ones((B, total), dtype=torch.long)  # a view [:, :length] is passed: new tokens count as filled
         pos = torch.zeros((B, total), dtype=torch.long)
         for b, p in enumerate(prompts):
             ids[b, T - len(p):T] = torch.tensor(p)
-            self.mask[b, :T - len(p)] = 0
+            mask[b, :T - len(p)] = 0
             pos[b, T - len(p):T] = position_ids(p, vocab, image_base, tokens_per_image)
-        self.ids, self.mask, self.pos = ids.to(device), self.mask.to(device), pos.to(device)
+        self.ids, self.mask, self.pos = ids.to(device), mask.to(device), pos.to(device)
         # a text token's position is its plain index: the next one of each row sits right after its prompt
         self.next_text = torch.tensor([len(p) for p in prompts], device=device)
         self.length, self.capacity = T, total
