@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Optional
 
@@ -87,6 +88,25 @@ def _fail(message: str) -> None:
     raise typer.Exit(1)
 
 
+@contextlib.contextmanager
+def _user_errors(key_hint: str = ""):
+    """The one place a command's errors become its one line on stderr and exit 1.
+
+    What the library raises for a user's input says what to fix: ValueError and its kinds (a bad option, a bad
+    record, a broken model folder, a device this machine lacks, an unreadable checkpoint), a missing file, a run
+    folder that needs --resume, a memory folder that cannot be used (MemoryFolderError), an unknown id
+    (KeyError, printed without its quotes, followed by key_hint). Anything else is a bug and keeps its traceback.
+    """
+    from racm3.retrieval.memory import MemoryFolderError
+
+    try:
+        yield
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError, MemoryFolderError) as exc:
+        if isinstance(exc, KeyError):
+            _fail(f"{exc.args[0] if exc.args else exc}{key_hint}")
+        _fail(str(exc))
+
+
 MEMORY_WAIT_S = 300.0  # racm3.retrieval.memory.DEFAULT_WAIT (not imported here: `racm3 --help` stays instant)
 WAIT_HELP = ("Seconds to wait while another process writes this memory (one writer at a time), then fail; "
              "0: fail at once.")
@@ -116,11 +136,6 @@ def _add_dataset(open_memory, encoder, dataset_dir: Path, label: str, strict: bo
         return memory, memory.add_documents(docs, encoder, progress=bar.update)
 
 
-def _memory_error(exc: Exception) -> str:
-    """The one line to print for a memory command's error (a KeyError's message without repr quotes)."""
-    return str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
-
-
 @memory_app.command("build")
 def memory_build(
     dataset_dir: Path = typer.Argument(..., help="Dataset: docs.jsonl folder, Parquet, WebDataset shards, image folder."),
@@ -133,7 +148,7 @@ def memory_build(
     """Embed a data set's documents into a memory (SQLite store + FAISS index): all of them or none."""
     import time
 
-    from racm3.retrieval import EncoderError, Memory, MemoryFolderError, load_encoder
+    from racm3.retrieval import Memory, load_encoder
 
     t0 = time.perf_counter()
 
@@ -143,11 +158,9 @@ def memory_build(
             _fail(f"{memory_dir} already holds a {mem.index_type} index; drop --index or build a new memory")
         return mem
 
-    try:
+    with _user_errors():
         enc = load_encoder(encoder)
         mem, added = _add_dataset(open_memory, enc, dataset_dir, "embedding", strict)
-    except (EncoderError, MemoryFolderError, KeyError, ValueError, FileNotFoundError) as exc:
-        _fail(_memory_error(exc))
     typer.echo(f"added {added} documents to {memory_dir} ({len(mem)} in all, {mem.index_type} index) "
                f"in {time.perf_counter() - t0:.1f}s", err=True)
 
@@ -161,15 +174,13 @@ def memory_add(
     wait: float = typer.Option(MEMORY_WAIT_S, "--wait", min=0, help=WAIT_HELP),
 ) -> None:
     """Add documents to a memory without retraining anything: all of them or none (an id already there adds none)."""
-    from racm3.retrieval import EncoderError, Memory, MemoryFolderError, load_encoder
+    from racm3.retrieval import Memory, load_encoder
 
-    try:
+    with _user_errors():
         mem = Memory.open(memory_dir, wait=wait)
         enc = load_encoder(encoder)
         mem.require_encoder(enc.name)
         mem, added = _add_dataset(lambda: mem, enc, dataset_dir, "adding", strict)
-    except (EncoderError, MemoryFolderError, KeyError, ValueError, FileNotFoundError) as exc:
-        _fail(_memory_error(exc))
     typer.echo(f"added {added} documents ({len(mem)} in all)", err=True)
 
 
@@ -180,15 +191,11 @@ def memory_remove(
     wait: float = typer.Option(MEMORY_WAIT_S, "--wait", min=0, help=WAIT_HELP),
 ) -> None:
     """Remove documents from a memory; they are never returned again."""
-    from racm3.retrieval import Memory, MemoryFolderError
+    from racm3.retrieval import Memory
 
-    try:
+    with _user_errors(key_hint="; nothing was removed"):
         mem = Memory.open(memory_dir, wait=wait)
         mem.remove(ids)
-    except MemoryFolderError as exc:
-        _fail(str(exc))
-    except KeyError as exc:
-        _fail(f"{_memory_error(exc)}; nothing was removed")
     typer.echo(f"removed {len(set(ids))} documents ({len(mem)} left)", err=True)
 
 
@@ -200,12 +207,10 @@ def memory_info(
     """What a memory holds and which encoder filled it."""
     import json
 
-    from racm3.retrieval import Memory, MemoryFolderError
+    from racm3.retrieval import Memory
 
-    try:
+    with _user_errors():
         info = Memory.open(memory_dir).info()
-    except MemoryFolderError as exc:
-        _fail(str(exc))
     typer.echo(json.dumps(info) if as_json else "\n".join(f"{k}: {v}" for k, v in info.items()))
 
 
@@ -230,9 +235,9 @@ def memory_search(
     import json
     import os
 
-    from racm3.documents import BadRecord, load_image
+    from racm3.documents import load_image
     from racm3.embedded import cache_dir
-    from racm3.retrieval import EncoderError, EncoderMismatch, Memory, MemoryFolderError, load_encoder
+    from racm3.retrieval import Memory, load_encoder
 
     if (text is None) == (image is None):
         _fail("give exactly one of --text TEXT or --image PATH")
@@ -240,14 +245,12 @@ def memory_search(
         _fail("--text is empty; give the words to search for, e.g. --text 'flag: France'")
     if not 1 <= k <= MAX_SEARCH_K:
         _fail(f"-k must be between 1 and {MAX_SEARCH_K}, got {k}")
-    try:
+    with _user_errors():
         mem = Memory.open(memory_dir)
         enc = load_encoder(encoder)
         mem.require_encoder(enc.name)
         query = enc.embed_text([text]) if text is not None else enc.embed_image([load_image(image)])
         hits = mem.search(query, k)[0]
-    except (EncoderError, EncoderMismatch, MemoryFolderError, BadRecord) as exc:
-        _fail(str(exc))
     out_dir = save_images if save_images is not None else cache_dir() / "hits"
     rows = []
     for h in hits:
@@ -282,16 +285,6 @@ PRECISION_HELP = "auto (bf16 autocast where supported, fp16 on CUDA without bf16
 RESUME_HELP = "Continue the run in OUT_DIR (a run folder with a checkpoint is refused without it)."
 
 
-def _train(run, *args, **kwargs):
-    """Run one trainer; a bad option, device or run folder is one line on stderr and exit 1."""
-    from racm3.runtime import CheckpointError, DeviceError
-
-    try:
-        return run(*args, **kwargs)
-    except (DeviceError, CheckpointError, FileExistsError, FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
-
-
 @train_app.command("encoder")
 def train_encoder_cmd(
     dataset_dir: Path = typer.Argument(..., help="Dataset (docs.jsonl folder, Parquet, shards, image folder); train split used."),
@@ -309,12 +302,10 @@ def train_encoder_cmd(
     """Train the embedded encoder's image tower into the frozen all-MiniLM-L6-v2 text space (LiT)."""
     from racm3.retrieval.train_encoder import TrainEncoderConfig, train_encoder
 
-    try:
+    with _user_errors():
         cfg = TrainEncoderConfig(epochs=epochs, batch_size=batch_size, seed=seed, threads=threads, split=split,
                                  device=device, precision=precision)
-    except ValueError as exc:
-        _fail(str(exc))
-    encoder = _train(train_encoder, dataset_dir, out_dir, cfg, log=lambda m: typer.echo(m, err=True), resume=resume)
+        encoder = train_encoder(dataset_dir, out_dir, cfg, log=lambda m: typer.echo(m, err=True), resume=resume)
     typer.echo(f"saved {encoder.name} to {out_dir}")
 
 
@@ -351,7 +342,7 @@ def train_generator_cmd(
     from racm3.generator.data import Recipe
     from racm3.generator.train import TrainConfig, train
 
-    try:
+    with _user_errors():
         recipe = Recipe(k=k, alpha=alpha, copy_rate=copy_rate, sibling_rate=sibling_rate,
                         cross_style_rate=cross_style_rate, distractor_rate=distractor_rate, mask_rate=mask_rate,
                         relabel_rate=relabel_rate)
@@ -359,9 +350,7 @@ def train_generator_cmd(
                           preset=preset, steps=steps, batch_size=batch_size, lr=lr, seed=seed, threads=threads,
                           resume=resume, snapshot_every=snapshot_every, recipe=recipe, device=device,
                           precision=precision, loader_workers=loader_workers)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
-    last = _train(train, cfg)
+        last = train(cfg)
     typer.echo(f"saved the generator to {out_dir}: " + ", ".join(f"{k_} {v:.3f}" for k_, v in last.items()
                                                               if isinstance(v, float)))
 
@@ -378,11 +367,9 @@ def train_assemble_cmd(
     """Put trained components into one model folder (weights and configs only); others already there stay."""
     from racm3.pretrained import assemble
 
-    try:
+    with _user_errors():
         path = assemble(out_dir, text_tokenizer=text_tokenizer, image_tokenizer=image_tokenizer, encoder=encoder,
                         generator=generator, generator_k0=baseline)
-    except (FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
     typer.echo(f"assembled {path}")
 
 
@@ -404,12 +391,10 @@ def train_image_tokenizer_cmd(
     """Train the VQ image tokenizer (reconstruction L2 + L1 + commitment); progress bar, checkpoints, resume."""
     from racm3.tokenizers.image_train import ImageTrainConfig, train_image_tokenizer
 
-    try:
+    with _user_errors():
         cfg = ImageTrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, threads=threads, device=device,
                                precision=precision)
-    except ValueError as exc:
-        _fail(str(exc))
-    summary = _train(train_image_tokenizer, dataset_dir, out_dir, preset, cfg, resume=resume)
+        summary = train_image_tokenizer(dataset_dir, out_dir, preset, cfg, resume=resume)
     typer.echo(f"saved image tokenizer ({summary['preset']}, {summary['steps']} steps, "
                f"{summary['elapsed_s']:.0f} s of training) to {out_dir}")
 
@@ -423,7 +408,8 @@ def train_text_tokenizer_cmd(
     """Train the byte-level BPE text tokenizer on the train split's captions."""
     from racm3.tokenizers.text import train_text_tokenizer
 
-    tok, captions = _train(train_text_tokenizer, dataset_dir, out_dir, vocab_size)
+    with _user_errors():
+        tok, captions = train_text_tokenizer(dataset_dir, out_dir, vocab_size)
     typer.echo(f"trained on {captions} captions: {tok.vocab_size} tokens, saved {Path(out_dir) / 'tokenizer.json'}")
 
 # --- generate ----------------------------------------------------------------------------------
@@ -440,10 +426,8 @@ def _load_model_and_memory(model_dir: Optional[Path], memory_dir: Optional[Path]
     from racm3.pipeline import RACM3
     from racm3.retrieval.memory import Memory
 
-    try:
+    with _user_errors():
         model = RACM3.from_pretrained(model_dir, generator=generator, device=device)
-    except (FileNotFoundError, ValueError) as exc:  # ModelFolderError and DeviceError (ValueErrors) say what to fix
-        _fail(str(exc))
     if check is not None:
         check(model)
     if k == 0:
@@ -609,13 +593,9 @@ def generate_image_cmd(
                            caption=caption)
     path, replace = output_path(caption, out)
     m, mem = _load_model_and_memory(model, memory, k, check=lambda m_: check_context(m_, k, caption), device=device)
-    from racm3.retrieval.memory import MemoryFolderError
-
-    try:
+    with _user_errors():  # a memory filled by another encoder
         result = m.generate_image(caption, memory=mem, k=k, num_samples=samples, guidance=guidance,
                                   temperature=temperature, top_p=top_p, seed=seed)
-    except (ValueError, MemoryFolderError) as exc:  # an empty caption; a memory filled by another encoder
-        _fail(str(exc))
     try:
         path = save_output_image(result.image, path, replace)
     except OSError as exc:  # the folder changed since output_path checked it
@@ -645,20 +625,14 @@ def generate_text_cmd(
     """Image -> retrieve -> caption: name what an image shows, grounded in the documents retrieved for it."""
     import json
 
-    from racm3.documents import BadRecord, load_image
+    from racm3.documents import load_image
 
     check_generate_options(samples=samples, temperature=temperature, k=k, seed=seed)
-    try:
+    with _user_errors():  # a bad image is a BadRecord, one line naming the file
         image = load_image(image_path)
-    except BadRecord as exc:
-        _fail(str(exc))
-    from racm3.retrieval.memory import MemoryFolderError
-
     m, mem = _load_model_and_memory(model, memory, k, check=lambda m_: check_context(m_, k), device=device)
-    try:
+    with _user_errors():
         result = m.generate_text(image, memory=mem, k=k, num_samples=samples, temperature=temperature, seed=seed)
-    except (ValueError, MemoryFolderError) as exc:
-        _fail(str(exc))
     payload = {"text": result.text, **{k_: v for k_, v in result.to_json().items() if k_ in ("sources", "seconds")}}
     if as_json:
         typer.echo(json.dumps(payload, ensure_ascii=False))
@@ -682,13 +656,10 @@ def eval_retrieval(
     """Recall@1/5/10 text->image and image->text: through the memory, and cross-modal within the split."""
     import json
 
-    from racm3.retrieval import EncoderError, MemoryFolderError
     from racm3.retrieval.evaluate import evaluate_retrieval
 
-    try:
+    with _user_errors():
         result = evaluate_retrieval(memory_dir, dataset_dir, split, encoder)
-    except (EncoderError, MemoryFolderError, ValueError) as exc:
-        _fail(str(exc))
     if as_json:
         typer.echo(json.dumps(result, indent=2))
     else:
@@ -716,11 +687,9 @@ def eval_image_tokenizer_cmd(
     from racm3.tokenizers.image_train import evaluate_image_tokenizer, load_split_images
 
     torch.set_num_threads(threads)
-    try:
+    with _user_errors():
         tok = ImageTokenizer.from_pretrained(tokenizer_dir)
         images = load_split_images(dataset_dir, None if split == "all" else split, tok.image_size, limit)
-    except (FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
     result = evaluate_image_tokenizer(tok, images, rfid=rfid, rfid_images=rfid_images)
     result["split"] = split
     if as_json:
@@ -758,12 +727,10 @@ def eval_knowledge_cmd(
     if threads is not None:
         torch.set_num_threads(threads)
     log = lambda m: typer.echo(m, err=True)  # noqa: E731  progress on stderr keeps --json clean
-    try:
+    with _user_errors():
         cfg = KnowledgeConfig(limit=limit, samples=samples, guidance=guidance, seed=seed, fid=fid,
                               rows=tuple(r.strip() for r in rows.split(",")) if rows else ROWS)
         result = knowledge(model, baseline, memory, dataset, cfg, log=log, judge_encoder_dir=judge_encoder)
-    except (FileNotFoundError, ValueError, KeyError) as exc:
-        _fail(str(exc))
     if as_json:
         typer.echo(json.dumps(result, indent=2, ensure_ascii=False))
     else:
@@ -783,8 +750,6 @@ def demo_cmd(
     """Build the emoji data and memory if absent, generate both ways, write OUT/index.html with the sources."""
     from racm3.demo import run_demo
 
-    try:
+    with _user_errors():
         index = run_demo(out, model_dir=model, k=k, samples=samples, log=lambda m: typer.echo(m, err=True))
-    except FileNotFoundError as exc:
-        _fail(str(exc))
     typer.echo(str(index.resolve()))
