@@ -753,3 +753,63 @@ def demo_cmd(
     with _user_errors():
         index = run_demo(out, model_dir=model, k=k, samples=samples, log=lambda m: typer.echo(m, err=True))
     typer.echo(str(index.resolve()))
+
+# --- serve -------------------------------------------------------------------------------------
+
+
+@app.command("serve")
+def serve_cmd(
+    model: Optional[Path] = typer.Option(None, help="Model folder; default: the shipped emoji-small."),
+    memory: Optional[Path] = typer.Option(None, help="Memory folder; default: the emoji memory (built on first use)."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on; the default answers this machine only."),
+    port: int = typer.Option(8000, help="Port to listen on (0: any free port, printed at start)."),
+    token: Optional[str] = typer.Option(None, envvar="RACM3_SERVE_TOKEN",
+                                        help="Writes (POST/DELETE /v1/memory/documents) need `Authorization: Bearer "
+                                             "TOKEN`; without a token the memory is read-only."),
+    workers: int = typer.Option(1, help="Generations run at once (1-8); each uses every core."),
+    queue: int = typer.Option(4, help="Generations waiting beyond those (0-256); more are refused with 503."),
+    timeout: float = typer.Option(120.0, help="Seconds a request may take before 504 (1-3600)."),
+    max_upload_mb: float = typer.Option(8.0, help="Largest request body in MiB (0.01-1024); larger -> 413."),
+    cors_origin: Optional[list[str]] = typer.Option(None, help="Allow browser pages from this origin (repeatable); "
+                                                              "none by default."),
+    index_name: Optional[str] = typer.Option(None, help="Index name for /indices-list and /knn-service; default: "
+                                                        "the memory folder's name."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+) -> None:
+    """Serve the model and its memory over HTTP: the JSON API under /v1, clip-retrieval's /knn-service, a web page at /."""
+    if not 0 <= port <= 65535:
+        _fail(f"--port must be between 0 and 65535, got {port}")
+    if not 1 <= workers <= 8:
+        _fail(f"--workers must be between 1 and 8, got {workers}")
+    if not 0 <= queue <= 256:
+        _fail(f"--queue must be between 0 and 256, got {queue}")
+    if not 1 <= timeout <= 3600:
+        _fail(f"--timeout must be between 1 and 3600 seconds, got {timeout}")
+    if not 0.01 <= max_upload_mb <= 1024:
+        _fail(f"--max-upload-mb must be between 0.01 and 1024, got {max_upload_mb}")
+    if token is not None and not token.strip():
+        _fail("--token is empty; give a secret, or leave --token out for a read-only memory")
+    import socket
+
+    import uvicorn
+
+    from racm3.serving.app import load_app
+    from racm3.serving.limits import Limits
+
+    limits = Limits(max_upload_bytes=int(max_upload_mb * 1024 * 1024), generation_workers=workers,
+                    generation_queue=queue, timeout_s=timeout)
+    try:
+        sock = socket.create_server((host, port))  # bind before loading: a taken port fails at once
+    except OSError as exc:
+        _fail(f"cannot listen on {host}:{port} ({exc.strerror or exc}); choose another --port or --host")
+    try:
+        web = load_app(model, memory, device=device, log=lambda m: typer.echo(m, err=True), token=token, limits=limits,
+                       cors_origins=tuple(cors_origin or ()), index_name=index_name)
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:  # model folder, device, memory folder, encoder
+        sock.close()
+        _fail(str(exc))
+    bound = sock.getsockname()[1]
+    shown = f"[{host}]" if ":" in host else host
+    typer.echo(f"racm3 serve: http://{shown}:{bound}/  (API docs /docs, writes {'need the token' if token else 'off'})",
+               err=True)
+    uvicorn.Server(uvicorn.Config(web, log_level="warning")).run(sockets=[sock])
