@@ -312,3 +312,50 @@ def test_a_trainer_killed_while_it_checkpoints_every_step_resumes(tmp_path, trai
     after = load_checkpoint(ckpt)
     assert (after["epoch"] if trainer == "encoder" else after["step"]) == reached + 2
     assert (tmp_path / "run" / "model.safetensors").exists() and (tmp_path / "run" / "config.json").exists()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo is exercised on Linux")
+def test_encoder_and_image_tokenizer_train_under_torchrun(tmp_path):
+    """Two gloo processes each: DDP keeps one set of weights in both; rank 0 alone writes the run folder."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    head = f"""
+import os, sys, torch
+from pathlib import Path
+from safetensors.torch import save_file
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+root, rank = Path({str(tmp_path)!r}), os.environ["RANK"]
+"""
+    scripts = {
+        "enc": head + """
+from test_encoder import TINY, shape_docs
+from racm3.retrieval.train_encoder import TrainEncoderConfig, train_encoder
+enc = train_encoder(shape_docs(), root / "enc", TrainEncoderConfig(epochs=2, batch_size=8, tower=TINY, threads=1),
+                    progress=False, log=lambda m: None)
+save_file({k: v.contiguous() for k, v in enc.image_tower.named_parameters()}, str(root / f"enc-rank{rank}.st"))
+""",
+        "vq": head + """
+from racm3.tokenizers.image_train import ImageTrainConfig, train_image_tokenizer
+from racm3.tokenizers.image import ImageTokenizer
+images = torch.randint(0, 256, (16, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+train_image_tokenizer(None, root / "vq", "tiny", ImageTrainConfig(steps=6, batch_size=4, threads=1, log_every=3,
+                      checkpoint_every=3), images=images, progress=False)
+""",
+    }
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name, script in scripts.items():
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                               "29523", "--no-python", sys.executable, "-c", script], capture_output=True, text=True,
+                              timeout=300, env=env)
+        assert proc.returncode == 0, (name, proc.stderr[-3000:])
+    a, b = load_file(str(tmp_path / "enc-rank0.st")), load_file(str(tmp_path / "enc-rank1.st"))
+    # the ranks never diverged: rank 0 returns its tower as saved (float16), rank 1 the float32 one in memory
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k].half().float()) for k in a)
+    meta = json.loads((tmp_path / "enc" / "training.json").read_text())
+    assert meta["world_size"] == 2 and (tmp_path / "enc" / "model.safetensors").exists()
+    log = [json.loads(line) for line in (tmp_path / "vq" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [3, 6]  # rank 0 alone logs
+    assert load_checkpoint(tmp_path / "vq" / "checkpoint.safetensors")["step"] == 6

@@ -72,8 +72,9 @@ def cached_text_embeddings(tower: MiniLMTextTower, captions: Sequence[str], cach
         return np.load(path)
     emb = tower(list(captions))  # (n, 384)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    np.save(path.with_suffix(".tmp.npy"), emb)
-    os.replace(path.with_suffix(".tmp.npy"), path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy")  # each process its own: ranks may race here
+    np.save(tmp, emb)
+    os.replace(tmp, path)
     return emb
 
 
@@ -161,10 +162,21 @@ def train_encoder(dataset: str | os.PathLike | Sequence[Document], out_dir: str 
     images = images_to_tensor([d.image for d in docs], cfg.tower.image_size)  # (N, 3, S, S) in [-1, 1], on the host
     targets = torch.tensor([caption_index[d.text] for d in docs])
 
+    class LiT(torch.nn.Module):
+        """What trains, and what DDP wraps: the tower and the learnt temperature, so both are averaged."""
+
+        def __init__(self, tower: torch.nn.Module):
+            super().__init__()
+            self.tower = tower
+            self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / cfg.init_temperature)))
+
+        def forward(self, x):  # (B, 3, S, S) -> normalised (B, D) and the logit scale
+            return F.normalize(self.tower(x).float(), dim=-1), self.logit_scale
+
     torch.manual_seed(cfg.seed)
-    tower = build_image_tower(cfg.tower).to(device)
-    logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / cfg.init_temperature), device=device))
-    opt = adamw(decay_groups(tower, cfg.weight_decay, extra_no_decay=(logit_scale,)), cfg.lr, (0.9, 0.999), device)
+    tower = build_image_tower(cfg.tower)
+    lit = LiT(tower).to(device)
+    opt = adamw(decay_groups(lit, cfg.weight_decay), cfg.lr, (0.9, 0.999), device)  # the scale is 0-D: no decay
     scaler = precision.grad_scaler()
     steps_per_epoch = math.ceil(len(docs) / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
@@ -178,13 +190,13 @@ def train_encoder(dataset: str | os.PathLike | Sequence[Document], out_dir: str 
     start_epoch, step = 0, 0
     if state is not None:
         tower.load_state_dict(state["tower"])
-        logit_scale.data.fill_(state["logit_scale"])
+        lit.logit_scale.data.fill_(state["logit_scale"])
         opt.load_state_dict(state["opt"])
         gen.set_state(state["gen"])
         aug.set_state(state["aug"])
         start_epoch, step = state["epoch"], state["step"]
         log(f"resumed from {ckpt} at epoch {start_epoch}")
-    ddp = dist.wrap(tower)
+    ddp = dist.wrap(lit)
 
     for epoch in range(start_epoch, cfg.epochs):
         tower.train()
@@ -193,14 +205,15 @@ def train_encoder(dataset: str | os.PathLike | Sequence[Document], out_dir: str 
                    disable=not progress or not dist.is_main, mininterval=5)
         running, t_epoch = 0.0, time.time()
         for i in bar:
-            idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size][dist.rank::dist.world]  # this rank's share
-            if len(idx) < 2:
+            batch = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+            if len(batch) // dist.world < 2:  # every rank decides alike: a rank skipping alone would hang DDP
                 continue
+            idx = batch[dist.rank::dist.world]  # this rank's share
             for group in opt.param_groups:
                 group["lr"] = lr_at(step)
             x = augment(images[idx].to(device, non_blocking=True), cfg, aug)
             with precision.autocast():
-                img = F.normalize(ddp(x).float(), dim=-1)  # (B, 384)
+                img, logit_scale = ddp(x)  # (B, 384) normalised
             loss, parts = lit_loss(img, targets[idx].to(device), text_table, logit_scale)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -213,7 +226,7 @@ def train_encoder(dataset: str | os.PathLike | Sequence[Document], out_dir: str 
             acc = _train_accuracy(tower, images, targets, text_table)
             log(f"epoch {epoch + 1}: loss {running / steps_per_epoch:.4f}, temperature "
                 f"{1 / parts['scale']:.4f}, train i->t top-1 {acc:.3f}, {time.time() - t_epoch:.0f}s")
-            save_checkpoint({"config": asdict(cfg), "tower": tower.state_dict(), "logit_scale": logit_scale.item(),
+            save_checkpoint({"config": asdict(cfg), "tower": tower.state_dict(), "logit_scale": lit.logit_scale.item(),
                              "opt": opt.state_dict(), "gen": gen.get_state(), "aug": aug.get_state(),
                              "epoch": epoch + 1, "step": step}, ckpt)
 
