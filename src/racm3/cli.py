@@ -803,11 +803,12 @@ def serve_cmd(
     except OSError as exc:
         _fail(f"cannot listen on {host}:{port} ({exc.strerror or exc}); choose another --port or --host")
     try:
-        web = load_app(model, memory, device=device, log=lambda m: typer.echo(m, err=True), token=token, limits=limits,
-                       cors_origins=tuple(cors_origin or ()), index_name=index_name)
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:  # model folder, device, memory folder, encoder
+        with _user_errors():  # a broken model folder, a device this machine lacks, a foreign memory
+            web = load_app(model, memory, device=device, log=lambda m: typer.echo(m, err=True), token=token,
+                           limits=limits, cors_origins=tuple(cors_origin or ()), index_name=index_name)
+    except typer.Exit:
         sock.close()
-        _fail(str(exc))
+        raise
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
     typer.echo(f"racm3 serve: http://{shown}:{bound}/  (API docs /docs, writes {'need the token' if token else 'off'})",
