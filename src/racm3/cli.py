@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 import racm3
+from racm3.limits import MAX_GUIDANCE, MAX_SAMPLES, MAX_SEARCH_K, MAX_SEED, MAX_TEMPERATURE, MIN_TEMPERATURE
 
 # Heavy libraries (torch, faiss, transformers) are imported inside each command, so `racm3 --help` is instant.
 app = typer.Typer(help="RA-CM3: retrieval-augmented multimodal generation, images from text and text from images.",
@@ -212,9 +213,6 @@ def memory_info(
     with _user_errors():
         info = Memory.open(memory_dir).info()
     typer.echo(json.dumps(info) if as_json else "\n".join(f"{k}: {v}" for k, v in info.items()))
-
-
-MAX_SEARCH_K = 1000  # each hit is decoded and its image written: more is a dump of the memory, not a search
 
 
 @memory_app.command("search")
@@ -458,11 +456,6 @@ def _slug(text: str) -> str:
     return f"{slug[:60].rstrip('-') or 'caption'}-{digest}"
 
 
-# Option limits, checked before any work starts (check_generate_options).
-MAX_SAMPLES = 64  # each sample is a full decode; 64 x 64 codes fit in memory and finish in minutes
-MAX_GUIDANCE = 100.0  # far above useful scales (1-5); larger ones overflow the guided log-probabilities
-MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0  # besides 0 (greedy): outside, the scaled logits overflow
-MAX_SEED = 2**63 - 1
 
 
 def check_generate_options(*, samples: int, temperature: float, k: int, seed: int, guidance: float | None = None,

@@ -17,8 +17,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from racm3.cli import MAX_GUIDANCE, MAX_SEED, MAX_TEMPERATURE, MIN_TEMPERATURE
 from racm3.documents import BadRecord, Document, load_image
+from racm3.limits import MAX_GUIDANCE, MAX_SEARCH_K, MAX_SEED, MAX_TEMPERATURE, MIN_TEMPERATURE
 from racm3.retrieval.memory import MemoryBusy, MemoryFolderError
 from racm3.serving import clip_retrieval
 from racm3.serving.api_docs import api_docs_html
@@ -36,7 +36,6 @@ from racm3.serving.limits import (
 from racm3.serving.page import PAGE_HTML
 
 MAX_K = 16  # documents per request; the generator's context refuses more than it holds (RACM3.check_request)
-MAX_SEARCH_K = 1000
 PAGE_SIZE_MAX = 200
 
 
