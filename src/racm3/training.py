@@ -15,8 +15,7 @@ def warmup_cosine(step: int, total: int, peak: float, warmup: int, min_ratio: fl
     return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def decay_groups(module: torch.nn.Module, weight_decay: float,
-                 extra_no_decay: tuple[torch.nn.Parameter, ...] = ()) -> list[dict]:
+def decay_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Two parameter groups: matrices and convolution kernels decay; norms, biases and embeddings do not.
 
     nanoGPT's rule (decay only >= 2-D weights), with embeddings moved to no-decay as in GPT-2/LLaMA practice:
@@ -24,7 +23,7 @@ def decay_groups(module: torch.nn.Module, weight_decay: float,
     With tied input/output embeddings the shared matrix counts as an embedding.
     """
     embeddings = {id(m.weight) for m in module.modules() if isinstance(m, torch.nn.Embedding)}
-    decay, no_decay = [], list(extra_no_decay)
+    decay, no_decay = [], []
     for p in module.parameters():  # parameters() yields a tied weight once
         if p.requires_grad:
             (no_decay if p.ndim < 2 or id(p) in embeddings else decay).append(p)
