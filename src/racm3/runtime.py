@@ -150,8 +150,8 @@ def init_distributed(device: str | torch.device | None = "auto") -> Dist:
     dev = resolve_device(device)
     if dev.type == "cuda" and world > 1:
         dev = torch.device("cuda", local_rank)  # one process per GPU: torchrun's LOCAL_RANK picks it
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
+    if dev.type == "cuda" and dev.index is not None:
+        torch.cuda.set_device(dev)  # this process's GPU, for NCCL and for tensors made without a device
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     return Dist(rank, world, local_rank, dev)
