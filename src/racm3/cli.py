@@ -349,8 +349,9 @@ def train_generator_cmd(
                           resume=resume, snapshot_every=snapshot_every, recipe=recipe, device=device,
                           precision=precision, loader_workers=loader_workers)
         last = train(cfg)
-    typer.echo(f"saved the generator to {out_dir}: " + ", ".join(f"{k_} {v:.3f}" for k_, v in last.items()
-                                                              if isinstance(v, float)))
+    if last:  # rank 0 under torchrun; the other ranks return no metrics and say nothing
+        typer.echo(f"saved the generator to {out_dir}: " + ", ".join(f"{k_} {v:.3f}" for k_, v in last.items()
+                                                                  if isinstance(v, float)))
 
 
 @train_app.command("assemble")
