@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 import racm3
-from racm3.limits import MAX_GUIDANCE, MAX_SAMPLES, MAX_SEARCH_K, MAX_SEED, MAX_TEMPERATURE, MIN_TEMPERATURE
+from racm3.limits import MAX_GUIDANCE, MAX_SAMPLES, MAX_SEARCH_K, MAX_SEED, TEMPERATURE_RULE, temperature_ok
 
 # Heavy libraries (torch, faiss, transformers) are imported inside each command, so `racm3 --help` is instant.
 app = typer.Typer(help="RA-CM3: retrieval-augmented multimodal generation, images from text and text from images.",
@@ -473,8 +473,8 @@ def check_generate_options(*, samples: int, temperature: float, k: int, seed: in
         _fail(f"-k must be 0 (no retrieval) or more documents, got {k}")
     if not 0 <= seed <= MAX_SEED:
         _fail(f"--seed must be between 0 and {MAX_SEED}, got {seed}")
-    if not (temperature == 0 or MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE):
-        _fail(f"--temperature must be 0 (greedy) or between {MIN_TEMPERATURE} and {MAX_TEMPERATURE:g}, "
+    if not temperature_ok(temperature):
+        _fail(f"--temperature must be {TEMPERATURE_RULE}, "
               f"got {temperature}")
     if guidance is not None and not (math.isfinite(guidance) and 0 <= guidance <= MAX_GUIDANCE):
         _fail(f"--guidance must be between 0 and {MAX_GUIDANCE:g} (1 = off, 3 is the default), got {guidance}")

@@ -18,7 +18,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from racm3.documents import BadRecord, Document, load_image
-from racm3.limits import MAX_GUIDANCE, MAX_SEARCH_K, MAX_SEED, MAX_TEMPERATURE, MIN_TEMPERATURE
+from racm3.limits import MAX_GUIDANCE, MAX_SEARCH_K, MAX_SEED, TEMPERATURE_RULE, temperature_ok
 from racm3.retrieval.memory import MemoryBusy, MemoryFolderError
 from racm3.serving import clip_retrieval
 from racm3.serving.api_docs import api_docs_html
@@ -40,8 +40,8 @@ PAGE_SIZE_MAX = 200
 
 
 def _check_temperature(value: float) -> float:
-    if not (value == 0 or MIN_TEMPERATURE <= value <= MAX_TEMPERATURE):
-        raise ValueError(f"must be 0 (greedy) or between {MIN_TEMPERATURE} and {MAX_TEMPERATURE:g}")
+    if not temperature_ok(value):
+        raise ValueError(f"must be {TEMPERATURE_RULE}")
     return value
 
 
