@@ -316,13 +316,18 @@ class Memory:
     def add_documents(self, docs: Sequence[Document], encoder, batch_size: int = 512, progress=None) -> int:
         """Embed documents with `encoder` (which must be the memory's), batch by batch, and add them in one write.
 
-        Ids are checked for repeats and presence before any embedding, and again under the write lock: a bad
-        list adds nothing, and a process killed at any point leaves all of the documents in the memory or none.
+        Ids are checked for repeats and presence before any embedding, and again under the write lock; another
+        writer is waited for (or refused, as `wait` says) before embedding too. A bad list adds nothing, and a process killed at any point leaves all of the documents in the memory or none.
         """
         self.require_encoder(encoder.name)
         ids = [d.id for d in docs]
         _refuse_repeats(ids)
         self._refuse_present(ids)
+        if ids and not self._lock.held:
+            # a writer that would not get the lock gives up (or waits) before embedding, not after; the lock is
+            # not held while embedding, so a long embedding never keeps other writers waiting
+            self._lock.acquire(self.wait)
+            self._lock.release()
         vecs = []
         for s in range(0, len(docs), batch_size):
             chunk = docs[s:s + batch_size]
