@@ -2,6 +2,8 @@
 
     python benchmarks/training_speed.py [--dataset DIR] [--preset emoji-small] [--steps 8] [--variants ...]
     python benchmarks/training_speed.py --device cuda --preset medium     # on a GPU: batch sizes, fused AdamW
+    python benchmarks/training_speed.py --image-tokenizers shipped runs/tok/A runs/tok/B --max-len 1024 \
+        --variants "2 threads, batch 24, fused AdamW"      # the generator's cost of each image tokenizer
 
 Each variant runs the real step (the recipe's sequences from the emoji documents, collation, bf16 autocast,
 forward, RA-CM3 loss, backward, clipping, AdamW) for a few steps after warm-up, in this one process, so the
@@ -77,6 +79,8 @@ def main(argv: list[str] | None = None) -> dict:
     from racm3.generator.model import build_model, get_preset
     from racm3.generator.train import _load_split_documents, load_tokenizers
     from racm3.runtime import resolve_device, resolve_precision
+    from racm3.tokenizers.image import ImageTokenizer
+    from racm3.tokenizers.multimodal import MultimodalTokenizer
     from racm3.training import decay_groups
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -87,16 +91,20 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--variants", nargs="*", default=None, help=f"subset of: {list(VARIANTS)}")
     p.add_argument("--compile", action="store_true", help="also time torch.compile of the best eager variant")
     p.add_argument("--device", default="cpu", help="cpu (the default: the thread variants) or cuda[:N]")
+    p.add_argument("--image-tokenizers", nargs="*", default=["shipped"],
+                   help="image tokenizer folders to time the generator with (its vocabulary and sequence length "
+                        "follow each one's codes); 'shipped': the shipped model's")
+    p.add_argument("--max-len", type=int, default=None, help="the generator's context (default: the preset's)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/training_speed.json"))
     args = p.parse_args(argv)
 
     dataset = args.dataset or ensure_emoji_dataset(log=lambda m: None)
-    mt = load_tokenizers(None)
-    vocab, n_img = mt.vocab, mt.tokens_per_image
+    shipped = load_tokenizers(None)
     train_docs, _ = _load_split_documents(dataset)
     docs = random.Random(0).sample(train_docs, min(args.documents, len(train_docs)))
     gen_cfg = get_preset(args.preset)
-    bank = ExampleBank(tokenize_documents(docs, mt), max_len=gen_cfg.max_len)  # lessons and distractors, k <= 2
+    if args.max_len is not None:
+        gen_cfg = replace(gen_cfg, max_len=args.max_len)
     recipe = Recipe()
     device = resolve_device(args.device)
     variants = CUDA_VARIANTS if device.type == "cuda" else VARIANTS
@@ -104,7 +112,14 @@ def main(argv: list[str] | None = None) -> dict:
     fp32_peak = matmul_rate(torch.float32, 2, device)
     precision = resolve_precision("auto", device)
 
+    def tokenizers(name: str):
+        """(tokenizer name, multimodal tokenizer, bank of training sequences) for 'shipped' or a VQ folder."""
+        mt = shipped if name == "shipped" else MultimodalTokenizer(shipped.text, ImageTokenizer.from_pretrained(name))
+        return name, mt, ExampleBank(tokenize_documents(docs, mt), max_len=gen_cfg.max_len)  # lessons, k <= 2
+
     def run(name: str, threads: int, batch_size: int, fused: bool, attn: str, compiled: bool = False) -> dict:
+        tok_name, mt, bank = current
+        vocab, n_img = mt.vocab, mt.tokens_per_image
         torch.set_num_threads(threads)
         torch.manual_seed(0)
         model = build_model(gen_cfg, vocab, n_img).to(device)
@@ -141,23 +156,28 @@ def main(argv: list[str] | None = None) -> dict:
         seq_len = float(np.mean(lengths))
         tps = tokens / (build_s + step_s)
         achieved = tps * flops_per_token(model, seq_len) / 1e9
-        row = {"variant": name, "threads": threads, "batch": batch_size, "fused_adamw": fused, "attention": attn,
+        row = {"variant": name, "image_tokenizer": tok_name, "tokens_per_image": n_img, "vocab": vocab.size,
+               "parameters": sum(p.numel() for p in model.parameters()), "threads": threads, "batch": batch_size, "fused_adamw": fused, "attention": attn,
                "compiled": compiled, "tokens_per_s": round(tps), "tokens_per_s_step_only": round(tokens / step_s),
                "batch_build_share": round(build_s / (build_s + step_s), 3), "mean_seq_len": round(seq_len, 1),
                "model_gflops": round(achieved, 1), "mfu": round(achieved / peak, 4),
                "warmup_s": round(warmup_s, 1)}
-        print(f"{name:44s} {row['tokens_per_s']:7d} tok/s  (step only {row['tokens_per_s_step_only']:7d})  "
+        print(f"{name:44s} {tok_name[-24:]:>24s} {row['mean_seq_len']:6.0f} {row['tokens_per_s']:7d} tok/s  (step only {row['tokens_per_s_step_only']:7d})  "
               f"build {row['batch_build_share']:.0%}  MFU {row['mfu']:.1%}", flush=True)
         return row
 
     chosen = args.variants or list(variants)
-    rows = [run(name, *variants[name]) for name in chosen]
+    rows = []
+    for tok in args.image_tokenizers:
+        current = tokenizers(tok)
+        rows += [run(name, *variants[name]) for name in chosen]
     if args.compile:
         best = max(rows, key=lambda r: r["tokens_per_s"])
         rows.append(run(best["variant"] + ", torch.compile", best["threads"], best["batch"], best["fused_adamw"],
                         best["attention"], compiled=True))
-    model = build_model(gen_cfg, vocab, n_img)
-    result = {"preset": args.preset, "parameters": sum(p.numel() for p in model.parameters()), "device": str(device),
+    model = build_model(gen_cfg, shipped.vocab, shipped.tokens_per_image)
+    result = {"preset": args.preset, "max_len": gen_cfg.max_len,
+              "parameters": sum(p.numel() for p in model.parameters()), "device": str(device),
               "bf16_matmul_gflops": round(peak, 1), "fp32_matmul_gflops": round(fp32_peak, 1),
               "precision": precision.name, "steps_timed": args.steps, "rows": rows}
     print(f"bf16 matmul {peak:.0f} GFLOP/s (fp32 {fp32_peak:.0f}) on {device} (2 threads on a CPU); "

