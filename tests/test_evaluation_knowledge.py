@@ -62,7 +62,7 @@ class CopyingModel:
         image = hits[0].document.image if hits else drawing("black", "twemoji")
         return Output(image=image, samples=[image], scores=[1.0], sources=hits, seconds=0.01)
 
-    def generate_text(self, image, memory=None, k=2, num_samples=4, seed=0, demos=None):
+    def generate_text(self, image, memory=None, k=2, num_samples=4, seed=0, demos=None, rerank="image"):
         hits = self.retrieve(image, memory, k) if memory is not None and k > 0 else []
         return Output(text=hits[0].document.text if hits else "nothing", sources=hits, seconds=0.02)
 

@@ -116,6 +116,21 @@ def test_source_reranking_scores_against_the_matching_source(model):
         model.generate_image("red circle", rerank="best")
 
 
+def test_caption_source_reranking_anchors_on_the_source_drawn_like_the_query(model):
+    """generate_text(rerank='source') scores captions against the caption of the source whose image matches."""
+    docs = {d.id: d for d in shape_documents()}
+    demos = [docs["filled-blue-bar"], docs["filled-red-circle"]]
+    sources = [model._context(None, None, 2, demos)[i] for i in (0, 1)]
+    target = model._caption_target(docs["filled-red-circle"].image, sources, "source")
+    assert np.allclose(target, model.encoder.embed_text([docs["filled-red-circle"].text])[0])
+    own = model._caption_target(docs["filled-red-circle"].image, sources, "image")  # the paper's: the image's
+    assert np.allclose(own, model.encoder.embed_image([docs["filled-red-circle"].image])[0])
+    out = model.generate_text(docs["filled-red-circle"].image, demos=demos, num_samples=2, rerank="source")
+    assert out.text and len(out.scores) == 2 and out.scores[0] >= out.scores[1]
+    with pytest.raises(ValueError, match="rerank"):
+        model.generate_text(docs["filled-red-circle"].image, rerank="caption")
+
+
 def _captured_prompts(monkeypatch, name: str) -> list:
     """Record the prompts the pipeline hands to racm3.pipeline.<name> (the real function still runs)."""
     import racm3.pipeline as pipeline

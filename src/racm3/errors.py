@@ -17,7 +17,7 @@ def one_line(exc: BaseException, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def read_json_object(path: Path, hint: str, error: type[ModelFolderError] = ModelFolderError) -> dict[str, Any]:
+def read_json_object(path: Path, hint: str, error: type[ValueError] = ModelFolderError) -> dict[str, Any]:
     """A JSON file that must hold an object, or ModelFolderError naming the file and hint (what to do)."""
     try:
         raw = json.loads(path.read_bytes())
@@ -67,3 +67,17 @@ def check_shapes(weights: Path, expected: dict[str, Any], found: dict[str, list[
         if found[name] != want:
             raise error(f"{weights}: tensor {name} has shape {found[name]} but {config} builds {want}: "
                         f"the two files come from different models; {hint}")
+
+
+def read_preset_file(name: str | Path, folder: Path, kind: str) -> tuple[Path, dict[str, Any]]:
+    """A preset by name (folder/NAME.json) or a path to a .json file: (its path, its JSON object without "about").
+    ValueError naming the file, or the presets there are to choose from."""
+    path = Path(name) if str(name).endswith(".json") else folder / f"{name}.json"
+    if not path.is_file():
+        where = f"{path}: no such file" if str(name).endswith(".json") else f"unknown {kind} preset {name!r}"
+        names = ", ".join(sorted(p.stem for p in folder.glob("*.json")))
+        raise ValueError(f"{where}; choose a preset from {names} or give a PRESET.json")
+    raw = read_json_object(path, f"a {kind} preset is a JSON object", error=ValueError)
+    raw.pop("about", None)  # a preset's one-line description
+    return path, raw
+

@@ -175,11 +175,29 @@ class RACM3:
         anchor = drawn[int((self.encoder.embed_text([d.text for d in drawn]) @ caption).argmax())]
         return self.encoder.embed_image([anchor.image])[0]
 
+    def _caption_target(self, image: Image.Image, sources: list[Hit], rerank: str):
+        """The vector captions are scored against: the query image's, or the caption of the best-matching source."""
+        query = self.encoder.embed_image([image])[0]
+        named = [h.document for h in sources if h.document.image is not None and h.document.text]
+        if rerank == "image" or not named:
+            return query
+        anchor = named[int((self.encoder.embed_image([d.image for d in named]) @ query).argmax())]
+        return self.encoder.embed_text([anchor.text])[0]
+
     # --- image -> caption ----------------------------------------------------------------------------
     def generate_text(self, image: Image.Image, memory: Memory | None = None, k: int = 2, num_samples: int = 4,
                       guidance: float = 1.0, temperature: float = 0.7, top_k: int = 0, top_p: float = 0.9,
-                      max_new_tokens: int = 32, seed: int = 0, demos: Sequence[Document] | None = None) -> Output:
-        """Sample num_samples captions for the image and keep the best by the encoder's text-image score."""
+                      max_new_tokens: int = 32, seed: int = 0, demos: Sequence[Document] | None = None,
+                      rerank: str = "image") -> Output:
+        """Sample num_samples captions for the image and keep the best by the encoder's score.
+
+        rerank="image" is the paper's rule: the text-image score of each caption with the query image.
+        rerank="source" scores each caption by text similarity to the caption of the source whose image matches
+        the query best (the mirror of generate_image's rule: a held-out drawing's name is known to the text
+        tower, and its retrieved twin says which name it is), falling back to "image" without captioned sources.
+        """
+        if rerank not in ("image", "source"):
+            raise ValueError(f"rerank must be 'image' or 'source', got {rerank!r}")
         t0 = time.perf_counter()
         if not isinstance(image, Image.Image):
             raise TypeError(f"generate_text takes a PIL image, got {type(image).__name__}")
@@ -194,7 +212,7 @@ class RACM3:
                                 max_new_tokens=max_new_tokens, uncond_prompts=[uncond.ids] * num_samples,
                                 generator=self._random(seed))
         captions = [self.tokenizer.text.decode(v.vocab_to_text(t)).strip() or "?" for t in ids]
-        scores = (self.encoder.embed_text(captions) @ self.encoder.embed_image([image])[0]).tolist()
+        scores = (self.encoder.embed_text(captions) @ self._caption_target(image, sources, rerank)).tolist()
         order = sorted(range(num_samples), key=lambda i: -scores[i])
         return Output(text=captions[order[0]], samples=[captions[i] for i in order],
                       scores=[scores[i] for i in order], sources=sources, seconds=time.perf_counter() - t0)

@@ -42,8 +42,11 @@ class KnowledgeConfig:
     rows: tuple[str, ...] = ROWS
     directions: tuple[str, ...] = DIRECTIONS
     fid: bool = True  # Inception FID of each row's images against the queries' own drawings
+    caption_rerank: str = "image"  # generate_text's rule for keeping one of the samples: "image" or "source"
 
     def __post_init__(self) -> None:
+        if self.caption_rerank not in ("image", "source"):
+            raise ValueError(f"caption_rerank must be 'image' or 'source', got {self.caption_rerank!r}")
         if self.limit < 1 or self.samples < 1:
             raise ValueError(f"limit and samples must be >= 1 (got {self.limit}, {self.samples})")
         self.rows, self.directions = tuple(self.rows), tuple(self.directions)
@@ -172,7 +175,8 @@ def run_row(row: str, model, baseline, memory, queries: Sequence[Document], meta
                 if who == "retrieval":
                     text, _, secs = _retrieval_answer(model, q.image, memory, "text")
                 else:
-                    out = gen.generate_text(q.image, memory=mem, k=k, num_samples=config.samples, seed=config.seed + n)
+                    out = gen.generate_text(q.image, memory=mem, k=k, num_samples=config.samples, seed=config.seed + n,
+                                            rerank=config.caption_rerank)
                     text, secs = out.text, out.seconds
                 captions.append(text or "")
                 t_cap.append(secs)

@@ -43,17 +43,9 @@ def list_presets() -> list[str]:
 
 def get_preset(name: str | Path) -> GeneratorConfig:
     """A preset by name (generator/presets/NAME.json) or a path to such a JSON file; unknown keys are refused."""
-    path = Path(name) if str(name).endswith(".json") else PRESET_DIR / f"{name}.json"
-    if not path.is_file():
-        where = f"{path}: no such file" if str(name).endswith(".json") else f"unknown generator preset {name!r}"
-        raise ValueError(f"{where}; choose from {', '.join(list_presets())} or give a PRESET.json")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: a preset is a JSON object of GeneratorConfig fields")
-    raw.pop("about", None)  # a preset's one-line description
+    from racm3.errors import read_preset_file
+
+    path, raw = read_preset_file(name, PRESET_DIR, "generator")
     unknown = set(raw) - {f.name for f in fields(GeneratorConfig)}
     if unknown:
         raise ValueError(f"{path}: unknown fields {sorted(unknown)}; a preset sets {[f.name for f in fields(GeneratorConfig)]}")

@@ -120,16 +120,11 @@ def image_tokenizer_presets() -> list[str]:
 
 def read_preset(name: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     """(path, {"model": {...}, "train": {...}}) of a preset by name or path; a clear ValueError otherwise."""
-    path = Path(name) if str(name).endswith(".json") else PRESET_DIR / f"{name}.json"
-    if not path.is_file():
-        where = f"{path}: no such file" if str(name).endswith(".json") else f"unknown image tokenizer preset {name!r}"
-        raise ValueError(f"{where}; choose a preset from {', '.join(image_tokenizer_presets())} or give a PRESET.json")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict) or \
-            not isinstance(raw.get("train", {}), dict) or set(raw) - {"about", "model", "train"}:
+    from racm3.errors import read_preset_file
+
+    path, raw = read_preset_file(name, PRESET_DIR, "image tokenizer")
+    if not isinstance(raw.get("model"), dict) or not isinstance(raw.get("train", {}), dict) or \
+            set(raw) - {"model", "train"}:
         raise ValueError(f'{path}: a preset is a JSON object {{"about": "...", "model": {{...}}, "train": {{...}}}}')
     return path, {"model": raw["model"], "train": raw.get("train", {})}
 
