@@ -81,6 +81,36 @@ def data_emoji(
                    f"  (not drawn in this style: {stats[(style, 'missing')]})")
     typer.echo(f"wrote {n} documents to {out_dir / 'docs.jsonl'}")
 
+
+@data_app.command("icons")
+def data_icons(
+    out_dir: Path = typer.Argument(..., help="Folder to write docs.jsonl and images/ into."),
+    themes: str = typer.Option("tango,gnome,oxygen", help="Comma-separated icon themes (folder names in --icons-dir)."),
+    icons_dir: Path = typer.Option(Path("/usr/share/icons"), help="Where the freedesktop icon themes are installed."),
+    size: int = typer.Option(64, min=8, help="Image side in pixels (from the PNG of this size or the nearest larger)."),
+    seed: int = typer.Option(0, help="Seed of the train/held-out split by icon name."),
+    limit: Optional[int] = typer.Option(None, min=1, help="Only the first N icon names (in name order)."),
+) -> None:
+    """Build the icon data set: each icon name drawn by two or more desktop icon themes, captioned with the name."""
+    from collections import Counter
+
+    from racm3.datasets.icons import iter_icon_documents
+    from racm3.documents import write_jsonl_dataset
+
+    stats: Counter = Counter()
+    chosen = tuple(t.strip() for t in themes.split(",") if t.strip())
+    with _user_errors():  # an unknown or missing theme fails here, before anything is written
+        docs = iter_icon_documents(icons_dir, chosen, size=size, seed=seed, limit=limit, stats=stats)
+    n = write_jsonl_dataset(docs, out_dir)
+    for theme in (t.lower() for t in chosen):
+        typer.echo(f"{theme:10s} train {stats[(theme, 'train')]:5d}  heldout {stats[(theme, 'heldout')]:5d}"
+                   f"  (upscaled: {stats[(theme, 'upscaled')]}, aliases merged: {stats[(theme, 'alias')]},"
+                   f" too small: {stats[(theme, 'too small')]},"
+                   f" unreadable or not square: {stats[(theme, 'unreadable')]})")
+    typer.echo(f"{stats['names']} icon names drawn by at least two themes ({stats['names in all themes']} by all "
+               f"{len(chosen)}); {stats['lone']} dropped with one readable drawing")
+    typer.echo(f"wrote {n} documents to {out_dir / 'docs.jsonl'}")
+
 # --- memory ------------------------------------------------------------------------------------
 
 
