@@ -175,7 +175,7 @@ REAL = all((ICONS_DIR / folder / "index.theme").exists() for folder in ("Tango",
 def test_real_themes_give_plausible_counts():
     stats: Counter = Counter()
     docs = list(iter_icon_documents(size=64, limit=40, stats=stats))
-    # Measured with the Debian 13 packages: 282 names (170 in all three themes), 734 documents at 64 px.
+    # Measured with the Debian 12 packages: 282 names (170 in all three themes), 734 documents at 64 px.
     assert 200 <= stats["names"] <= 1000 and stats["names in all themes"] >= 100
     assert 80 <= len(docs) <= 120 and len({d.concept for d in docs}) == 40
     assert {d.style for d in docs} == set(DEFAULT_THEMES)
