@@ -441,6 +441,34 @@ def train_text_tokenizer_cmd(
         tok, captions = train_text_tokenizer(dataset_dir, out_dir, vocab_size)
     typer.echo(f"trained on {captions} captions: {tok.vocab_size} tokens, saved {Path(out_dir) / 'tokenizer.json'}")
 
+
+@train_app.command("all")
+def train_all_cmd(
+    dataset_dir: Path = typer.Argument(..., help="Dataset (docs.jsonl folder, Parquet, WebDataset shards, image folder)."),
+    out_dir: Path = typer.Argument(..., help="Run folder: one folder per stage, model/ (the model folder), "
+                                             "memory/, summary.json."),
+    image_size: Optional[int] = typer.Option(None, help="64, 128 or 256: trains the image tokenizer preset v2-SIZE "
+                                                        "(default 64), unless --image-tokenizer-preset names one."),
+    image_tokenizer_preset: Optional[str] = typer.Option(None, help="Image tokenizer preset (a name in "
+                                                         "racm3/tokenizers/image_presets/ or a PRESET.json)."),
+    generator_preset: str = typer.Option("emoji-small", help="Generator preset of both generators: tiny, "
+                                         "emoji-small, medium, or a PRESET.json."),
+    encoder: Optional[str] = typer.Option(None, help="Use this encoder folder (or clip:PATH, a CLIP folder written "
+                                          "by save_pretrained()) instead of training the image tower."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    steps_scale: float = typer.Option(1.0, help="x every trainer's default length (image tokenizer steps, encoder "
+                                                "epochs, generator steps); e.g. 0.1 for a quick trial."),
+) -> None:
+    """Every stage from a data set to a model folder: data split, tokenizers, encoder, memory, RA-CM3 generator and
+    its k=0 baseline. A stage already done is skipped, one cut short resumes; a summary table ends the run."""
+    from racm3.train_all import TrainAllOptions, format_summary, train_all
+
+    with _user_errors():
+        summary = train_all(TrainAllOptions(dataset_dir, out_dir, image_size, image_tokenizer_preset,
+                                            generator_preset, encoder, device, steps_scale),
+                            log=lambda m: typer.echo(m, err=True))
+    typer.echo(format_summary(summary))
+
 # --- generate ----------------------------------------------------------------------------------
 
 

@@ -46,6 +46,9 @@ def assemble(out_dir: str | Path, **components: Path | None) -> Path:
         try:
             if name == "image_tokenizer":
                 ImageTokenizer.from_pretrained(src).save_pretrained(tmp, dtype=torch.float16)
+            elif name == "encoder" and _is_clip(src):
+                # a CLIP loads from its whole folder (tokenizer and image processor files beside the weights)
+                shutil.copytree(src, tmp, dirs_exist_ok=True)
             else:
                 for f in _KEEP[name]:
                     if not (src / f).exists():
@@ -58,3 +61,13 @@ def assemble(out_dir: str | Path, **components: Path | None) -> Path:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _is_clip(folder: Path) -> bool:
+    """Whether an encoder folder holds a CLIP (racm3.retrieval.encoder.load_encoder's test: its model_type)."""
+    import json
+
+    try:
+        return json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type") == "clip"
+    except (OSError, ValueError, AttributeError):
+        return False  # not a readable config: the copy below names the missing file

@@ -1,0 +1,334 @@
+"""`racm3 train all`: a data set in, a trained RA-CM3 model folder out, every stage in order.
+
+The same pipeline as scripts/train_emoji_small.sh (the shipped model's reproduction), as a list of stages that
+call the library's own functions. Each stage writes its output under OUT and then OUT/stages/NAME.json: its row of
+the summary (seconds, size on disk, held-out quality) and the settings it ran with. A stage whose row and output
+both exist is skipped; a training stage cut short resumes from its checkpoint (the trainers' one resume rule);
+a row written with other settings is refused rather than silently reused.
+
+The first stage copies the data set into OUT/data (docs.jsonl + images/), giving each document without a split
+one by racm3.splits.split_by_id, so every later stage trains on the same train split and is measured on the same
+held-out documents, whatever format the data came in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+STAGES_DIR = "stages"  # OUT/stages/NAME.json: a stage's summary row, written once its output is complete
+SUMMARY_FILE = "summary.json"
+IMAGE_SIZES = (64, 128, 256)
+DEFAULT_IMAGE_SIZE = 64
+# The generators' batch sizes are the shipped recipe's (scripts/train_emoji_small.sh): k=0 sequences are ~3x
+# shorter, so 64 of them see about the tokens of 24 with k=2.
+GENERATOR_BATCH, BASELINE_BATCH = 24, 64
+# The context check's caption length: a preset must hold the main document and one retrieved one with captions
+# of this many tokens, or RA-CM3 would never see a retrieved document.
+CAPTION_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class TrainAllOptions:
+    """What `racm3 train all` takes (its options, one to one)."""
+
+    dataset: Path
+    out: Path
+    image_size: int | None = None  # picks the image tokenizer preset v2-SIZE; None: the named preset's, or 64
+    image_tokenizer_preset: str | None = None
+    generator_preset: str = "emoji-small"
+    encoder: str | None = None  # an encoder or CLIP folder ("clip:PATH" insists on a CLIP) instead of training one
+    device: str = "auto"
+    steps_scale: float = 1.0  # x each trainer's default length: image tokenizer steps, encoder epochs, generator steps
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    output: Path  # what the stage makes: with OUT/stages/NAME.json beside, the stage is done
+    settings: dict  # what it runs with; a done stage made with other settings is refused, not reused
+    run: Callable[[], dict | None]  # does the work; returns its held-out quality numbers (None: none measured)
+
+
+def image_tokenizer_preset(image_size: int | None, preset: str | None) -> str:
+    """The preset to train: the one named (refused if it is not of --image-size), else v2-SIZE."""
+    from racm3.tokenizers.image import ImageTokenizerConfig, image_tokenizer_presets, read_preset
+
+    if image_size is not None and image_size not in IMAGE_SIZES:
+        raise ValueError(f"--image-size must be one of {', '.join(map(str, IMAGE_SIZES))}, got {image_size}")
+    if preset is None:
+        preset = f"v2-{image_size or DEFAULT_IMAGE_SIZE}"
+        try:
+            read_preset(preset)
+        except ValueError:
+            raise ValueError(f"--image-size {image_size or DEFAULT_IMAGE_SIZE} trains the image tokenizer preset "
+                             f"{preset!r}, which is not installed (racm3/tokenizers/image_presets/{preset}.json); "
+                             f"name one with --image-tokenizer-preset: {', '.join(image_tokenizer_presets())} or a "
+                             "PRESET.json") from None
+    size = ImageTokenizerConfig.from_preset(preset).image_size
+    if image_size is not None and size != image_size:
+        raise ValueError(f"--image-tokenizer-preset {preset} takes {size} px images, not --image-size {image_size}; "
+                         "give one of the two, or a preset of that size")
+    return preset
+
+
+def _scaled(n: int, scale: float) -> int:
+    return max(1, round(n * scale))
+
+
+def _given_encoder(spec: str) -> Path:
+    """The folder of --encoder PATH or clip:PATH, checked to load (a CLIP for clip:) before any work starts."""
+    from racm3.retrieval.encoder import ClipEncoder, load_encoder
+
+    clip = spec.startswith("clip:")
+    path = Path(spec[len("clip:"):] if clip else spec)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"--encoder {spec}: no config.json in {path}; give an encoder folder (written by "
+                                "`racm3 train encoder`, or a model folder's encoder/) or a CLIP folder")
+    encoder = load_encoder(path)  # a broken folder fails here, not after the tokenizers have trained
+    if clip and not isinstance(encoder, ClipEncoder):
+        raise ValueError(f"--encoder {spec}: {path} is not a CLIP folder; drop the clip: prefix to use it as it is")
+    return path
+
+
+def _check_context(generator_preset: str, image_preset: str) -> None:
+    """Refuse a generator preset whose context cannot hold the main document and one retrieved document."""
+    from racm3.generator.model import get_preset
+    from racm3.tokenizers.image import ImageTokenizerConfig
+
+    max_len = get_preset(generator_preset).max_len
+    n = ImageTokenizerConfig.from_preset(image_preset).tokens_per_image
+    # <bos> [<doc> caption <img> codes </img> </doc>] caption <img> codes </img> <eos>
+    need = 2 * (n + CAPTION_TOKENS) + 8
+    if max_len < need:
+        raise ValueError(f"--generator-preset {generator_preset}: its {max_len}-token context cannot hold a retrieved "
+                         f"document beside the main one at {n} codes per image ({image_preset}: {need} tokens); "
+                         "choose a preset with a longer context (e.g. medium) or a smaller --image-size")
+
+
+def plan(opts: TrainAllOptions, log: Callable[[str], None] = print) -> list[Stage]:
+    """The stages, in order; every option is checked here, before anything is written."""
+    from racm3.generator.train import TrainConfig
+    from racm3.readers import detect_format
+    from racm3.retrieval.train_encoder import TrainEncoderConfig
+    from racm3.runtime import resolve_device
+    from racm3.splits import HELDOUT_SHARE
+    from racm3.tokenizers.image_train import preset_train_config
+
+    detect_format(opts.dataset)  # a missing or unreadable path fails before OUT is created
+    if not opts.steps_scale > 0:
+        raise ValueError(f"--steps-scale must be above 0, got {opts.steps_scale}")
+    if opts.out.exists() and not opts.out.is_dir():
+        raise ValueError(f"{opts.out} is a file; give a folder for OUT")
+    resolve_device(opts.device)
+    vq_preset = image_tokenizer_preset(opts.image_size, opts.image_tokenizer_preset)
+    vq_steps = _scaled(preset_train_config(vq_preset).steps, opts.steps_scale)
+    _check_context(opts.generator_preset, vq_preset)
+    given = _given_encoder(opts.encoder) if opts.encoder is not None else None
+
+    out = opts.out
+    data, model, memory = out / "data", out / "model", out / "memory"
+    encoder_dir = given or out / "encoder"
+    epochs = _scaled(TrainEncoderConfig.epochs, opts.steps_scale)  # the trainers' dataclass defaults, scaled
+    gen_steps = _scaled(TrainConfig.steps, opts.steps_scale)
+
+    def heldout() -> bool:  # the data stage's row counts the held-out documents: no other stage reads them twice
+        return _read_row(out, "data")["quality"]["heldout"] > 0
+
+    def make_data() -> dict:
+        from racm3.documents import write_jsonl_dataset
+        from racm3.readers import ReadReport, read_documents
+        from racm3.splits import with_split
+
+        report, splits = ReadReport(), Counter()
+
+        def split_docs():
+            for d in read_documents(opts.dataset, report=report):
+                d = with_split(d)
+                splits[d.meta["split"]] += 1
+                yield d
+
+        n = write_jsonl_dataset(split_docs(), data)
+        if report.skipped:
+            log(report.summary())
+        if not n:
+            raise ValueError(f"{opts.dataset}: no readable documents (skipped {report.skipped} bad records)")
+        return {"documents": n, "train": splits["train"], "heldout": splits["heldout"], "skipped": report.skipped}
+
+    def text_tokenizer() -> dict | None:
+        from racm3.readers import read_documents
+        from racm3.splits import in_split
+        from racm3.tokenizers.text import train_text_tokenizer
+
+        tok, _ = train_text_tokenizer(data, out / "text_tokenizer")
+        captions = [t for d in in_split(read_documents(data), "heldout") for t in d.texts] if heldout() else []
+        if not captions:
+            return None
+        return {"heldout_tokens_per_caption": sum(len(tok.encode(c)) for c in captions) / len(captions)}
+
+    def image_tokenizer() -> dict | None:
+        from racm3.tokenizers.image import ImageTokenizer
+        from racm3.tokenizers.image_train import evaluate_image_tokenizer, load_split_images, train_image_tokenizer
+
+        cfg = preset_train_config(vq_preset, steps=vq_steps, device=opts.device)
+        train_image_tokenizer(data, out / "image_tokenizer", vq_preset, cfg, resume=True)
+        if not heldout():
+            return None
+        tok = ImageTokenizer.from_pretrained(out / "image_tokenizer")
+        r = evaluate_image_tokenizer(tok, load_split_images(data, "heldout", tok.image_size), rfid=False)
+        return {"heldout_psnr": r["psnr"], "codebook_usage": r["codebook_usage"],
+                "tokens_per_image": r["tokens_per_image"]}
+
+    def encoder() -> None:  # its quality is measured through the memory: the memory stage's recall
+        if given is None:
+            from racm3.retrieval.train_encoder import train_encoder
+
+            train_encoder(data, encoder_dir, TrainEncoderConfig(epochs=epochs, device=opts.device), log=log,
+                          resume=True)
+
+    def assemble_tokenizers() -> None:
+        from racm3.pretrained import assemble
+
+        # the generators must see image codes as the model folder's (float16) VQ gives them: assembled first
+        assemble(model, text_tokenizer=out / "text_tokenizer", image_tokenizer=out / "image_tokenizer",
+                 encoder=encoder_dir)
+
+    def build_memory() -> dict | None:
+        from racm3.readers import read_documents
+        from racm3.retrieval import Memory, load_encoder
+        from racm3.retrieval.evaluate import evaluate_retrieval
+
+        if memory.exists():  # left by a run cut short before its row was written: built again from nothing
+            shutil.rmtree(memory)
+        enc = load_encoder(model / "encoder").to(resolve_device(opts.device))
+        with Memory.create(memory, enc.name, enc.dim) as mem:  # every document: retrieval may find held-out ones
+            mem.add_documents(list(read_documents(data)), enc)
+        if not heldout():
+            return None
+        r = evaluate_retrieval(memory, data, "heldout", model / "encoder")["through_memory"]
+        return {"caption_to_doc_recall@1": r["text_to_image"]["recall@1"],
+                "image_to_own_doc_recall@1": r["image_to_text"]["recall@1"]}
+
+    def generator(k: int, run_dir: Path, batch_size: int) -> Callable[[], dict | None]:
+        def run() -> dict | None:
+            from racm3.generator.data import Recipe
+            from racm3.generator.train import train
+
+            last = train(TrainConfig(dataset=data, out=run_dir, memory=memory if k else None, tokenizers=model,
+                                     encoder=model / "encoder", preset=opts.generator_preset, steps=gen_steps,
+                                     batch_size=batch_size, device=opts.device, resume=True, recipe=Recipe(k=k)))
+            # the trainer measures held-out NLL only where documents have a concept drawn in two styles
+            names = {"loss": "train_loss", "nll_none": "heldout_nll_no_context", "nll_self": "heldout_nll_self",
+                     "context_benefit": "context_benefit"}
+            return {new: last[old] for old, new in names.items() if old in last} or None
+        return run
+
+    def assemble_generators() -> None:
+        from racm3.pretrained import assemble
+
+        assemble(model, generator=out / "generator", generator_k0=out / "generator_k0")
+
+    return [
+        Stage("data", data, {"dataset": str(opts.dataset.resolve()), "heldout_share": HELDOUT_SHARE}, make_data),
+        Stage("text-tokenizer", out / "text_tokenizer", {}, text_tokenizer),
+        Stage("image-tokenizer", out / "image_tokenizer", {"preset": vq_preset, "steps": vq_steps}, image_tokenizer),
+        Stage("encoder", encoder_dir, {"given": str(given.resolve())} if given else {"epochs": epochs}, encoder),
+        Stage("assemble-tokenizers", model, {}, assemble_tokenizers),
+        Stage("memory", memory, {"index": "flat"}, build_memory),
+        Stage("generator", out / "generator", {"preset": opts.generator_preset, "steps": gen_steps,
+                                               "batch_size": GENERATOR_BATCH},
+              generator(2, out / "generator", GENERATOR_BATCH)),
+        Stage("generator-k0", out / "generator_k0", {"preset": opts.generator_preset, "steps": gen_steps,
+                                                     "batch_size": BASELINE_BATCH},
+              generator(0, out / "generator_k0", BASELINE_BATCH)),
+        Stage("assemble-generators", model, {}, assemble_generators),
+    ]
+
+
+def _row_path(out: Path, name: str) -> Path:
+    return out / STAGES_DIR / f"{name}.json"
+
+
+def _read_row(out: Path, name: str) -> dict:
+    return json.loads(_row_path(out, name).read_text(encoding="utf-8"))
+
+
+def _done(out: Path, stage: Stage) -> bool:
+    """Whether a stage's row and output exist; a row written with other settings is refused (ValueError)."""
+    path = _row_path(out, stage.name)
+    if not path.is_file() or not stage.output.exists():
+        return False
+    row = _read_row(out, stage.name)
+    if row["settings"] != stage.settings:
+        raise ValueError(f"{path}: stage {stage.name} was done with {row['settings']}, not {stage.settings}; give "
+                         f"another OUT, or delete {path} (and the rows of the stages after it) to run it again")
+    return True
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def train_all(opts: TrainAllOptions, log: Callable[[str], None] = print) -> dict:
+    """Run every stage not done yet, in order; write and return the summary (OUT/summary.json)."""
+    stages = plan(opts, log)
+    done = [_done(opts.out, s) for s in stages]
+    if False in done:
+        first = done.index(False)
+        later = [s.name for s in stages[first + 1:] if _row_path(opts.out, s.name).is_file()]
+        if later:  # they were made from the outputs this stage is about to replace
+            raise ValueError(f"stage {stages[first].name} is not done but later ones are ({', '.join(later)}); "
+                             f"delete their rows in {opts.out / STAGES_DIR} and their folders to train them again")
+    rows = []
+    for i, (stage, skip) in enumerate(zip(stages, done), 1):
+        if skip:
+            row = {**_read_row(opts.out, stage.name), "status": "skipped"}
+            log(f"[{i}/{len(stages)}] {stage.name}: done already, skipped ({stage.output})")
+        else:
+            t0 = time.perf_counter()
+            quality = stage.run()
+            row = {"stage": stage.name, "output": str(stage.output), "settings": stage.settings,
+                   "seconds": round(time.perf_counter() - t0, 1), "bytes": _size(stage.output), "quality": quality}
+            _write_json(_row_path(opts.out, stage.name), row)
+            row = {**row, "status": "ran"}
+            log(f"[{i}/{len(stages)}] {stage.name}: {row['seconds']:.1f} s, {_human(row['bytes'])} -> {stage.output}")
+        rows.append(row)
+    summary = {"dataset": str(opts.dataset), "model": str(opts.out / "model"), "memory": str(opts.out / "memory"),
+               "stages": rows}
+    _write_json(opts.out / SUMMARY_FILE, summary)
+    return summary
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    """Written whole or not at all (a temporary file renamed): a row is never half there."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KB", "MB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GB"
+
+
+def format_summary(summary: dict) -> str:
+    """The summary as a table: stage, ran or skipped, seconds (of the run that made it), size, held-out quality."""
+    lines = [f"{'stage':20s} {'status':8s} {'time':>9s} {'size':>9s}  quality (held-out unless named train)"]
+    for r in summary["stages"]:
+        quality = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                            for k, v in (r["quality"] or {}).items())
+        lines.append(f"{r['stage']:20s} {r['status']:8s} {r['seconds']:>7.1f} s {_human(r['bytes']):>9s}  "
+                     f"{quality or '-'}")
+    lines.append(f"model: {summary['model']}  memory: {summary['memory']}")
+    return "\n".join(lines)

@@ -1,0 +1,119 @@
+"""Issue 16, item 1: `racm3 train all` takes a data set the test makes (Parquet, WebDataset) to a model folder that
+loads, generates both ways and passes the loader's identity checks; a second run skips every stage."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from generator_fixtures import shape_documents
+from test_cli_errors import one_line_error
+from test_encoder import make_tiny_clip
+from test_readers import encode, write_source
+
+from racm3.cli import app
+from racm3.splits import HELDOUT, TRAIN, split_by_id
+
+STAGES = ["data", "text-tokenizer", "image-tokenizer", "encoder", "assemble-tokenizers", "memory", "generator",
+          "generator-k0", "assemble-generators"]
+# tiny presets and about 1% of every trainer's default length: the whole pipeline in seconds
+TINY = ["--image-tokenizer-preset", "tiny", "--generator-preset", "tiny", "--steps-scale", "0.01", "--device", "cpu"]
+
+
+def shapes_dataset(fmt: str, root: Path) -> Path:
+    """48 coloured shapes (16x16) with captions and no split field: train all must make the split itself."""
+    return write_source(fmt, root, [(d.id, encode(d.image), d.text) for d in shape_documents()])
+
+
+def run(args: list[str]):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.mark.parametrize("fmt, clip", [("parquet", False), ("webdataset", True)])
+def test_train_all_makes_a_model_that_generates_both_ways(tmp_path: Path, fmt: str, clip: bool) -> None:
+    from racm3.pipeline import RACM3
+    from racm3.retrieval.encoder import ClipEncoder
+    from racm3.retrieval.memory import Memory
+
+    dataset, out = shapes_dataset(fmt, tmp_path / "src"), tmp_path / "run"
+    extra = []
+    if clip:  # a given CLIP instead of training the image tower
+        make_tiny_clip(tmp_path / "clip")
+        extra = ["--encoder", f"clip:{tmp_path / 'clip'}"]
+    result = run(["train", "all", dataset, out, *TINY, *extra])
+    assert result.exit_code == 0, (result.output, result.exception)
+
+    summary = json.loads((out / "summary.json").read_text())
+    rows = {r["stage"]: r for r in summary["stages"]}
+    assert [r["stage"] for r in summary["stages"]] == STAGES
+    assert all(r["status"] == "ran" and r["seconds"] >= 0 and r["bytes"] > 0 for r in rows.values())
+    data = rows["data"]["quality"]
+    assert data["documents"] == 48 and data["heldout"] > 0 and data["train"] + data["heldout"] == 48
+    assert rows["text-tokenizer"]["quality"]["heldout_tokens_per_caption"] > 0
+    assert rows["image-tokenizer"]["quality"]["heldout_psnr"] > 0
+    assert 0 <= rows["memory"]["quality"]["image_to_own_doc_recall@1"] <= 1
+    assert "train_loss" in rows["generator"]["quality"] and "train_loss" in rows["generator-k0"]["quality"]
+    assert "image-tokenizer" in result.output and "assemble-generators" in result.output  # the table
+
+    model = RACM3.from_pretrained(out / "model", device="cpu")  # check_vocab: the code fingerprint
+    assert model.generator.racm3["image_codes"] == model.tokenizer.image_code_fingerprint()
+    assert isinstance(model.encoder, ClipEncoder) == clip
+    with Memory.open(out / "memory") as memory:
+        assert memory.info()["encoder"] == model.encoder.name and len(memory) == 48
+        image = model.generate_image("red circle", memory=memory, k=1, num_samples=1)
+        assert image.image.size == (16, 16) and len(image.sources) == 1
+        caption = model.generate_text(image.image, memory=memory, k=1, num_samples=1)
+        assert isinstance(caption.text, str) and caption.sources
+    baseline = RACM3.from_pretrained(out / "model", generator="generator_k0", device="cpu")
+    assert baseline.generate_image("red circle", k=0, num_samples=1).image.size == (16, 16)
+
+    t0 = time.perf_counter()
+    again = run(["train", "all", dataset, out, *TINY, *extra])
+    assert again.exit_code == 0, (again.output, again.exception)
+    assert time.perf_counter() - t0 < 10
+    assert again.output.count("done already, skipped") == len(STAGES)
+    rerun = json.loads((out / "summary.json").read_text())["stages"]
+    assert [r["status"] for r in rerun] == ["skipped"] * len(STAGES)
+    assert [r["seconds"] for r in rerun] == [rows[s]["seconds"] for s in STAGES]  # the times of the run that made them
+
+    # a done stage is never reused with other settings
+    changed = run(["train", "all", dataset, out, *TINY[:2], "--generator-preset", "emoji-small", *TINY[4:], *extra])
+    one_line_error(changed, "generator.json", "emoji-small")
+
+    # a stage whose row is gone runs again (a trainer resumes from its checkpoint), and so must every later one
+    (out / "stages" / "generator.json").unlink()
+    one_line_error(run(["train", "all", dataset, out, *TINY, *extra]), "generator", "generator-k0",
+                   "assemble-generators")
+    for name in ("generator-k0", "assemble-generators"):
+        (out / "stages" / f"{name}.json").unlink()
+    resumed = run(["train", "all", dataset, out, *TINY, *extra])
+    assert resumed.exit_code == 0, (resumed.output, resumed.exception)
+    statuses = [r["status"] for r in json.loads((out / "summary.json").read_text())["stages"]]
+    assert statuses == ["skipped"] * 6 + ["ran"] * 3
+    RACM3.from_pretrained(out / "model", device="cpu")
+
+
+def test_missing_dataset_is_one_line_and_creates_nothing(tmp_path: Path) -> None:
+    result = run(["train", "all", tmp_path / "nowhere", tmp_path / "run", *TINY])
+    one_line_error(result, str(tmp_path / "nowhere"), "no such file or folder")
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_options_are_refused_before_anything_is_written(tmp_path: Path) -> None:
+    dataset = shapes_dataset("parquet", tmp_path / "src")
+    one_line_error(run(["train", "all", dataset, tmp_path / "run", "--image-size", "96"]), "--image-size", "96")
+    one_line_error(run(["train", "all", dataset, tmp_path / "run", "--image-size", "64", *TINY]),
+                   "tiny", "16 px", "--image-size 64")
+    one_line_error(run(["train", "all", dataset, tmp_path / "run", "--image-size", "256"]), "v2-256")
+    assert not (tmp_path / "run").exists()
+
+
+def test_split_by_id_is_stable_and_holds_out_about_a_tenth() -> None:
+    ids = [f"doc-{i}" for i in range(2000)]
+    splits = [split_by_id(i) for i in ids]
+    assert set(splits) == {TRAIN, HELDOUT} and 150 < splits.count(HELDOUT) < 250
+    assert split_by_id("doc-7") == split_by_id("doc-7")  # a hash of the id, not of the process
