@@ -406,23 +406,30 @@ def train_assemble_cmd(
 def train_image_tokenizer_cmd(
     dataset_dir: Path = typer.Argument(..., help="Dataset folder (docs.jsonl + images/); only split == 'train' is used."),
     out_dir: Path = typer.Argument(..., help="Where the tokenizer goes (config.json + model.safetensors + checkpoint.safetensors)."),
-    preset: str = typer.Option("emoji-8x8", help="Architecture preset: tiny, emoji-8x8, emoji-16x16."),
-    steps: int = typer.Option(2000, help="Optimiser steps in total (a resumed run continues up to this)."),
-    batch_size: int = typer.Option(32, help="Images per step."),
-    lr: float = typer.Option(1e-3, help="Peak learning rate (warm-up, then cosine decay)."),
-    seed: int = typer.Option(0, help="Random seed (initialisation and batches)."),
+    preset: str = typer.Option("emoji-8x8", help="Preset (architecture and training settings): a file name "
+                               "in racm3/tokenizers/image_presets/ without .json, or a PRESET.json of your own."),
+    steps: Optional[int] = typer.Option(None, help="Optimiser steps in total (a resumed run continues up to this); "
+                                        "default: the preset's."),
+    batch_size: Optional[int] = typer.Option(None, help="Images per step; default: the preset's (32)."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (warm-up, then cosine decay); default: the preset's."),
+    perceptual_weight: Optional[float] = typer.Option(None, help="Weight of the Inception perceptual term (0: off); "
+                                                      "default: the preset's."),
+    gan_weight: Optional[float] = typer.Option(None, help="Weight of the patch discriminator's term (0: off); "
+                                               "default: the preset's."),
+    seed: Optional[int] = typer.Option(None, help="Random seed (initialisation and batches)."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's, all cores)."),
     resume: bool = typer.Option(False, "--resume", help=RESUME_HELP),
     device: str = typer.Option("auto", help=DEVICE_HELP),
-    precision: str = typer.Option("auto", help=PRECISION_HELP + " The encoder and decoder only: the quantizer "
-                                  "stays float32; the shipped VQ was trained in fp32."),
+    precision: Optional[str] = typer.Option(None, help=PRECISION_HELP + " The encoder and decoder only: the quantizer "
+                                            "stays float32; default: the preset's (the shipped VQ's is fp32)."),
 ) -> None:
-    """Train the VQ image tokenizer (reconstruction L2 + L1 + commitment); progress bar, checkpoints, resume."""
-    from racm3.tokenizers.image_train import ImageTrainConfig, train_image_tokenizer
+    """Train the image tokenizer (pixel L2 + L1 + commitment, and the preset's perceptual and adversarial terms)."""
+    from racm3.tokenizers.image_train import preset_train_config, train_image_tokenizer
 
     with _user_errors():
-        cfg = ImageTrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, threads=threads, device=device,
-                               precision=precision)
+        cfg = preset_train_config(preset, steps=steps, batch_size=batch_size, lr=lr, seed=seed, threads=threads,
+                                  device=device, precision=precision, perceptual_weight=perceptual_weight,
+                                  gan_weight=gan_weight)
         summary = train_image_tokenizer(dataset_dir, out_dir, preset, cfg, resume=resume)
     typer.echo(f"saved image tokenizer ({summary['preset']}, {summary['steps']} steps, "
                f"{summary['elapsed_s']:.0f} s of training) to {out_dir}")
@@ -763,6 +770,8 @@ def eval_knowledge_cmd(
     limit: int = typer.Option(100, help="Held-out query documents (one per concept first)."),
     samples: int = typer.Option(4, help="Samples per output, reranked by the encoder."),
     guidance: float = typer.Option(3.0, help="Classifier-free guidance for caption->image."),
+    caption_rerank: str = typer.Option("image", help="How image->caption keeps one sample: image (the paper's "
+                                       "caption-image score) or source (similarity to the best-matching source's caption)."),
     rows: Optional[str] = typer.Option(None, help="Comma-separated rows to run; default: all seven."),
     fid: bool = typer.Option(True, "--fid/--no-fid", help="Inception FID of each row's images."),
     seed: int = typer.Option(0, help="Random seed (query choice and sampling)."),
@@ -781,6 +790,7 @@ def eval_knowledge_cmd(
     log = lambda m: typer.echo(m, err=True)  # noqa: E731  progress on stderr keeps --json clean
     with _user_errors():
         cfg = KnowledgeConfig(limit=limit, samples=samples, guidance=guidance, seed=seed, fid=fid,
+                              caption_rerank=caption_rerank,
                               rows=tuple(r.strip() for r in rows.split(",")) if rows else ROWS)
         result = knowledge(model, baseline, memory, dataset, cfg, log=log, judge_encoder_dir=judge_encoder)
     if as_json:
