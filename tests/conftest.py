@@ -14,9 +14,12 @@ STEPS = 80
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
-    """(root, TrainConfig, MultimodalTokenizer, generator): a tiny generator trained STEPS steps (lessons only)."""
+    """(root, TrainConfig, MultimodalTokenizer, generator): a tiny generator trained STEPS steps (lessons only).
+
+    It trains the v1 recipe, which the tests using it were written against (test_recipe.py trains v2)."""
     from generator_fixtures import write_shape_dataset, write_tiny_tokenizers
 
+    from racm3.generator.data import RECIPES
     from racm3.generator.model import load_generator
     from racm3.generator.train import TrainConfig, load_tokenizers, train
 
@@ -25,7 +28,8 @@ def trained(tmp_path_factory):
     write_tiny_tokenizers(root / "tok")
     cfg = TrainConfig(dataset=root / "data", out=root / "run", tokenizers=root / "tok", preset="tiny", steps=STEPS,
                       batch_size=16, lr=3e-3, warmup=5, log_every=5, eval_every=20, save_every=20, eval_docs=8,
-                      progress=False, save_dtype="float32", threads=1, snapshot_every=40)
+                      progress=False, save_dtype="float32", threads=1, snapshot_every=40,
+                      recipe=RECIPES["v1"])
     train(cfg)
     return root, cfg, load_tokenizers(root / "tok"), load_generator(root / "run")
 

@@ -159,41 +159,6 @@ def test_generator_refuses_an_image_tokenizer_whose_codes_mean_other_pictures(tr
     assert half.code_fingerprint() == mt.image.code_fingerprint()
 
 
-def test_contexts_follow_the_recipe(trained):
-    root, _, mt, _ = trained
-    docs = [d for d in shape_documents() if d.split == "train"]
-    bank = ExampleBank(tokenize_documents(docs, mt))
-    rng = np.random.default_rng(0)
-    recipe = Recipe(copy_rate=1.0, sibling_rate=0.0, cross_style_rate=0.0, distractor_rate=0.0)
-    assert all(bank.context(i, recipe, rng) == [i] for i in bank.ids)
-    recipe = Recipe(copy_rate=0.0, sibling_rate=0.0, cross_style_rate=1.0, distractor_rate=0.0)
-    for i in bank.ids:
-        (other,) = bank.context(i, recipe, rng)
-        assert bank.docs[other].concept == bank.docs[i].concept and bank.docs[other].style != bank.docs[i].style
-    assert bank.context(bank.ids[0], Recipe(k=0), rng) == []
-
-
-def test_relabel_lessons_can_only_be_solved_by_copying_the_context(trained):
-    _, _, mt, _ = trained
-    docs = [d for d in shape_documents() if d.split == "train"]
-    bank, v = ExampleBank(tokenize_documents(docs, mt)), mt.vocab
-    rng = np.random.default_rng(0)
-    recipe = Recipe(relabel_rate=1.0, mask_rate=0.0)
-    for i in bank.ids[:12]:
-        seq = bank.sample(i, v, recipe, rng)
-        d = bank.docs[i]
-        doc_start = [t for t, tok in enumerate(seq.ids) if tok == v.doc_id]
-        doc_end = [t for t, tok in enumerate(seq.ids) if tok == v.doc_end_id]
-        contexts = [seq.ids[a + 1:b] for a, b in zip(doc_start, doc_end)]
-        main = seq.ids[doc_end[-1] + 1:-1]  # after the last </doc>, before <eos>
-        assert main[:len(d.image)] == list(d.image)  # image first: this document's drawing...
-        caption = main[len(d.image):]
-        assert caption != list(d.text) and all(v.is_text(t) for t in caption)  # ...named as another concept
-        other = [bank.docs[j] for j in bank.ids if list(bank.docs[j].text) == caption]
-        assert other and all(o.concept != d.concept for o in other)
-        assert main in contexts  # the relabelled copy is in context: copying it is the only way to be right
-
-
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo is exercised on Linux")
 def test_one_and_two_processes_give_the_same_loss_curve(tmp_path):
     """torchrun with 2 gloo processes of 8 sequences each trains like 1 process of 16 (same global batch)."""

@@ -347,13 +347,21 @@ def train_generator_cmd(
     preset: str = typer.Option("emoji-small", help="Generator preset: tiny, emoji-small, medium (~27M, for GPUs), or a PRESET.json of GeneratorConfig fields."),
     k: int = typer.Option(2, "--k", help="At most k documents in context (0 = the no-retrieval CM3 baseline)."),
     alpha: float = typer.Option(0.1, help="Loss weight of retrieved documents' tokens."),
-    copy_rate: float = typer.Option(0.35, help="Share of contexts holding the document itself (0 = the paper's rule)."),
-    sibling_rate: float = typer.Option(0.2, help="Share holding a same-concept, same-style sibling."),
-    cross_style_rate: float = typer.Option(0.2, help="Share holding the other art style's drawing of the concept."),
-    distractor_rate: float = typer.Option(0.25, help="Chance to add another concept's drawing where there is room."),
-    mask_rate: float = typer.Option(0.25, help="Share of sequences CM3-masked (the rest plain causal)."),
-    relabel_rate: float = typer.Option(0.0, help="Share of relabel lessons: image first, caption swapped for another "
-                                                 "concept's in the document and its copy in context (copy, not recall)."),
+    recipe: str = typer.Option("v2", help="Lesson shares to start from: v2, or v1 (the shipped emoji-small's, "
+                               "which scripts/train_emoji_small.sh reproduces); the options below change single shares."),
+    copy_rate: Optional[float] = typer.Option(None, help="Share of sequences whose context holds the document itself "
+                                              "(0 = the paper's rule); default: the recipe's."),
+    sibling_rate: Optional[float] = typer.Option(None, help="Share holding a same-concept, same-style sibling."),
+    cross_style_rate: Optional[float] = typer.Option(None, help="Share holding the other art style's drawing of the concept."),
+    relabel_rate: Optional[float] = typer.Option(None, help="Share of caption lessons: image first, caption swapped for "
+                                                 "another concept's in the document and its copy in context (copy, not recall)."),
+    distractor_rate: Optional[float] = typer.Option(None, help="Share of distractor lessons: the document among other "
+                                                    "concepts' documents, the prompt decides which to copy."),
+    style_rate: Optional[float] = typer.Option(None, help="Share of style lessons: demonstrations of other concepts in the "
+                                               "document's style, then the document (caption -> image)."),
+    extra_distractor_rate: Optional[float] = typer.Option(None, help="v1's distractors: chance to add another concept's "
+                                                          "drawing to any context with room."),
+    mask_rate: Optional[float] = typer.Option(None, help="Share of sequences CM3-masked (the rest plain causal)."),
     steps: int = typer.Option(1500, help="Optimizer steps."),
     batch_size: int = typer.Option(24, help="Sequences per step (per process under torchrun)."),
     lr: float = typer.Option(1e-3, help="Peak learning rate (AdamW, warmup then cosine)."),
@@ -367,16 +375,19 @@ def train_generator_cmd(
     precision: str = typer.Option("auto", help=PRECISION_HELP),
 ) -> None:
     """Train the RA-CM3 generator on retrieval-augmented CM3 sequences (also under torchrun --nproc-per-node N)."""
-    from racm3.generator.data import Recipe
+    from dataclasses import replace
+
+    from racm3.generator.data import get_recipe
     from racm3.generator.train import TrainConfig, train
 
+    given = {"copy_rate": copy_rate, "sibling_rate": sibling_rate, "cross_style_rate": cross_style_rate,
+             "relabel_rate": relabel_rate, "distractor_rate": distractor_rate, "style_rate": style_rate,
+             "extra_distractor_rate": extra_distractor_rate, "mask_rate": mask_rate}
     with _user_errors():
-        recipe = Recipe(k=k, alpha=alpha, copy_rate=copy_rate, sibling_rate=sibling_rate,
-                        cross_style_rate=cross_style_rate, distractor_rate=distractor_rate, mask_rate=mask_rate,
-                        relabel_rate=relabel_rate)
+        shares = replace(get_recipe(recipe), k=k, alpha=alpha, **{n: v for n, v in given.items() if v is not None})
         cfg = TrainConfig(dataset=dataset_dir, memory=memory_dir if k else None, out=out_dir, tokenizers=tokenizers, encoder=encoder,
                           preset=preset, steps=steps, batch_size=batch_size, lr=lr, seed=seed, threads=threads,
-                          resume=resume, snapshot_every=snapshot_every, recipe=recipe, device=device,
+                          resume=resume, snapshot_every=snapshot_every, recipe=shares, device=device,
                           precision=precision, loader_workers=loader_workers)
         last = train(cfg)
     if last:  # rank 0 under torchrun; the other ranks return no metrics and say nothing

@@ -2,59 +2,106 @@
 
 The paper (Sec. 3.3) retrieves with the training document's text or image part, drops 20% of the query,
 skips near-duplicates (score > 0.9) and trains on [retrieved][main] with the CM3 objective. At our scale a
-generator trained only that way memorizes its training set and ignores its context (docs/design.md, "Teaching a small
-generator to use its memory"), so the context also holds *lessons*: the document itself (learn to copy), a
-same-concept sibling in the same style (a skin-tone variant: copy and adapt), the other style's drawing of
-the concept (transfer), and distractors (another concept's drawing: learn to check the caption first).
+generator trained only that way memorizes its training set and ignores its context (docs/design.md, "Teaching a
+small generator to read its memory"), so a share of the sequences are *lessons*, each built so that one use of
+the context is necessary (Recipe has the shares):
+
+- copy: the document itself in context (copy the image, or the caption);
+- sibling: a same-concept, same-style document (a skin-tone variant: copy and adapt);
+- cross_style: the other style's drawing of the concept (transfer);
+- relabel (caption lessons): image first, the caption swapped for another concept's in the main document and in
+  its copy in context: only the context says what this image is called, recalling the memorised name is wrong;
+- distractor: the document and 1..k-1 documents of other concepts (of its style or another), in random order:
+  the caption (caption -> image) or the image (image -> caption) decides which document to copy;
+- style: k demonstrations of *other* concepts, all in the document's style S, then the document caption first;
+  its concept is drawn in another style too, so only the demonstrations say which style to draw.
+
+The rest is the paper's retrieval, k ~ U{0..K}. A lesson a document cannot have (no sibling, a concept drawn in
+one style only, no other concept to borrow from) falls back to retrieval.
+
+Documents without a concept (a folder or Parquet of captioned images) take one from their nearest neighbours in
+the memory (train.retrieval_candidates finds them): siblings are the nearest by image, cross-style partners the
+nearest by caption that are not near by image, and "another concept" is any document outside both lists whose
+caption differs. Style lessons need a style: documents without one never get them.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
 
-from racm3.tokenizers.sequence import Sequence, build_sequence, cm3_mask, collate
+from racm3.tokenizers.sequence import Sequence, build_sequence, cm3_mask, collate, fit_documents
 from racm3.tokenizers.vocab import Vocab
+
+# The lessons, in the order a sequence's uniform draw is matched against their shares (Recipe.lesson).
+LESSONS = ("copy", "sibling", "cross_style", "relabel", "distractor", "style")
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """How training contexts are drawn; shares are per training sequence and are checked to sum to <= 1.
+    """How training sequences are drawn. Each lesson's share (`<lesson>_rate`, LESSONS) is per training sequence;
+    the shares must sum to <= 1 and the rest is the paper's retrieval. The defaults are the v2 recipe;
+    RECIPES["v1"] is the shipped emoji-small's (scripts/train_emoji_small.sh passes --recipe v1).
 
     With k = 0 (the no-retrieval baseline) every context is empty, so the lesson shares have no effect.
     """
 
     k: int = 2  # at most k documents in context (the paper's K)
     alpha: float = 0.1  # loss weight of retrieved tokens (L = L_main + alpha * L_retrieved)
-    copy_rate: float = 0.35  # context = the document itself; 0 = the paper's rule (never retrieve yourself)
-    sibling_rate: float = 0.2  # a same-concept, same-style sibling (skin-tone variant)
-    cross_style_rate: float = 0.2  # the other art style's drawing of the same concept
-    distractor_rate: float = 0.25  # add another concept's drawing where the context has room
+    copy_rate: float = 0.15  # context = the document itself; 0 = the paper's rule (never retrieve yourself)
+    sibling_rate: float = 0.1  # a same-concept, same-style sibling (skin-tone variant)
+    cross_style_rate: float = 0.15  # the other art style's drawing of the same concept
+    relabel_rate: float = 0.15  # caption lessons: another concept's caption on this image, its copy in context
+    distractor_rate: float = 0.15  # the document among distractors: the prompt decides which to copy
+    style_rate: float = 0.1  # demonstrations of other concepts in the document's style decide the style
+    # v1's distractors: another concept's drawing added to any context with room (after a lesson or retrieval),
+    # at this rate; v2 has them as lessons of their own (distractor_rate) instead.
+    extra_distractor_rate: float = 0.0
     mask_rate: float = 0.25  # share of sequences CM3-masked; the rest are plain causal (the generation tasks)
     text_first_rate: float = 0.5  # caption-then-image (caption->image) vs image-then-caption (image->caption)
-    # Relabel lessons: image first, the document's caption swapped for another concept's, in the main document
-    # and in its copy in context. Only the context says what this image is called, so the model must copy the
-    # caption rather than recall the one it memorised for the image (see ExampleBank.relabel).
-    relabel_rate: float = 0.0
 
     def __post_init__(self) -> None:
-        lessons = self.copy_rate + self.sibling_rate + self.cross_style_rate
-        for name in ("copy_rate", "sibling_rate", "cross_style_rate", "distractor_rate", "mask_rate", "text_first_rate",
-                     "relabel_rate"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
-        if lessons > 1.0:
-            raise ValueError(f"copy_rate + sibling_rate + cross_style_rate = {lessons:.2f} > 1")
+        for f in fields(self):
+            if f.name.endswith("_rate") and not 0.0 <= getattr(self, f.name) <= 1.0:
+                raise ValueError(f"{f.name} must lie in [0, 1], got {getattr(self, f.name)}")
+        total = sum(getattr(self, f"{name}_rate") for name in LESSONS)
+        if total > 1.0 + 1e-9:
+            raise ValueError(f"the lesson shares {' + '.join(f'{n}_rate' for n in LESSONS)} = {total:.2f} > 1")
         if self.k < 0:
             raise ValueError(f"k must be >= 0, got {self.k}")
+
+    def lesson(self, r: float) -> str | None:
+        """The lesson a uniform draw r in [0, 1) picks, shares taken in LESSONS order; None: the paper's retrieval."""
+        edge = 0.0
+        for name in LESSONS:
+            edge += getattr(self, f"{name}_rate")
+            if r < edge:
+                return name
+        return None
+
+
+RECIPES = {
+    # The shipped emoji-small: copy, sibling and cross-style lessons, distractors added where there was room.
+    "v1": Recipe(copy_rate=0.35, sibling_rate=0.2, cross_style_rate=0.2, relabel_rate=0.0, distractor_rate=0.0,
+                 style_rate=0.0, extra_distractor_rate=0.25),
+    # Every use of the context a lesson: caption, distractor and style lessons beside the copy lessons.
+    "v2": Recipe(),
+}
+
+
+def get_recipe(name: str) -> Recipe:
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
+    return RECIPES[name]
 
 
 @dataclass(frozen=True)
 class DocTokens:
-    """One document as vocabulary ids: its caption and its image (<img> codes </img>)."""
+    """One document as vocabulary ids: its caption and its image (<img> codes </img>); concept and style are
+    "" where the document has none."""
 
     text: tuple[int, ...]
     image: tuple[int, ...]
@@ -80,7 +127,7 @@ def document_tokens(docs, mt, batch_size: int = 256) -> list[DocTokens]:
         for d in chunk:
             text = tuple(vocab.text_to_vocab(mt.text.encode(d.text))) if d.text else ()
             image = (vocab.img_id, *vocab.image_to_vocab(next(codes)), vocab.img_end_id) if d.image is not None else ()
-            out.append(DocTokens(text, image, d.concept or d.id, d.style or ""))
+            out.append(DocTokens(text, image, d.concept or "", d.style or ""))
     return out
 
 
@@ -89,11 +136,16 @@ def tokenize_documents(docs, mt, batch_size: int = 256) -> dict[str, DocTokens]:
     return {d.id: t for d, t in zip(docs, document_tokens(docs, mt, batch_size))}
 
 
+Lesson = tuple[list[int], list[list[int]]]  # (the main document's ids, the ids of each document in its context)
+
+
 class ExampleBank:
     """Token ids of every training document plus its ranked retrieval candidates (precomputed once).
 
     candidates[doc_id] = {"text": [...], "image": [...]}: ids found by querying the memory with the document's
-    caption or image (with query dropout), near-duplicates and other splits already removed.
+    caption or image (with query dropout), near-duplicates and other splits already removed; for a document
+    without a concept also "text_neighbours" and "image_neighbours": its nearest documents by caption and by
+    image (no dropout, near-duplicates kept), which stand in for its concept (module docstring).
     """
 
     def __init__(self, docs: dict[str, DocTokens], candidates: dict[str, dict[str, list[str]]] | None = None,
@@ -103,86 +155,164 @@ class ExampleBank:
         self.docs, self.max_len = docs, max_len  # max_len: the generator's context (GeneratorConfig.max_len)
         self.ids = sorted(docs)
         self.candidates = candidates or {}
-        self.by_concept_style: dict[tuple[str, str], list[str]] = defaultdict(list)
+        self.by_concept: dict[str, list[str]] = defaultdict(list)
+        self.by_style: dict[str, list[str]] = defaultdict(list)
         for i in self.ids:
-            self.by_concept_style[(docs[i].concept, docs[i].style)].append(i)
+            if docs[i].concept:
+                self.by_concept[docs[i].concept].append(i)
+            self.by_style[docs[i].style].append(i)
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def siblings(self, doc_id: str) -> list[str]:
+    def neighbours(self, doc_id: str, by: str) -> list[str]:
+        """The nearest training documents by caption (by="text") or image (by="image"), nearest first; only
+        documents without a concept have them."""
+        found = self.candidates.get(doc_id, {}).get(f"{by}_neighbours", [])
+        return [i for i in found if i != doc_id and i in self.docs]
+
+    def related(self, doc_id: str) -> set[str]:
+        """The documents taken to show the document's concept, itself included: by concept, else its neighbours."""
         d = self.docs[doc_id]
-        return [i for i in self.by_concept_style[(d.concept, d.style)] if i != doc_id]
+        if d.concept:
+            return set(self.by_concept[d.concept])
+        return {doc_id, *self.neighbours(doc_id, "text"), *self.neighbours(doc_id, "image")}
+
+    def siblings(self, doc_id: str) -> list[str]:
+        """Same concept, same style; without a concept, the nearest document by image (of the same style)."""
+        d = self.docs[doc_id]
+        if d.concept:
+            return [i for i in self.by_concept[d.concept] if i != doc_id and self.docs[i].style == d.style]
+        return [i for i in self.neighbours(doc_id, "image") if self.docs[i].style == d.style][:1]
 
     def other_styles(self, doc_id: str) -> list[str]:
-        """The same caption drawn in another style first, then any same-concept document in another style."""
-        d = self.docs[doc_id]
-        same = [i for (c, s), ids in self.by_concept_style.items() if c == d.concept and s != d.style for i in ids]
-        return sorted(same, key=lambda i: self.docs[i].text != d.text)
+        """The same caption drawn in another style first, then any same-concept document in another style.
 
-    def context(self, doc_id: str, recipe: Recipe, rng: np.random.Generator) -> list[str]:
-        """The ids placed in the document's context for one training sequence (see the module docstring)."""
+        Without a concept: the nearest documents by caption that are not among the nearest by image (the same
+        words drawn otherwise), of another style where the document has one.
+        """
+        d = self.docs[doc_id]
+        if d.concept:
+            same = [i for i in self.by_concept[d.concept] if self.docs[i].style != d.style]
+            return sorted(same, key=lambda i: self.docs[i].text != d.text)
+        near = set(self.neighbours(doc_id, "image"))
+        return [i for i in self.neighbours(doc_id, "text")
+                if i not in near and (not d.style or self.docs[i].style != d.style)]
+
+    def other_concept(self, doc_id: str, rng: np.random.Generator, style: str | None = None,
+                      exclude=()) -> str | None:
+        """A random document of another concept (in `style` when given) and with another caption, not in exclude:
+        a distractor, a style demonstration or the caption a relabel lesson borrows. None after 8 tries."""
+        pool = self.ids if style is None else self.by_style.get(style, [])
+        if not pool:
+            return None
+        related, text = self.related(doc_id), self.docs[doc_id].text
+        for _ in range(8):
+            other = pool[int(rng.integers(len(pool)))]
+            if other not in related and other not in exclude and self.docs[other].text != text:
+                return other
+        return None
+
+    def _fits(self, doc_id: str, context: list[str]) -> bool:
+        """Whether the document with all of context before it fits max_len (build_sequence would drop none)."""
+        size = [len(self.docs[i].text) + len(self.docs[i].image) for i in [doc_id, *context]]
+        return fit_documents(size[1:], size[0] + 1, self.max_len) == len(context)
+
+    def context(self, doc_id: str, lesson: str | None, recipe: Recipe, rng: np.random.Generator) -> list[str]:
+        """The document ids in context for a copy, sibling or cross-style lesson, else the paper's retrieval."""
         if recipe.k == 0:
             return []
-        d = self.docs[doc_id]
-        r = rng.random()
-        lesson: str | None = None
-        if r < recipe.copy_rate:
-            lesson = doc_id
-        elif r < recipe.copy_rate + recipe.sibling_rate:
+        pick: str | None = None
+        if lesson == "copy":
+            pick = doc_id
+        elif lesson == "sibling":
             pool = self.siblings(doc_id) or self.other_styles(doc_id)
-            lesson = pool[int(rng.integers(len(pool)))] if pool else doc_id
-        elif r < recipe.copy_rate + recipe.sibling_rate + recipe.cross_style_rate:
+            pick = pool[int(rng.integers(len(pool)))] if pool else doc_id
+        elif lesson == "cross_style":
             pool = self.other_styles(doc_id)  # same caption first; None falls through to retrieval
-            lesson = pool[0] if pool else None
+            pick = pool[0] if pool else None
         ctx: list[str]
         cands = self.candidates.get(doc_id, {})
         query = "text" if rng.random() < 0.5 else "image"
         retrieved = [c for c in cands.get(query, []) if c != doc_id]
-        if lesson is not None:
+        if pick is not None:
             # A lesson shares the context with a retrieved neighbour half the time: real contexts hold both.
-            ctx = [lesson]
-            if recipe.k > 1 and retrieved and retrieved[0] != lesson and rng.random() < 0.5:
+            ctx = [pick]
+            if recipe.k > 1 and retrieved and retrieved[0] != pick and rng.random() < 0.5:
                 ctx.append(retrieved[0])
         else:
             n = int(rng.integers(0, recipe.k + 1))  # k ~ U{0..K}: the model also learns to work without retrieval
             ctx = retrieved[:n]
-        if len(ctx) < recipe.k and rng.random() < recipe.distractor_rate:
-            # A distractor: another concept's drawing, placed anywhere; the caption decides what to copy.
-            for _ in range(8):
-                other = self.ids[int(rng.integers(len(self.ids)))]
-                if self.docs[other].concept != d.concept and other not in ctx:
-                    ctx.insert(int(rng.integers(len(ctx) + 1)), other)
-                    break
+        if len(ctx) < recipe.k and rng.random() < recipe.extra_distractor_rate:
+            other = self.other_concept(doc_id, rng, exclude=ctx)  # v1: placed anywhere, the caption decides
+            if other is not None:
+                ctx.insert(int(rng.integers(len(ctx) + 1)), other)
         return ctx[: recipe.k]
+
+    def distractor_context(self, doc_id: str, k: int, rng: np.random.Generator) -> list[str] | None:
+        """The document and 1..k-1 distractors, in random order; each distractor of the document's style or of
+        another at random, so neither position nor style says which to copy. None when none can be placed."""
+        d, ctx = self.docs[doc_id], [doc_id]
+        styles = [s for s in self.by_style if s != d.style]
+        for _ in range(int(rng.integers(1, k)) if k > 1 else 0):
+            style = styles[int(rng.integers(len(styles)))] if styles and rng.random() < 0.5 else d.style
+            other = self.other_concept(doc_id, rng, style, exclude=ctx)
+            if other is not None and self._fits(doc_id, ctx + [other]):  # never crowd out the right document
+                ctx.insert(int(rng.integers(len(ctx) + 1)), other)
+        return ctx if len(ctx) > 1 else None
+
+    def style_demos(self, doc_id: str, style: str, k: int, rng: np.random.Generator) -> list[str] | None:
+        """k demonstrations in `style` of other concepts than the document's. None where they would teach nothing:
+        a document without a style, or whose concept is drawn in one style only (its caption alone says the style)."""
+        if not self.docs[doc_id].style or not self.other_styles(doc_id):
+            return None
+        demos: list[str] = []
+        for _ in range(k):
+            other = self.other_concept(doc_id, rng, style, exclude=demos)
+            if other is not None:
+                demos.append(other)
+        return demos or None
+
+    def relabel(self, doc_id: str, recipe: Recipe, rng: np.random.Generator) -> Lesson | None:
+        """A caption lesson: [<doc> image, other caption </doc>] (+ a retrieved neighbour, in random order)
+        [image, other caption], where the other caption is another concept's. None when there is none."""
+        other = self.other_concept(doc_id, rng)
+        if other is None:
+            return None
+        main = list(self.docs[doc_id].image + self.docs[other].text)
+        ctx = [main]
+        neighbour = next((c for c in self.candidates.get(doc_id, {}).get("image", []) if c != doc_id), None)
+        if recipe.k > 1 and neighbour is not None and rng.random() < 0.5:
+            ctx.insert(int(rng.integers(2)), self.docs[neighbour].ids(text_first=False))
+        return main, ctx
+
+    def lesson(self, doc_id: str, recipe: Recipe, rng: np.random.Generator) -> Lesson:
+        """One training sequence's main document and context, as ids, drawn by the recipe (module docstring)."""
+        kind = recipe.lesson(float(rng.random())) if recipe.k else None
+        made: Lesson | None = None
+        if kind == "relabel":
+            made = self.relabel(doc_id, recipe, rng)
+        elif kind == "distractor":
+            ctx = self.distractor_context(doc_id, recipe.k, rng)
+            text_first = bool(rng.random() < recipe.text_first_rate)
+            made = None if ctx is None else self._ids(doc_id, ctx, text_first)
+        elif kind == "style":
+            demos = self.style_demos(doc_id, self.docs[doc_id].style, recipe.k, rng)
+            made = None if demos is None else self._ids(doc_id, demos, text_first=True)  # caption -> image
+        if made is not None:
+            return made
+        ctx = self.context(doc_id, kind, recipe, rng)
+        return self._ids(doc_id, ctx, text_first=bool(rng.random() < recipe.text_first_rate))
+
+    def _ids(self, doc_id: str, context: list[str], text_first: bool) -> Lesson:
+        return self.docs[doc_id].ids(text_first), [self.docs[c].ids(text_first) for c in context]
 
     def sequence(self, doc_id: str, context: list[str], vocab: Vocab, recipe: Recipe, text_first: bool) -> Sequence:
         """[<doc> c1 </doc>]...[main]: every document in the same order (caption first or image first)."""
-        return build_sequence(self.docs[doc_id].ids(text_first), [self.docs[c].ids(text_first) for c in context],
-                              vocab, alpha=recipe.alpha, max_len=self.max_len)
-
-    def relabel(self, doc_id: str, vocab: Vocab, recipe: Recipe, rng: np.random.Generator) -> Sequence:
-        """A relabel lesson: [<doc> image, other caption </doc>] (+ a retrieved neighbour, in random order)
-        [image, other caption], where the other caption is a different concept's."""
-        d = self.docs[doc_id]
-        for _ in range(8):
-            other = self.docs[self.ids[int(rng.integers(len(self.ids)))]]
-            if other.concept != d.concept:
-                break
-        main = list(d.image + other.text)
-        ctx = [main]
-        cands = self.candidates.get(doc_id, {}).get("image", [])
-        neighbour = next((c for c in cands if c != doc_id), None)
-        if recipe.k > 1 and neighbour is not None and rng.random() < 0.5:
-            ctx.insert(int(rng.integers(2)), self.docs[neighbour].ids(text_first=False))
-        return build_sequence(main, ctx, vocab, alpha=recipe.alpha, max_len=self.max_len)
+        return build_sequence(*self._ids(doc_id, context, text_first), vocab, alpha=recipe.alpha, max_len=self.max_len)
 
     def sample(self, doc_id: str, vocab: Vocab, recipe: Recipe, rng: np.random.Generator) -> Sequence:
-        if recipe.k and recipe.relabel_rate and rng.random() < recipe.relabel_rate:
-            seq = self.relabel(doc_id, vocab, recipe, rng)
-        else:
-            seq = self.sequence(doc_id, self.context(doc_id, recipe, rng), vocab, recipe,
-                                text_first=bool(rng.random() < recipe.text_first_rate))
+        seq = build_sequence(*self.lesson(doc_id, recipe, rng), vocab, alpha=recipe.alpha, max_len=self.max_len)
         return cm3_mask(seq, vocab, rng, mask_rate=recipe.mask_rate)
 
 

@@ -7,6 +7,7 @@ logs and saves).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -15,6 +16,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -44,10 +46,10 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     log_every: int = 10
-    eval_every: int = 100
+    eval_every: int = 10  # the context benefits (BENEFITS) on each log line of a step divisible by this
     save_every: int = 100
     snapshot_every: int = 0  # > 0: also keep a generator folder OUT/step-N every N steps (training curves)
-    eval_docs: int = 48
+    eval_docs: int = 6  # held-out lesson sequences per NLL of BENEFITS (9 NLLs: about 54 sequences)
     device: str = "auto"  # auto = CUDA when present (runtime.resolve_device)
     precision: str = "auto"  # auto = bf16 autocast where supported (~1.7x faster on AVX512-BF16 CPUs); weights fp32
     threads: int | None = None
@@ -87,7 +89,11 @@ def retrieval_candidates(train_docs: list[Document], memory_dir: Path, encoder_p
                          k: int = 8, seed: int = 0) -> dict[str, dict[str, list[str]]]:
     """The paper's training retrieval: query with the caption and with the image, 20% query dropout,
     near-duplicates (> 0.9) skipped, from the *train split only* (a temporary memory of the train documents,
-    their vectors copied from the given memory), so no held-out document ever enters a training sequence."""
+    their vectors copied from the given memory), so no held-out document ever enters a training sequence.
+
+    A document without a concept also gets its k nearest neighbours by caption and by image ("text_neighbours",
+    "image_neighbours"): the same queries without dropout and with near-duplicates kept (a sibling is one), from
+    which the recipe's lessons take its siblings and cross-style partners (generator.data)."""
     from racm3.retrieval.encoder import load_encoder
     from racm3.retrieval.memory import Memory
     from racm3.retrieval.retriever import Retriever, RetrieverConfig
@@ -104,9 +110,16 @@ def retrieval_candidates(train_docs: list[Document], memory_dir: Path, encoder_p
         docs = [by_id[i] for i in ids]
         text_hits = retriever.retrieve_batch([d.text for d in docs], exclude_ids=[[d.id] for d in docs], rng=rng)
         image_hits = retriever.retrieve_batch([d.image for d in docs], exclude_ids=[[d.id] for d in docs], rng=rng)
+        out = {d.id: {"text": [h.id for h in th], "image": [h.id for h in ih]}
+               for d, th, ih in zip(docs, text_hits, image_hits)}
+        bare = [d for d in docs if not d.concept]
+        if bare:
+            nearest = Retriever(train_mem, encoder, RetrieverConfig(k=k, diversity=None))
+            for by, queries in (("text", [d.text for d in bare]), ("image", [d.image for d in bare])):
+                for d, hits in zip(bare, nearest.retrieve_batch(queries, exclude_ids=[[d.id] for d in bare])):
+                    out[d.id][f"{by}_neighbours"] = [h.id for h in hits]
         train_mem.close()
-    return {d.id: {"text": [h.id for h in th], "image": [h.id for h in ih]}
-            for d, th, ih in zip(docs, text_hits, image_hits)}
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,37 +127,87 @@ def retrieval_candidates(train_docs: list[Document], memory_dir: Path, encoder_p
 # ---------------------------------------------------------------------------------------------
 
 
+# Each context benefit is a held-out NLL of the main document's answer (the image codes after a caption, the
+# caption after an image) with an empty or wrong context minus the same with the right one: near 0, the model
+# does not use that context; large, it reads it.
+BENEFITS = {  # logged name: (NLL with the right context, NLL with an empty or wrong one)
+    "context_benefit": ("nll_self", "nll_none"),  # image copy: the document itself in context, caption -> image
+    "cross_style_benefit": ("nll_cross_style", "nll_none"),  # the other style's drawing of the concept
+    "caption_benefit": ("caption_nll_self", "caption_nll_none"),  # caption copy: the document itself, image -> caption
+    "choose_benefit": ("choose_nll", "choose_nll_distractor"),  # the document among distractors vs the distractors alone
+    "style_benefit": ("style_nll", "style_nll_other"),  # demonstrations in the document's style vs in another style
+}
+PROBE_K = 2  # documents in a probe's context whatever the recipe's k (the baseline's benefits are measured alike)
+
+
+def benefit_probes(bank: ExampleBank, vocab, recipe: Recipe, n: int, seed: int = 0) -> dict[str, list]:
+    """The fixed lesson sequences the context benefits are measured on, built once: up to n for each NLL of
+    BENEFITS (fewer where fewer documents can have the lesson), a benefit's two NLLs on the same documents."""
+    rng = np.random.default_rng(seed)
+    order = [bank.ids[i] for i in rng.permutation(len(bank))]
+
+    def first(make) -> list[tuple[str, object]]:
+        """The first n documents that can have a lesson, each with what make(id) made for it (None: cannot)."""
+        out = []
+        for i in order:
+            if len(out) == n:
+                break
+            made = make(i)
+            if made is not None:
+                out.append((i, made))
+        return out
+
+    def seqs(pairs, context, text_first=lambda j: True) -> list:
+        return [bank.sequence(i, context(i, made), vocab, recipe, text_first(j)) for j, (i, made) in enumerate(pairs)]
+
+    # One set of documents for the copy NLLs: those whose concept is drawn in another style too, where any are.
+    cross = first(lambda i: bank.other_styles(i)[:1] or None)
+    copy = cross or first(lambda i: [i])
+    probes = {"nll_none": seqs(copy, lambda i, _: []), "nll_self": seqs(copy, lambda i, _: [i]),
+              "caption_nll_none": seqs(copy, lambda i, _: [], lambda j: False),
+              "caption_nll_self": seqs(copy, lambda i, _: [i], lambda j: False),
+              "nll_cross_style": seqs(cross, lambda i, other: other)}
+    # Choosing: half caption -> image (the caption picks the drawing), half image -> caption (the image, the caption).
+    chosen = first(lambda i: bank.distractor_context(i, PROBE_K, rng))
+    probes["choose_nll"] = seqs(chosen, lambda i, ctx: ctx, lambda j: j % 2 == 0)
+    probes["choose_nll_distractor"] = seqs(chosen, lambda i, ctx: [c for c in ctx if c != i], lambda j: j % 2 == 0)
+
+    def demos(i):  # demonstrations in the document's style, and in its concept's other style
+        other = bank.other_styles(i)
+        own = bank.style_demos(i, bank.docs[i].style, PROBE_K, rng)
+        wrong = bank.style_demos(i, bank.docs[other[0]].style, PROBE_K, rng) if other else None
+        return (own, wrong) if own and wrong else None
+
+    styled = first(demos)
+    probes["style_nll"] = seqs(styled, lambda i, d: d[0])
+    probes["style_nll_other"] = seqs(styled, lambda i, d: d[1])
+    return {name: s for name, s in probes.items() if s}
+
+
 @torch.no_grad()
-def main_nll(model, seqs, vocab, image_base: int, tokens_per_image: int, modality: str = "image") -> float:
-    """Mean NLL per token of the main document's image codes or caption tokens (unmasked sequences)."""
+def main_nll(model, seqs, vocab, image_base: int, tokens_per_image: int, autocast=contextlib.nullcontext) -> float:
+    """Mean NLL per token of the main documents' answers: the image codes after a caption, the caption after an
+    image (unmasked sequences)."""
     device = next(model.parameters()).device
     b = {k: t.to(device) for k, t in batch(seqs, vocab, image_base, tokens_per_image).items()}
-    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                   position_ids=b["position_ids"]).logits.float()
-    targets = b["input_ids"][:, 1:]
-    ce = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, reduction="none")
-    kind = vocab.is_image(targets) if modality == "image" else vocab.is_text(targets)
-    keep = kind & b["main_mask"][:, 1:]
+    with autocast():
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                       position_ids=b["position_ids"]).logits
+    targets, main = b["input_ids"][:, 1:], b["main_mask"][:, 1:]
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, reduction="none")
+    image_first = b["input_ids"].gather(1, b["main_mask"].int().argmax(1, keepdim=True)) == vocab.img_id
+    keep = torch.where(image_first, vocab.is_text(targets), vocab.is_image(targets)) & main
     return float((ce * keep).sum() / keep.sum())
 
 
-def context_benefit(model, bank: ExampleBank, eval_ids: list[str], vocab, recipe: Recipe, image_base: int,
-                    tokens_per_image: int) -> dict[str, float]:
-    """Held-out per-code NLL (caption first) with no context, with the document's own drawing, with the other
-    style's; and per caption token (image first) with no context and with the document itself."""
+def context_benefit(model, probes: dict[str, list], vocab, image_base: int, tokens_per_image: int,
+                    autocast=contextlib.nullcontext) -> dict[str, float]:
+    """Each probe's NLL (benefit_probes) and each benefit of BENEFITS whose two probes exist."""
     was_training = model.training
     model.eval()
-    out = {}
-    for name, ctx in (("none", lambda i: []), ("self", lambda i: [i]),
-                      ("cross_style", lambda i: bank.other_styles(i)[:1])):
-        seqs = [bank.sequence(i, ctx(i), vocab, recipe, text_first=True) for i in eval_ids]
-        out[f"nll_{name}"] = main_nll(model, seqs, vocab, image_base, tokens_per_image)
-    for name, ctx in (("none", lambda i: []), ("self", lambda i: [i])):
-        seqs = [bank.sequence(i, ctx(i), vocab, recipe, text_first=False) for i in eval_ids]
-        out[f"caption_nll_{name}"] = main_nll(model, seqs, vocab, image_base, tokens_per_image, "text")
-    out["context_benefit"] = out["nll_none"] - out["nll_self"]
-    out["cross_style_benefit"] = out["nll_none"] - out["nll_cross_style"]
-    out["caption_benefit"] = out["caption_nll_none"] - out["caption_nll_self"]
+    out = {name: main_nll(model, seqs, vocab, image_base, tokens_per_image, autocast) for name, seqs in probes.items()}
+    out.update({name: out[control] - out[right] for name, (right, control) in BENEFITS.items()
+                if right in out and control in out})
     model.train(was_training)
     return out
 
@@ -196,8 +259,9 @@ def precompute(cfg: TrainConfig, mt: MultimodalTokenizer, train_docs: list[Docum
     """Image codes and retrieval candidates, cached in OUT/cache.json: computed by rank 0 alone, read by all."""
     cache = Path(cfg.out) / "cache.json"
     vocab = mt.vocab
-    # The cache is only valid for the inputs it was computed from: anything else recomputes it.
-    key = {"dataset": str(Path(cfg.dataset).resolve()), "memory": str(cfg.memory) if cfg.recipe.k else None,
+    # The cache is only valid for the inputs it was computed from: anything else recomputes it. Format 2: a
+    # document without a concept has concept "" and its nearest neighbours among its candidates.
+    key = {"format": 2, "dataset": str(Path(cfg.dataset).resolve()), "memory": str(cfg.memory) if cfg.recipe.k else None,
            "tokenizers": str(cfg.tokenizers), "encoder": str(cfg.encoder), "documents": len(train_docs),
            "vocab": [vocab.text_size, vocab.image_size, mt.tokens_per_image], "image_codes": mt.image_code_fingerprint()}
     cached = _read_cache(cache, key) if dist.is_main else None
@@ -233,12 +297,9 @@ def train(cfg: TrainConfig) -> dict:
         raise ValueError(f"{cfg.dataset} holds no training documents with both an image and a caption")
     cached = precompute(cfg, mt, train_docs, heldout_docs, dist)
     bank = ExampleBank(cached["train"], cached["candidates"], max_len=gen_cfg.max_len)
-    eval_bank = ExampleBank({**cached["heldout"]}, max_len=gen_cfg.max_len) if cached["heldout"] else None
-    eval_ids = []
-    if eval_bank is not None:
-        # held-out documents whose concept is drawn in the other style too, a fixed sample
-        eligible = [i for i in eval_bank.ids if eval_bank.other_styles(i)]
-        eval_ids = sorted(random.Random(cfg.seed).sample(eligible, min(cfg.eval_docs, len(eligible))))
+    # the context benefits' fixed lesson sequences, on held-out documents (concepts the model never trains on)
+    probes = (benefit_probes(ExampleBank(cached["heldout"], max_len=gen_cfg.max_len), vocab, recipe, cfg.eval_docs,
+                             cfg.seed) if cached["heldout"] else {})
 
     model = build_model(gen_cfg, vocab, n_img).to(device)
     model.racm3["image_codes"] = cached["key"]["image_codes"]  # checked at load (check_vocab)
@@ -295,13 +356,14 @@ def train(cfg: TrainConfig) -> dict:
             tps = tokens_seen / (time.perf_counter() - t0)
             last = {"step": step, "loss": float(parts["loss"].detach()), "main": float(parts["main"]),
                     "retrieved": float(parts["retrieved"]), "lr": lr_at(step - 1, cfg), "tokens_per_s": tps}
-            if eval_ids and (step % cfg.eval_every == 0 or step == cfg.steps):
-                last.update(context_benefit(model, eval_bank, eval_ids, vocab, recipe, gen_cfg.image_base, n_img))
+            if probes and (step % cfg.eval_every == 0 or step == cfg.steps):
+                start = time.perf_counter()
+                last.update(context_benefit(model, probes, vocab, gen_cfg.image_base, n_img, precision.autocast))
+                last["benefit_s"] = time.perf_counter() - start  # what the measurement costs the run
             with open(log_path, "a") as f:
                 f.write(json.dumps(last) + "\n")
             bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{tps:.0f}",
-                            **({"ctx_benefit": f"{last['context_benefit']:.2f}",
-                                "caption_benefit": f"{last['caption_benefit']:.2f}"} if "context_benefit" in last else {}))
+                            **{name.split("_")[0]: f"{last[name]:.2f}" for name in BENEFITS if name in last})
         if step % cfg.save_every == 0 or step == cfg.steps:
             save_checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step}, ckpt_path)
             save_generator(model, out, dtype=getattr(torch, cfg.save_dtype))
