@@ -228,3 +228,15 @@ def test_training_with_perceptual_and_adversarial_terms_checkpoints_and_resumes(
     assert state["step"] == 6 and "disc" in state and "disc_optimizer" in state  # the discriminator resumes too
     tok = ImageTokenizer.from_pretrained(tmp_path / "run")
     assert tok.config.quantizer == "fsq" and tok.tokens_per_image == 256
+
+
+@pytest.mark.parametrize("size", [64, 128, 256])
+def test_v2_presets_give_every_image_size_16x16_codes(size):
+    from racm3.tokenizers.image_train import preset_train_config
+
+    tok = ImageTokenizer(f"v2-{size}").eval()
+    assert tok.image_size == size and tok.grid == (16, 16) and tok.codebook_size == 15360
+    codes = tok.encode(torch.rand(2, 3, size, size))
+    assert codes.shape == (2, 256) and tok.decode(codes).shape == (2, 3, size, size)
+    train = preset_train_config(f"v2-{size}")
+    assert train.perceptual_weight > 0 and train.gan_weight > 0 and 0 < train.gan_start < train.steps
