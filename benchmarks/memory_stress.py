@@ -7,7 +7,7 @@ After every round the main process checks, from outside the Memory class as well
 
 - lost: an acknowledged add that the store lacks, or that its own vector does not find first (with its caption);
 - ghost: an acknowledged remove that the store still holds or a search still returns;
-- the index on disk (index.faiss + memory.json) is the store's: same generation, same rows;
+- the index on disk (index.faiss as memory.json describes it, plus the store's changes since) is the store's;
 - readers: every hit they saw was a real document with the caption its id implies, and no reader raised.
 
     python benchmarks/memory_stress.py                      # 200 rounds, 3 writers, 2 readers (about a minute)
@@ -133,28 +133,34 @@ def _reader(folder: str, k: int, stop: mp.Event, out: mp.Queue, seed: int) -> No
 
 
 def _disk_index_matches_store(folder: Path) -> str | None:
-    """None when index.faiss + memory.json are the store's (generation, rows); else what differs. Reads the
-    files directly, not through Memory, which would repair a mismatch in RAM and hide it."""
+    """None when index.faiss, as memory.json describes it (checksum, generation, rows held), plus the store's changes
+    since (rows above those it holds, rows the removed table logs after its generation) gives the store's rows; else
+    what differs. Reads the files directly, not through Memory, which would repair a mismatch in RAM and hide it."""
     import faiss
 
     conn = sqlite3.connect(str(folder / "store.sqlite"))
+    info = json.loads((folder / "memory.json").read_text())
     try:
         generation = int(conn.execute("SELECT value FROM info WHERE key = 'generation'").fetchone()[0])
         rows = {r[0] for r in conn.execute("SELECT row FROM documents")}
+        added = {r[0] for r in conn.execute("SELECT row FROM documents WHERE row > ?", (info["rows_through"],))}
+        removed = {r[0] for r in conn.execute("SELECT row FROM removed WHERE generation > ?", (info["generation"],))}
     finally:
         conn.close()
-    info = json.loads((folder / "memory.json").read_text())
-    if info["generation"] != generation:
+    if info["generation"] > generation:
         return f"memory.json generation {info['generation']}, store {generation}"
-    index = faiss.read_index(str(folder / "index.faiss"))
+    raw = (folder / "index.faiss").read_bytes()
+    if (zlib.crc32(raw), len(raw)) != (info["index_crc32"], info["index_bytes"]):
+        return "index.faiss is not the file memory.json describes"
+    index = faiss.deserialize_index(np.frombuffer(raw, np.uint8))
     if hasattr(index, "id_map"):
         indexed = set(faiss.vector_to_array(index.id_map).tolist())
     else:  # IVF: ids live in the inverted lists
         invlists = faiss.extract_index_ivf(index).invlists
         indexed = {int(i) for lst in range(invlists.nlist)
                    for i in faiss.rev_swig_ptr(invlists.get_ids(lst), invlists.list_size(lst))}
-    if index.ntotal != len(rows) or indexed != rows:
-        return f"index holds {index.ntotal} rows, store {len(rows)} ({len(indexed ^ rows)} differ)"
+    if index.ntotal != len(indexed) or (indexed - removed) | added != rows:
+        return f"index holds {index.ntotal} rows, store {len(rows)} ({len(((indexed - removed) | added) ^ rows)} differ)"
     return None
 
 

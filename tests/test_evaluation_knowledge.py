@@ -53,17 +53,18 @@ class CopyingModel:
     def __init__(self):
         self.encoder = KeywordColourEncoder()
 
-    def retrieve(self, query, memory, k):
+    def retrieve(self, query, memory, k, exclude_ids=()):
         q = self.encoder.embed_text([query]) if isinstance(query, str) else self.encoder.embed_image([query])
-        return memory.search(q, k)[0]
+        return memory.search(q, k, exclude_ids=[exclude_ids])[0]
 
-    def generate_image(self, text, memory=None, k=2, num_samples=4, guidance=3.0, seed=0, demos=None):
-        hits = self.retrieve(text, memory, k) if memory is not None and k > 0 else []
+    def generate_image(self, text, memory=None, k=2, num_samples=4, guidance=3.0, seed=0, demos=None, exclude_ids=()):
+        hits = self.retrieve(text, memory, k, exclude_ids) if memory is not None and k > 0 else []
         image = hits[0].document.image if hits else drawing("black", "twemoji")
         return Output(image=image, samples=[image], scores=[1.0], sources=hits, seconds=0.01)
 
-    def generate_text(self, image, memory=None, k=2, num_samples=4, seed=0, demos=None, rerank="image"):
-        hits = self.retrieve(image, memory, k) if memory is not None and k > 0 else []
+    def generate_text(self, image, memory=None, k=2, num_samples=4, seed=0, demos=None, rerank="image",
+                      exclude_ids=()):
+        hits = self.retrieve(image, memory, k, exclude_ids) if memory is not None and k > 0 else []
         return Output(text=hits[0].document.text if hits else "nothing", sources=hits, seconds=0.02)
 
 
@@ -167,7 +168,7 @@ def test_real_pipeline_rows_hide_the_right_documents(tmp_path):
     sys.path.insert(0, str(Path(__file__).parent))
     from generator_fixtures import shape_documents, write_tiny_tokenizers
 
-    from racm3.evaluation.knowledge import load_models, memory_copy, run_row, select_queries
+    from racm3.evaluation.knowledge import load_models, run_row, select_queries
     from racm3.generator.model import build_model, get_preset, save_generator
     from racm3.generator.train import load_tokenizers
     from racm3.retrieval.encoder import EmojiEncoder
@@ -185,7 +186,8 @@ def test_real_pipeline_rows_hide_the_right_documents(tmp_path):
     queries = select_queries(docs, 4)
     cfg = KnowledgeConfig(limit=4, samples=1, directions=("caption_to_image",))
     by_id = {d.id: d for d in docs}
-    with memory_copy(tmp_path / "mem") as mem:
+    with Memory.open(tmp_path / "mem") as mem:
+        generation = mem.generation
         ids, metas, _ = mem.scan()
         meta = {i: (x.get("concept"), x.get("style")) for i, x in zip(ids, metas)}
         for row, hidden in (("ra_k2_cross_style", lambda q, d: d.concept == q.concept and d.style == q.style),
@@ -194,4 +196,4 @@ def test_real_pipeline_rows_hide_the_right_documents(tmp_path):
             assert len(out["images"]) == 4 and all(im.size == (16, 16) for im in out["images"])
             assert all(len(src) == 2 for src in out["sources"])
             assert not any(hidden(q, by_id[s]) for q, src in zip(queries, out["sources"]) for s in src)
-        assert len(mem) == len(docs)  # every hidden document was put back
+        assert len(mem) == len(docs) and mem.generation == generation  # hidden by exclusion: never written

@@ -77,6 +77,86 @@ def test_removed_documents_are_never_returned(tmp_path, index):
     consistent(Memory.open(tmp_path / "m"))
 
 
+@pytest.mark.parametrize("index", ["flat", "hnsw", "ivfpq"])
+def test_small_writes_leave_the_index_file_and_every_reader_replays_them(tmp_path, index):
+    """A write of fewer changes than COMPACT of the saved index touches only the store (and the index in RAM);
+    readers, open or new, bring the saved index up to date from the store; more changes rewrite it."""
+    docs, vecs = make_docs(112)
+    mem = Memory.create(tmp_path / "m", "enc-a", DIM, index=index)
+    mem.add(docs[:100], vecs[:100])
+    reader = Memory.open(tmp_path / "m")
+    saved = ((tmp_path / "m" / INDEX).read_bytes(), (tmp_path / "m" / INFO).read_text())
+    mem.add(docs[100:101], vecs[100:101])
+    if index != "hnsw":  # an HNSW graph cannot delete: a removal rebuilds it and saves it
+        mem.remove(["d7"])
+    assert ((tmp_path / "m" / INDEX).read_bytes(), (tmp_path / "m" / INFO).read_text()) == saved
+    for m in (reader, Memory.open(tmp_path / "m")):
+        assert m.search(vecs[100:101], 1)[0][0].id == "d100"
+        assert "d7" not in {h.id for h in m.search(vecs[7:8], 5)[0]} or index == "hnsw"
+        consistent(m)
+        assert m._load_index(m.generation)  # the saved file plus the store's changes since
+    mem.add(docs[101:], vecs[101:])  # 12 or 13 changes since the file was saved: more than a tenth of its 100
+    assert json.loads((tmp_path / "m" / INFO).read_text())["generation"] == mem.generation
+    assert reader.search(vecs[111:112], 1)[0][0].id == "d111"
+    consistent(reader)
+
+
+def test_search_leaves_out_exclude_ids_and_still_returns_k(tmp_path):
+    docs, vecs = make_docs(30)
+    mem = Memory.create(tmp_path / "m", "enc-a", DIM)
+    mem.add(docs, vecs)
+    hits = mem.search(vecs[[4, 5]], 3, exclude_ids=[{"d4", "d9"}, ()])
+    assert "d4" not in [h.id for h in hits[0]] and len(hits[0]) == 3 and hits[1][0].id == "d5"
+    every = {f"d{i}" for i in range(30)}
+    assert mem.search(vecs[:1], 3, exclude_ids=[every - {"d17"}])[0][0].id == "d17"
+    with pytest.raises(ValueError, match="exclude_ids has 1 entries for 2 queries"):
+        mem.search(vecs[:2], 3, exclude_ids=[()])
+
+
+def test_candidates_read_no_image_and_documents_decode_only_the_rows_asked(tmp_path, monkeypatch):
+    from racm3.retrieval import memory as M
+
+    docs, vecs = make_docs(30)
+    mem = Memory.create(tmp_path / "m", "enc-a", DIM)
+    mem.add(docs, vecs)
+    decoded = []
+    real = M.load_image
+    monkeypatch.setattr(M, "load_image", lambda *a, **k: decoded.append(1) or real(*a, **k))
+    (c,) = mem.candidates(vecs[1:2], 20)
+    assert decoded == [] and c.ids[0] == "d1" and c.vectors.shape == (20, DIM)
+    assert list(c.multimodal) == [int(i[1:]) % 3 != 0 for i in c.ids]  # every third document is text-only
+    np.testing.assert_allclose(c.scores, c.vectors @ vecs[1], rtol=1e-6)
+    assert list(c.scores) == sorted(c.scores, reverse=True)
+    got = mem.documents(c.rows[:2])
+    assert len(decoded) == sum(c.multimodal[:2]) and got[c.rows[0]].id == "d1"  # one image per image document
+
+
+def test_a_memory_from_before_the_removal_log_opens_and_its_next_write_upgrades_it(tmp_path):
+    """No removed table, a memory.json that does not name the rows its index holds: read as before (the saved
+    index only for its own generation); the next write adds the table and saves an index that names them."""
+    docs, vecs = make_docs(40)
+    mem = Memory.create(tmp_path / "m", "enc-a", DIM)
+    mem.add(docs[:30], vecs[:30])
+    mem.close()
+    conn = sqlite3.connect(str(tmp_path / "m" / "store.sqlite"))
+    conn.execute("DROP TABLE removed")
+    conn.commit()
+    conn.close()
+    info = json.loads((tmp_path / "m" / INFO).read_text())
+    del info["rows_through"]
+    (tmp_path / "m" / INFO).write_text(json.dumps(info))
+    old = Memory.open(tmp_path / "m")
+    assert old._load_index(old.generation)
+    consistent(old)
+    writer = Memory.open(tmp_path / "m")
+    writer.remove(["d3"])
+    assert "rows_through" in json.loads((tmp_path / "m" / INFO).read_text())
+    writer.add(docs[30:31], vecs[30:31])
+    for m in (old, Memory.open(tmp_path / "m")):
+        assert "d3" not in {h.id for h in m.search(vecs[3:4], 5)[0]}
+        consistent(m)
+
+
 def test_remove_unknown_id_names_it_and_changes_nothing(tmp_path):
     docs, vecs = make_docs(5)
     mem = Memory.create(tmp_path / "m", "enc-a", DIM)
@@ -175,15 +255,17 @@ CHILD = textwrap.dedent("""
     import numpy as np
     from racm3.retrieval.memory import Memory
     from tests.test_memory import make_docs
-    mem = Memory.open(sys.argv[1])
+    folder, batch, attempt = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    mem = Memory.open(folder)
     for b in range(1000):
-        docs, vecs = make_docs(20, start=100000 + b * 20, seed=b)
+        docs, vecs = make_docs(batch, start=100000 * (attempt + 1) + b * batch, seed=1000 * attempt + b)
         mem.add(docs, vecs)
         print(b, flush=True)
 """)
 
 
-def test_sigkill_during_adds_leaves_a_consistent_memory(tmp_path):
+@pytest.mark.parametrize("batch", [20, 1])  # 20: most adds save the index file; 1: most change the store alone
+def test_sigkill_during_adds_leaves_a_consistent_memory(tmp_path, batch):
     docs, vecs = make_docs(50)
     mem = Memory.create(tmp_path / "m", "enc-a", DIM)
     mem.add(docs, vecs)
@@ -191,15 +273,15 @@ def test_sigkill_during_adds_leaves_a_consistent_memory(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     rng = np.random.default_rng(0)
     for attempt in range(3):
-        proc = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path / "m")], cwd=root,
-                                stdout=subprocess.PIPE, text=True)
+        proc = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path / "m"), str(batch), str(attempt)],
+                                cwd=root, stdout=subprocess.PIPE, text=True)
         for _ in range(3 + attempt):  # let it commit a few batches, then kill it at a random moment
             proc.stdout.readline()
         time.sleep(float(rng.uniform(0, 0.05)))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         again = Memory.open(tmp_path / "m")
-        assert len(again) >= 50 + 20 * 3 and (len(again) - 50) % 20 == 0  # whole batches only
+        assert len(again) >= 50 + batch * (3 + attempt) and (len(again) - 50) % batch == 0  # whole batches only
         consistent(again)
         assert again.get(["d0"])[0].text == "caption 0"
         again.close()
@@ -245,6 +327,8 @@ KILL_AT = textwrap.dedent("""
         M.os.replace = replace
     elif point == "index-renamed":  # index.faiss in place, memory.json still the last write's
         hook("_atomic_write")
+    elif point == "store-only":  # a write too small to save the index file: the store committed, nothing else
+        hook("_saved_if_due")
 
     docs, vecs = make_docs(30, start=500, seed=7)
 
@@ -258,14 +342,15 @@ KILL_AT = textwrap.dedent("""
         mem = Memory.open_or_create(folder, "enc-a", DIM)
         armed = True
         mem.add_documents(docs, Fixed(), batch_size=8)
-    elif op == "add":
+    elif op in ("add", "add-one"):
+        n = 30 if op == "add" else 1
         mem = Memory.open(folder)
         armed = True
-        mem.add(docs, vecs)
+        mem.add(docs[:n], vecs[:n])
     else:
         mem = Memory.open(folder)
         armed = True
-        mem.remove([f"d{i}" for i in range(0, 20, 2)])
+        mem.remove([f"d{i}" for i in (range(0, 20, 2) if op == "remove" else [0])])
     print("not killed", flush=True)
 """)
 
@@ -273,19 +358,23 @@ KILL_POINTS = ["in-transaction", "after-commit", "index-tmp", "index-renamed"]
 
 
 @pytest.mark.parametrize("op, point", [("build", p) for p in ["create", *KILL_POINTS]]
-                         + [(op, p) for op in ("add", "remove") for p in KILL_POINTS])
+                         + [(op, p) for op in ("add", "remove") for p in KILL_POINTS]
+                         + [(op, p) for op in ("add-one", "remove-one") for p in ("in-transaction", "store-only")])
 def test_sigkill_at_each_point_of_every_writer_leaves_all_or_nothing(tmp_path, op, point):
-    """memory build (create + add_documents), add and remove, SIGKILLed at each step of a write: the memory
-    opens, consistent, with the whole write or none of it; the lock dies with the process; the next write
-    brings the index on disk back in line with the store."""
+    """memory build (create + add_documents), add and remove (of enough documents to save the index file, and of
+    one, which changes the store alone), SIGKILLed at each step of a write: the memory opens, consistent, with the
+    whole write or none of it; the lock dies with the process; the next write brings the index on disk back in
+    line with the store."""
     folder = tmp_path / "m"
     if op != "build":
         docs, vecs = make_docs(20)
         with Memory.create(folder, "enc-a", DIM) as mem:
             mem.add(docs, vecs)
     before = set(Memory.open(folder).ids()) if op != "build" else set()
-    new_ids = {f"d{i}" for i in range(500, 530)}
-    after = before | new_ids if op in ("build", "add") else before - {f"d{i}" for i in range(0, 20, 2)}
+    new_ids = {f"d{i}" for i in range(500, 530 if op != "add-one" else 501)}
+    gone = {f"d{i}" for i in (range(0, 20, 2) if op == "remove" else [0])}
+    after = before | new_ids if op in ("build", "add", "add-one") else before - gone
+    saved = (folder / INDEX).read_bytes() if op != "build" else None
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run([sys.executable, "-c", KILL_AT, op, point, str(folder)], cwd=root,
                           capture_output=True, text=True, timeout=60)
@@ -300,6 +389,8 @@ def test_sigkill_at_each_point_of_every_writer_leaves_all_or_nothing(tmp_path, o
     expected = before if point == "in-transaction" else after
     assert set(mem.ids()) == expected and len(mem) == len(expected)
     consistent(mem)
+    if point == "store-only":
+        assert (folder / INDEX).read_bytes() == saved  # the index file was never part of that write
     docs, vecs = make_docs(1, start=900)
     mem.add(docs, vecs)
     again = Memory.open(folder)

@@ -141,6 +141,7 @@ def test_an_index_file_another_writer_replaced_is_not_trusted(tmp_path):
     info = (tmp_path / "m" / INFO).read_text()
     mem.remove(["d1"])
     mem.add(docs[10:11], vecs[10:11])  # same count as before, other rows
+    mem.rebuild_index()  # a writer saves index.faiss
     (tmp_path / "m" / INFO).write_text(info.replace('"generation": 1', f'"generation": {mem.generation}'))
     reader = Memory.open(tmp_path / "m")
     assert not reader._load_index(reader.generation)

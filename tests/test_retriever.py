@@ -120,6 +120,20 @@ def test_excluding_more_than_the_candidates_fetches_further(memory):
     assert ids(r.retrieve("q", exclude_ids=["same", "text-only", "close", "close-twin", "mid"])) == ["far"]
 
 
+def test_only_the_picked_documents_are_decoded(memory, monkeypatch):
+    """The rules run on the candidates' vectors; the k documents they keep are the only images decoded."""
+    from racm3.retrieval import memory as M
+
+    decoded = []
+    real = M.load_image
+    monkeypatch.setattr(M, "load_image", lambda *a, **k: decoded.append(1) or real(*a, **k))
+    r = Retriever(memory, FakeEncoder({"a": vec(1, 0, 0, 0), "b": vec(0.3, 0, 1, 0)}), RetrieverConfig(k=2))
+    hits = r.retrieve_batch(["a", "b"])
+    picked = {h.id for hs in hits for h in hs}
+    assert [len(h) for h in hits] == [2, 2] and len(decoded) == len(picked)  # of six candidates each, once a batch
+    assert all(h.document.image is not None for hs in hits for h in hs)
+
+
 def test_other_encoder_refused(memory):
     enc = FakeEncoder({})
     enc.name = "other"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 from PIL import Image
@@ -90,20 +90,23 @@ class RACM3:
         return torch.Generator(device=self.device).manual_seed(seed)
 
     # --- context -------------------------------------------------------------------------------
-    def retrieve(self, query: str | Image.Image, memory: Memory, k: int) -> list[Hit]:
-        """Top-k documents by the paper's rules, with no near-duplicate cut: a query found in memory answers itself."""
+    def retrieve(self, query: str | Image.Image, memory: Memory, k: int, exclude_ids: Iterable[str] = ()) -> list[Hit]:
+        """Top-k documents by the paper's rules, with no near-duplicate cut: a query found in memory answers itself.
+        exclude_ids: documents never returned (a benchmark hiding what a query must not see)."""
         from racm3.retrieval.retriever import Retriever, RetrieverConfig
 
         if k == 0:
             return []
-        return Retriever(memory, self.encoder, RetrieverConfig(k=k, max_similarity=None)).retrieve(query)
+        return Retriever(memory, self.encoder, RetrieverConfig(k=k, max_similarity=None)).retrieve(
+            query, exclude_ids=exclude_ids)
 
-    def _context(self, query, memory: Memory | None, k: int, demos: Sequence[Document] | None) -> list[Hit]:
+    def _context(self, query, memory: Memory | None, k: int, demos: Sequence[Document] | None,
+                 exclude_ids: Iterable[str] = ()) -> list[Hit]:
         if demos is not None:
             return [Hit(d.id, d, None, i) for i, d in enumerate(demos)]  # in-context learning: no retrieval
         if memory is None or k == 0:
             return []
-        return self.retrieve(query, memory, k)
+        return self.retrieve(query, memory, k, exclude_ids)
 
     def check_request(self, k: int, caption: str | None = None, max_new_tokens: int = 32) -> None:
         """Refuse, before any retrieval, a k or a caption the generator's context cannot hold (one-line ValueError).
@@ -139,8 +142,10 @@ class RACM3:
     # --- caption -> image ----------------------------------------------------------------------------
     def generate_image(self, text: str, memory: Memory | None = None, k: int = 2, num_samples: int = 8,
                        guidance: float = 3.0, temperature: float = 1.0, top_k: int = 0, top_p: float = 0.9,
-                       seed: int = 0, demos: Sequence[Document] | None = None, rerank: str = "source") -> Output:
-        """Sample num_samples images for the caption and keep the best by the encoder's score.
+                       seed: int = 0, demos: Sequence[Document] | None = None, rerank: str = "source",
+                       exclude_ids: Iterable[str] = ()) -> Output:
+        """Sample num_samples images for the caption and keep the best by the encoder's score; exclude_ids are
+        memory documents retrieval must not return.
 
         rerank="caption" is the paper's rule: the text-image score with the caption. rerank="source" (default)
         scores each sample by image similarity to the source whose caption matches the prompt best (the text
@@ -153,7 +158,7 @@ class RACM3:
         text = _caption(text)
         v, n = self.vocab, self.tokenizer.tokens_per_image
         # CM3Leon: the unconditional stream is the prompt with its caption masked
-        prompt, uncond, sources = self._prompts(self._context(text, memory, k, demos), True,
+        prompt, uncond, sources = self._prompts(self._context(text, memory, k, demos, exclude_ids), True,
                                                 v.text_to_vocab(self.tokenizer.text.encode(text)) + [v.img_id], n + 1,
                                                 uncond_query=[v.mask_id(0), v.img_id])
         codes = generate_image_codes(self.generator, v, [prompt.ids] * num_samples, n, self.image_base,
@@ -188,8 +193,9 @@ class RACM3:
     def generate_text(self, image: Image.Image, memory: Memory | None = None, k: int = 2, num_samples: int = 4,
                       guidance: float = 1.0, temperature: float = 0.7, top_k: int = 0, top_p: float = 0.9,
                       max_new_tokens: int = 32, seed: int = 0, demos: Sequence[Document] | None = None,
-                      rerank: str = "image") -> Output:
-        """Sample num_samples captions for the image and keep the best by the encoder's score.
+                      rerank: str = "image", exclude_ids: Iterable[str] = ()) -> Output:
+        """Sample num_samples captions for the image and keep the best by the encoder's score; exclude_ids are
+        memory documents retrieval must not return.
 
         rerank="image" is the paper's rule: the text-image score of each caption with the query image.
         rerank="source" scores each caption by text similarity to the caption of the source whose image matches
@@ -204,7 +210,7 @@ class RACM3:
         image = to_rgb(image)
         v = self.vocab
         codes = self.tokenizer.encode_images([image])[0].tolist()
-        prompt, uncond, sources = self._prompts(self._context(image, memory, k, demos), False,
+        prompt, uncond, sources = self._prompts(self._context(image, memory, k, demos, exclude_ids), False,
                                                 [v.img_id, *v.image_to_vocab(codes), v.img_end_id], max_new_tokens,
                                                 uncond_query=[v.img_id, v.mask_id(0), v.img_end_id])
         ids = generate_text_ids(self.generator, v, [prompt.ids] * num_samples, self.tokenizer.tokens_per_image,

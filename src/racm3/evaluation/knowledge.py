@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import random
-import shutil
-import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -88,40 +85,9 @@ def select_queries(docs: Sequence[Document], limit: int, seed: int = 0) -> list[
     return out
 
 
-@contextmanager
-def memory_copy(memory_dir: str | Path) -> Iterator:
-    """A scratch copy of a memory folder, opened; deleted afterwards. The user's memory is never written."""
-    from racm3.retrieval.memory import Memory
-
-    tmp = Path(tempfile.mkdtemp(prefix="racm3-knowledge-"))
-    try:
-        shutil.copytree(memory_dir, tmp / "memory")
-        mem = Memory.open(tmp / "memory")
-        try:
-            yield mem
-        finally:
-            mem.close()
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-@contextmanager
-def without(memory, ids: Sequence[str]) -> Iterator:
-    """The memory with `ids` removed for the duration of the block, then put back (same documents and vectors)."""
-    ids = list(dict.fromkeys(ids))
-    if not ids:
-        yield memory
-        return
-    docs, vecs = memory.get(ids), memory.vectors(ids)
-    memory.remove(ids)
-    try:
-        yield memory
-    finally:
-        memory.add(docs, vecs)
-
-
 def removed_ids(query: Document, kind: str, meta: dict[str, tuple[str, str]]) -> list[str]:
-    """Memory ids a row hides from one query. meta: id -> (concept, style) of every memory document.
+    """Memory ids a row hides from one query (retrieval's exclude_ids: the memory itself is never written).
+    meta: id -> (concept, style) of every memory document.
     same_style: the concept's documents in the query's style (only the other style's drawing remains);
     concept: all the concept's documents (leave-one-out)."""
     if kind == "none":
@@ -140,10 +106,10 @@ def _blank(size: int = 64):
     return Image.new("RGB", (size, size), "white")
 
 
-def _retrieval_answer(model, query, memory, want: str):
+def _retrieval_answer(model, query, memory, want: str, hidden: Sequence[str]):
     """The top retrieved document's image or caption, with the time it took (retrieval_only row)."""
     t0 = time.perf_counter()
-    hits = model.retrieve(query, memory, 1)
+    hits = model.retrieve(query, memory, 1, exclude_ids=hidden)
     doc = hits[0].document if hits else None
     if want == "image":
         answer = doc.image if doc is not None and doc.image is not None else _blank()
@@ -159,27 +125,27 @@ def run_row(row: str, model, baseline, memory, queries: Sequence[Document], meta
     gen = baseline if who == "baseline" else model
     images, captions, t_img, t_cap, sources = [], [], [], [], []
     for n, q in enumerate(queries):
-        with without(memory, removed_ids(q, removal, meta)) as mem:
-            mem = mem if k > 0 else None
-            if "caption_to_image" in config.directions:
-                if who == "retrieval":
-                    image, hits, secs = _retrieval_answer(model, q.text, memory, "image")
-                else:
-                    out = gen.generate_image(q.text, memory=mem, k=k, num_samples=config.samples,
-                                             guidance=config.guidance, seed=config.seed + n)
-                    image, hits, secs = out.image, out.sources, out.seconds
-                images.append(image)
-                t_img.append(secs)
-                sources.append([h.id for h in hits])
-            if "image_to_caption" in config.directions:
-                if who == "retrieval":
-                    text, _, secs = _retrieval_answer(model, q.image, memory, "text")
-                else:
-                    out = gen.generate_text(q.image, memory=mem, k=k, num_samples=config.samples, seed=config.seed + n,
-                                            rerank=config.caption_rerank)
-                    text, secs = out.text, out.seconds
-                captions.append(text or "")
-                t_cap.append(secs)
+        hidden = removed_ids(q, removal, meta)
+        mem = memory if k > 0 else None
+        if "caption_to_image" in config.directions:
+            if who == "retrieval":
+                image, hits, secs = _retrieval_answer(model, q.text, memory, "image", hidden)
+            else:
+                out = gen.generate_image(q.text, memory=mem, k=k, num_samples=config.samples,
+                                         guidance=config.guidance, seed=config.seed + n, exclude_ids=hidden)
+                image, hits, secs = out.image, out.sources, out.seconds
+            images.append(image)
+            t_img.append(secs)
+            sources.append([h.id for h in hits])
+        if "image_to_caption" in config.directions:
+            if who == "retrieval":
+                text, _, secs = _retrieval_answer(model, q.image, memory, "text", hidden)
+            else:
+                out = gen.generate_text(q.image, memory=mem, k=k, num_samples=config.samples, seed=config.seed + n,
+                                        rerank=config.caption_rerank, exclude_ids=hidden)
+                text, secs = out.text, out.seconds
+            captions.append(text or "")
+            t_cap.append(secs)
         if (n + 1) % 25 == 0:
             log(f"  {row}: {n + 1}/{len(queries)}")
     return {"images": images, "captions": captions, "t_img": t_img, "t_cap": t_cap, "sources": sources}
@@ -226,6 +192,7 @@ def run_knowledge_benchmark(model, memory_dir: str | Path, docs: Sequence[Docume
     judge_encoder: the encoder the judges use (default: the model's; e.g. one trained on every concept).
     """
     from racm3.evaluation.fid import inception_features
+    from racm3.retrieval.memory import Memory
 
     t_start = time.perf_counter()
     features_fn = features_fn or inception_features
@@ -240,7 +207,7 @@ def run_knowledge_benchmark(model, memory_dir: str | Path, docs: Sequence[Docume
     log(f"knowledge benchmark: {len(queries)} held-out queries over {len({q.meta['concept'] for q in queries})} "
         f"concepts, {len(concept_names)} candidate concept names, rows {', '.join(config.rows)}")
     rows: dict[str, dict] = {}
-    with memory_copy(memory_dir) as memory:
+    with Memory.open(memory_dir) as memory:  # only read: each row's hidden documents are retrieval's exclude_ids
         ids, metas, _ = memory.scan()
         meta = {i: (m.get("concept"), m.get("style")) for i, m in zip(ids, metas)}
         for row in config.rows:

@@ -1,8 +1,15 @@
 """The retrieval memory: a SQLite store (source of truth) plus a FAISS inner-product index rebuilt from it at need.
 
+Vectors first: a search asks the index for store rows and scores, reads only those rows' ids, vectors and
+modality (no image), lets the caller's rules choose among them, and decodes the chosen documents alone.
+
+Writes touch what changed: a write changes the store in one transaction and the index in RAM by its rows;
+index.faiss is a saved base that a reader brings up to date from the store (new documents have higher rows;
+the removed table logs removals), rewritten only once the changes since it pass COMPACT of it.
+
 One writer at a time, enforced: every write holds an OS lock (flock) on write.lock in the memory folder from
-before it reads the store's state until memory.json is written. Readers never write: a reader that finds the
-index on disk stale or missing builds one in its own RAM.
+before it reads the store's state until it is done (memory.json written, when the index file was). Readers
+never write: a reader that finds the index on disk unusable builds one in its own RAM.
 """
 
 from __future__ import annotations
@@ -39,6 +46,10 @@ PQ_MIN_TRAIN = 256 * 39  # FAISS wants ~39 points per centroid, 256 centroids pe
 DEFAULT_WAIT = 300.0  # seconds a writer waits for another writer of the same memory before giving up
 WAIT_NOTICE = 0.5  # a waiting writer says so once it has waited this long
 READER_WAIT = 5.0  # seconds a reader waits for a live writer to save its index before building one in RAM
+# index.faiss is rewritten once the documents added and removed since it was saved pass this share of the
+# documents it holds: a reader replays at most that much from the store, a writer rewrites the file at most
+# once per that many changes (a rewrite costs the whole index; replaying a change, one row)
+COMPACT = 0.1
 
 
 class MemoryFolderError(RuntimeError):
@@ -65,6 +76,19 @@ class Hit:
     document: Document
     score: float
     rank: int
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """One query's nearest documents before any is decoded, best first: ids, store rows, exact cosines with the
+    query (from the stored vectors: IVF-PQ's own scores are approximate), the vectors (n, dim), and which hold
+    both text and an image. Memory.documents(rows) decodes the ones a caller keeps."""
+
+    ids: list[str]
+    rows: list[int]
+    scores: np.ndarray
+    vectors: np.ndarray
+    multimodal: np.ndarray
 
 
 def _new_index(kind: str, dim: int, n_train: int = 0) -> "faiss.Index":
@@ -111,16 +135,17 @@ def _store_errors(method):
 class Memory:
     """A folder holding store.sqlite (documents + embeddings + the encoder's name), index.faiss and memory.json.
 
-    Writes are atomic: the store changes in one SQLite transaction that also bumps a generation counter;
-    the index is then written to a temporary file and renamed, and memory.json records the generation the
-    index reflects and the index file's checksum. A process killed at any point leaves a memory that opens
-    and answers consistently: an index missing, damaged or from another generation is rebuilt from the store.
+    Writes are atomic: the store changes in one SQLite transaction that also bumps a generation counter (and
+    logs removed rows); the index in RAM then changes by the same rows. index.faiss is written (a temporary file,
+    renamed) when the changes since it pass COMPACT of it, and memory.json records the generation and rows it
+    holds and its checksum. A process killed at any point leaves a memory that opens and answers consistently:
+    an index from an earlier generation replays the store's changes since, a missing or damaged one is rebuilt.
 
     One writer at a time, enforced: add, remove, update and rebuild_index hold write.lock (flock) for the whole
     write, re-read the store's current state after taking it (never trusting what was loaded at open time),
     and wait up to `wait` seconds for another writer (0: fail at once) before raising MemoryBusy. Any number
-    of readers: opening and searching never write; a search notices other writers' changes and picks up their
-    index, or builds one in RAM while the saved one lags behind the store.
+    of readers: opening and searching never write; a search notices other writers' changes and replays them
+    into its index in RAM (or loads the saved one, or builds one).
     """
 
     def __init__(self, path: Path, conn: sqlite3.Connection, encoder: str, dim: int, index_type: str,
@@ -133,7 +158,9 @@ class Memory:
         self.wait = wait  # seconds a write waits for another writer (0: fail at once)
         self.index: "faiss.Index" = None  # type: ignore[assignment]
         self._index_generation = -1  # the store generation self.index reflects (-1: none yet)
+        self._rows_through = 0  # self.index holds every document of that generation with a row up to this one
         self._trained_on = 0  # vectors the ivfpq index was last trained on (set when it is built or loaded)
+        self._base_unusable = False  # this process found index.faiss unusable: its next write saves a new one
         self._lock = lock or _WriteLock(path)
 
     # -- creation and opening ---------------------------------------------------------------------
@@ -157,7 +184,7 @@ class Memory:
             _create_store(path / STORE, [("encoder", encoder_name), ("dim", str(dim)), ("index", index),
                                          ("generation", "0")])
             mem = cls(path, _connect(path / STORE), encoder_name, dim, index, wait, lock)
-            mem.index = _new_index(index, dim)
+            mem.index, mem._index_generation = _new_index(index, dim), 0
             mem._write_index()
         finally:
             lock.release()
@@ -237,13 +264,31 @@ class Memory:
     def get(self, ids: Sequence[str]) -> list[Document]:
         """Documents by id, in the order asked; an unknown id raises KeyError naming it."""
         rows = self._rows_by_id(ids)
-        return [self._document(rows[i]) for i in ids]
+        docs = self.documents([rows[i][0] for i in ids])
+        return [docs[rows[i][0]] for i in ids]
+
+    @_store_errors
+    def documents(self, rows: Sequence[int]) -> dict[int, Document]:
+        """The documents at these store rows (as Candidates name them), decoded, by row: one SELECT of them and
+        their images per 500 rows. A row removed since it was found is absent."""
+        wanted = sorted(set(int(r) for r in rows))
+        found: dict[int, tuple] = {}
+        pngs: dict[int, dict[int, bytes]] = {}
+        for s in range(0, len(wanted), 500):  # SQLite caps the number of bound parameters
+            chunk = wanted[s:s + 500]
+            q = (f"SELECT d.row, d.id, d.segments, d.meta, i.idx, i.png FROM documents d LEFT JOIN images i "
+                 f"ON i.row = d.row WHERE d.row IN ({','.join('?' * len(chunk))})")
+            for row, doc_id, segs, meta, idx, png in self._conn.execute(q, chunk):
+                found[row] = (doc_id, segs, meta)
+                if png is not None:
+                    pngs.setdefault(row, {})[idx] = png
+        return {row: self._document(*rec, pngs.get(row, {})) for row, rec in found.items()}
 
     @_store_errors
     def vectors(self, ids: Sequence[str]) -> np.ndarray:
         """Stored embeddings (n, dim) of the given ids, in order."""
         rows = self._rows_by_id(ids)
-        return np.stack([np.frombuffer(rows[i][3], dtype=np.float32) for i in ids]) if ids else \
+        return np.stack([np.frombuffer(rows[i][1], dtype=np.float32) for i in ids]) if ids else \
             np.zeros((0, self.dim), np.float32)
 
     @_store_errors
@@ -263,31 +308,56 @@ class Memory:
                                   f"memory with `racm3 memory build`")
 
     @_store_errors
-    def search(self, queries: np.ndarray, k: int, encoder_name: str | None = None) -> list[list[Hit]]:
-        """Top-k documents by inner product for each query row (n, dim); rows should be L2-normalised.
+    def candidates(self, queries: np.ndarray, k: int, exclude_ids: Sequence[Iterable[str]] | None = None,
+                   encoder_name: str | None = None) -> list[Candidates]:
+        """Each query row's (n, dim; L2-normalised) k nearest documents by exact cosine, leaving out that query's
+        exclude_ids, before any document is decoded: fewer than k only when the memory holds no more.
 
-        Sees every write committed before the call: the index is reloaded when another process changed the store.
+        The index is asked for k plus the query's exclusions; their rows, vectors and modality come from the store
+        in one SELECT per 500 rows. Sees every write committed before the call, from any process.
         """
         if encoder_name is not None:
             self.require_encoder(encoder_name)
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         if queries.shape[1] != self.dim:
             raise ValueError(f"query vectors have dimension {queries.shape[1]}, the memory {self.dim}")
+        excludes = [set(e) for e in exclude_ids] if exclude_ids is not None else [set()] * len(queries)
+        if len(excludes) != len(queries):
+            raise ValueError(f"exclude_ids has {len(excludes)} entries for {len(queries)} queries")
         self._refresh()
-        if k <= 0 or len(queries) == 0 or self.index.ntotal == 0:
-            return [[] for _ in range(len(queries))]
-        scores, rows = _search(self.index, queries, min(k, self.index.ntotal))
-        wanted = sorted({int(r) for r in rows.ravel() if r >= 0})
-        by_row = self._rows_by_row(wanted)
+        fetch = min(k + max((len(e) for e in excludes), default=0), self.index.ntotal)
+        if k <= 0 or fetch == 0:
+            return [Candidates([], [], np.zeros(0, np.float32), np.zeros((0, self.dim), np.float32),
+                               np.zeros(0, bool)) for _ in queries]
+        _, found = _search(self.index, queries, fetch)
+        stored = self._candidate_rows([int(r) for r in np.unique(found) if r >= 0])
         out = []
-        for qs, qr in zip(scores, rows):
-            hits = []
-            for s, r in zip(qs, qr):
-                rec = by_row.get(int(r))
-                if rec is None:  # -1 padding, or a row removed since (never returned)
-                    continue
-                hits.append(Hit(rec[1], self._document(rec), float(s), len(hits)))
-            out.append(hits)
+        for q, rows, exclude in zip(queries, found, excludes):
+            # -1 pads a short answer; a row missing from the store was removed since the index was read
+            keep = [int(r) for r in rows if r >= 0 and r in stored and stored[r][0] not in exclude]
+            vectors = np.stack([stored[r][1] for r in keep]) if keep else np.zeros((0, self.dim), np.float32)
+            scores = vectors @ q
+            order = np.argsort(-scores, kind="stable")[:k]
+            keep = [keep[i] for i in order]
+            out.append(Candidates([stored[r][0] for r in keep], keep, scores[order], vectors[order],
+                                  np.array([stored[r][2] for r in keep], bool)))
+        return out
+
+    def search(self, queries: np.ndarray, k: int, encoder_name: str | None = None,
+               exclude_ids: Sequence[Iterable[str]] | None = None) -> list[list[Hit]]:
+        """Top-k documents by cosine for each query row (n, dim; L2-normalised), decoded."""
+        found = self.candidates(queries, k, exclude_ids, encoder_name)
+        return self.hits(found, [range(len(c.ids)) for c in found])
+
+    def hits(self, found: Sequence[Candidates], picks: Sequence[Iterable[int]]) -> list[list[Hit]]:
+        """The picked candidates (indices into each query's Candidates) as ranked Hits, every query's documents
+        decoded in one documents() call; a document removed since its candidates were read is left out."""
+        picks = [list(p) for p in picks]
+        docs = self.documents([c.rows[i] for c, p in zip(found, picks) for i in p])
+        out = []
+        for c, p in zip(found, picks):
+            kept = [i for i in p if c.rows[i] in docs]
+            out.append([Hit(c.ids[i], docs[c.rows[i]], float(c.scores[i]), rank) for rank, i in enumerate(kept)])
         return out
 
     # -- writing (each under the write lock, from reading the store's state to writing memory.json) ----------
@@ -309,9 +379,10 @@ class Memory:
                 # IVF-PQ trains on the stored vectors: first when there are some, again each time the memory has
                 # grown 4x since (lists and PQ codebooks sized for a tenth of the data serve it badly)
                 self._build_index()
+                self._write_index()
             else:
                 self.index.add_with_ids(emb, np.asarray(rows, dtype=np.int64))
-            self._write_index()
+                self._saved_if_due()
 
     def add_documents(self, docs: Sequence[Document], encoder, batch_size: int = 512, progress=None) -> int:
         """Embed documents with `encoder` (which must be the memory's), batch by batch, and add them in one write.
@@ -347,11 +418,9 @@ class Memory:
         with self._writing():
             rows = self._rows_by_id(ids)
             with self._conn:
-                self._conn.executemany("DELETE FROM images WHERE row = ?", [(rows[i][0],) for i in ids])
-                self._conn.executemany("DELETE FROM documents WHERE row = ?", [(rows[i][0],) for i in ids])
+                self._delete([rows[i][0] for i in ids])
                 self._bump_generation()
             self._index_remove([rows[i][0] for i in ids])
-            self._write_index()
 
     @_store_errors
     def update(self, docs: Sequence[Document], embeddings: np.ndarray) -> None:
@@ -361,16 +430,16 @@ class Memory:
             rows = self._rows_by_id([d.id for d in docs])
             old = [rows[d.id][0] for d in docs]
             with self._conn:
-                self._conn.executemany("DELETE FROM images WHERE row = ?", [(r,) for r in old])
-                self._conn.executemany("DELETE FROM documents WHERE row = ?", [(r,) for r in old])
+                self._delete(old)
                 new = [self._insert(doc, vec) for doc, vec in zip(docs, emb)]
                 self._bump_generation()
             if self.index_type == "hnsw":  # HNSW cannot delete: one rebuild from the store covers old and new rows
                 self._build_index()
+                self._write_index()
             else:
-                self._index_remove(old)
+                self.index.remove_ids(np.asarray(old, dtype=np.int64))
                 self.index.add_with_ids(emb, np.asarray(new, dtype=np.int64))
-            self._write_index()
+                self._saved_if_due()
 
     @_store_errors
     def rebuild_index(self) -> None:
@@ -389,6 +458,7 @@ class Memory:
         self._lock.acquire(self.wait)
         try:
             if first:
+                self._conn.execute(_REMOVED_TABLE)  # a store from before the removal log gets its table (no-op after)
                 self._refresh()
             yield
         finally:
@@ -397,22 +467,28 @@ class Memory:
     def _refresh(self) -> None:
         """Make self.index reflect the store's current generation, if it does not yet. Writes nothing.
 
-        The saved index is used when memory.json says it was saved for this generation and the file read has the
-        checksum memory.json records; else the index is built in RAM from the store (after waiting a little for
-        a writer that is still saving it), inside one read transaction so vectors and generation agree.
+        Inside one read transaction (so vectors, log and generation agree): an index in RAM replays the store's
+        changes since it; else index.faiss is loaded and replays the changes since it was saved (when memory.json
+        describes that very file: its checksum); else, after waiting a little for a writer still saving it, the
+        index is built in RAM from the store.
         """
         if self.index is not None and self._index_generation == self.generation:
             return
         deadline = time.monotonic() + READER_WAIT
         while True:
-            self._conn.execute("BEGIN")  # one snapshot of the store for the generation, count and vectors
+            self._conn.execute("BEGIN")
             try:
                 generation = self.generation
+                if self.index is not None and self._index_generation <= generation:
+                    if self._replay(self.index, self._index_generation, self._rows_through):
+                        self._index_generation, self._rows_through = generation, self._max_row()
+                        return
+                    self.index = None  # partly replayed or not at all: load or build one instead
                 if self._load_index(generation):
                     return
                 if self._lock.held or time.monotonic() >= deadline or not _writer_active(self.path):
                     self._build_index()
-                    self._index_generation = generation
+                    self._base_unusable = True
                     return
             finally:
                 self._conn.rollback()
@@ -453,29 +529,41 @@ class Memory:
     def _bump_generation(self) -> None:
         self._conn.execute("UPDATE info SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation'")
 
+    def _delete(self, rows: Sequence[int]) -> None:
+        """Delete rows (inside the write's transaction, before its generation bump), logging each in the removed
+        table under the generation this write commits, from which readers replay the removal."""
+        generation = self.generation + 1
+        self._conn.executemany("DELETE FROM images WHERE row = ?", [(r,) for r in rows])
+        self._conn.executemany("DELETE FROM documents WHERE row = ?", [(r,) for r in rows])
+        self._conn.executemany("INSERT INTO removed(generation, row) VALUES (?, ?)", [(generation, r) for r in rows])
+
+    def _max_row(self) -> int:
+        return self._conn.execute("SELECT COALESCE(MAX(row), 0) FROM documents").fetchone()[0]
+
     def _rows_by_id(self, ids: Sequence[str]) -> dict[str, tuple]:
+        """id -> (row, embedding bytes); an unknown id raises KeyError naming it."""
         rows: dict[str, tuple] = {}
         for s in range(0, len(ids), 500):  # SQLite caps the number of bound parameters
             chunk = list(ids[s:s + 500])
-            q = f"SELECT row, id, segments, embedding, meta FROM documents WHERE id IN ({','.join('?' * len(chunk))})"
-            rows.update({r[1]: (r[0], r[1], r[2], r[3], r[4]) for r in self._conn.execute(q, chunk)})
+            q = f"SELECT id, row, embedding FROM documents WHERE id IN ({','.join('?' * len(chunk))})"
+            rows.update({r[0]: (r[1], r[2]) for r in self._conn.execute(q, chunk)})
         missing = [i for i in ids if i not in rows]
         if missing:
             raise KeyError(f"{self.path}: no document with id {_short(missing[0])!r} in the memory"
                            + (f" ({len(missing)} unknown ids)" if len(missing) > 1 else ""))
         return rows
 
-    def _rows_by_row(self, rows: Sequence[int]) -> dict[int, tuple]:
-        out: dict[int, tuple] = {}
+    def _candidate_rows(self, rows: Sequence[int]) -> dict[int, tuple[str, np.ndarray, bool]]:
+        """row -> (id, vector, holds text and an image) for rows still in the store: the row alone, no image read."""
+        out: dict[int, tuple[str, np.ndarray, bool]] = {}
         for s in range(0, len(rows), 500):
             chunk = list(rows[s:s + 500])
-            q = f"SELECT row, id, segments, embedding, meta FROM documents WHERE row IN ({','.join('?' * len(chunk))})"
-            out.update({r[0]: tuple(r) for r in self._conn.execute(q, chunk)})
+            q = (f"SELECT row, id, embedding, text IS NOT NULL AND EXISTS (SELECT 1 FROM images i WHERE i.row = "
+                 f"d.row) FROM documents d WHERE row IN ({','.join('?' * len(chunk))})")
+            out.update({r: (i, np.frombuffer(e, np.float32), bool(m)) for r, i, e, m in self._conn.execute(q, chunk)})
         return out
 
-    def _document(self, rec: tuple) -> Document:
-        row, doc_id, segs_json, _, meta_json = rec
-        pngs = dict(self._conn.execute("SELECT idx, png FROM images WHERE row = ?", (row,)).fetchall())
+    def _document(self, doc_id: str, segs_json: str, meta_json: str, pngs: dict[int, bytes]) -> Document:
         segments = []
         for seg in json.loads(segs_json):
             if "text" in seg:
@@ -485,15 +573,17 @@ class Memory:
         return Document(doc_id, tuple(segments), json.loads(meta_json))
 
     def _index_remove(self, rows: list[int]) -> None:
-        if not rows:
-            return
-        if self.index_type == "hnsw":  # HNSW graphs cannot delete: rebuild from the store
+        """Drop removed rows from self.index and save it as a write does (HNSW cannot delete: rebuilt, saved)."""
+        if self.index_type == "hnsw":
             self._build_index()
+            self._write_index()
         else:
             self.index.remove_ids(np.asarray(rows, dtype=np.int64))
+            self._saved_if_due()
 
     def _build_index(self) -> None:
-        """self.index built from the store's embeddings, in RAM (a writer then saves it with _write_index)."""
+        """self.index built from the store's embeddings, in RAM, for the store's generation (a writer then saves
+        it with _write_index)."""
         rows, vecs = [], []
         for row, blob in self._conn.execute("SELECT row, embedding FROM documents ORDER BY row"):
             rows.append(row)
@@ -505,15 +595,57 @@ class Memory:
         if rows:
             index.add_with_ids(emb, np.asarray(rows, dtype=np.int64))
         self.index, self._trained_on = index, len(rows)
+        self._index_generation, self._rows_through = self.generation, max(rows, default=0)
+
+    def _replay(self, index: "faiss.Index", generation: int, rows_through: int) -> bool:
+        """Bring `index`, which held the store of `generation` up to row `rows_through`, to the store being read:
+        add the rows above rows_through (rows only grow), remove the rows the log says were removed since.
+
+        False, with the index untouched, where that cannot give the store's documents: a store from before the
+        removal log, removals in an index that cannot delete (HNSW), additions to an IVF index never trained (its
+        writer was killed before training it), or a count that does not add up (a writer from before the log
+        removed documents).
+        """
+        logged = self._conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'removed'")
+        if logged.fetchone() is None:
+            return False
+        removed = [r for (r,) in self._conn.execute(
+            "SELECT row FROM removed WHERE generation > ? AND row <= ?", (generation, rows_through))]
+        added = self._conn.execute("SELECT row, embedding FROM documents WHERE row > ? ORDER BY row",
+                                   (rows_through,)).fetchall()
+        if (removed and self.index_type == "hnsw") or (added and not index.is_trained) \
+                or index.ntotal + len(added) - len(removed) != len(self):
+            return False
+        if removed:
+            index.remove_ids(np.asarray(removed, dtype=np.int64))
+        if added:
+            index.add_with_ids(np.stack([np.frombuffer(e, np.float32) for _, e in added]),
+                               np.asarray([r for r, _ in added], dtype=np.int64))
+        return True
+
+    def _saved_if_due(self) -> None:
+        """After a write applied to self.index: it now holds the store's generation. index.faiss is left as it
+        is (readers replay the change from the store) until the changes since it was saved pass COMPACT of it,
+        or this process found it unusable, or memory.json does not say which rows it holds (an older format)."""
+        self._index_generation, self._rows_through = self.generation, self._max_row()
+        try:
+            base = json.loads((self.path / INFO).read_text())
+            changes = self._conn.execute("SELECT COUNT(*) FROM documents WHERE row > ?", (base["rows_through"],)) \
+                .fetchone()[0] + self._conn.execute("SELECT COUNT(*) FROM removed WHERE generation > ?",
+                                                    (base["generation"],)).fetchone()[0]
+            due = self._base_unusable or changes > COMPACT * base["count"]
+        except (OSError, ValueError, KeyError, TypeError):
+            due = True
+        if due:
+            self._write_index()
 
     def _write_index(self) -> None:
-        """Save self.index (temporary file, fsync, rename), then memory.json with the generation it reflects and
-        the file's size and CRC-32, so a reader can tell this file from one another writer saved since."""
+        """Save self.index (temporary file, fsync, rename), then memory.json with the generation and rows it holds
+        and the file's size and CRC-32, so a reader can tell this file from one another writer saved since."""
         import faiss
 
         if not self._lock.held:
             raise RuntimeError("the index is only written under the write lock")
-        generation = self.generation
         tmp = self.path / (INDEX + ".tmp")
         with open(tmp, "wb") as f:
             sink = _Checksummed(f)
@@ -521,18 +653,21 @@ class Memory:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path / INDEX)
-        info = {**self.info(), "generation": generation, "index_bytes": sink.size, "index_crc32": sink.crc}
+        info = {**self.info(), "count": self.index.ntotal, "generation": self._index_generation,
+                "rows_through": self._rows_through, "index_bytes": sink.size, "index_crc32": sink.crc}
         _atomic_write(self.path / INFO, json.dumps(info, indent=2) + "\n")
-        self._index_generation = generation
+        self._base_unusable = False
 
     def _load_index(self, generation: int) -> bool:
-        """Load index.faiss if it is the file saved for this store generation and holds the store's count;
-        False means build one. (A memory.json without a checksum, from before they were written, is trusted.)"""
+        """Load index.faiss if memory.json describes this very file (its checksum) for this store generation or,
+        naming the rows it holds, for an earlier one whose changes since replay from the store; False means build
+        one. (A memory.json without a checksum, from before they were written, is trusted.)"""
         import faiss
 
         try:
             info = json.loads((self.path / INFO).read_text())
-            if int(info.get("generation", -1)) != generation:
+            saved = int(info.get("generation", -1))
+            if saved > generation or (saved < generation and "rows_through" not in info):
                 return False
             with open(self.path / INDEX, "rb") as f:
                 source = _Checksummed(f)
@@ -541,10 +676,14 @@ class Memory:
                 return False  # another writer's file replaced the one memory.json describes
         except (OSError, ValueError, RuntimeError, TypeError):
             return False
-        if index.ntotal != len(self):
+        if "rows_through" in info:
+            if not self._replay(index, saved, int(info["rows_through"])):
+                return False
+        elif index.ntotal != len(self):
             return False
         self.index = index
-        self._index_generation = generation
+        self._index_generation, self._rows_through = generation, self._max_row()
+        self._base_unusable = False
         if self.index_type == "hnsw":  # search-time settings are not saved in the file
             faiss.downcast_index(index.index).hnsw.efSearch = HNSW_EF_SEARCH
         elif self.index_type == "ivfpq":
@@ -581,8 +720,8 @@ class _WriteLock:
                 from None
         try:
             _flock_within(fd, wait, self.folder)
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            # fixed width, so it covers any pid written before without a truncate (which costs milliseconds here)
+            os.pwrite(fd, f"{os.getpid():<20}\n".encode(), 0)
         except BaseException:
             os.close(fd)  # closing the descriptor releases the lock
             raise
@@ -619,7 +758,7 @@ def _flock_within(fd: int, wait: float, folder: Path) -> None:
 
 def _holder(fd: int) -> str:
     try:
-        pid = os.pread(fd, 32, 0).decode().strip()
+        pid = os.pread(fd, 32, 0).decode().partition("\n")[0].strip()  # the first line: a pid, padded
     except (OSError, UnicodeDecodeError):
         return ""
     return f" (pid {pid})" if pid.isdigit() else ""
@@ -693,6 +832,10 @@ CREATE TABLE documents (
 );
 CREATE TABLE images (row INTEGER NOT NULL, idx INTEGER NOT NULL, png BLOB NOT NULL, PRIMARY KEY (row, idx));
 """
+# Every removed row, with the generation that removed it: with rows that only grow, the store's change log, from
+# which an index saved (or loaded) at an earlier generation catches up. Kept: ~20 bytes per removed document.
+_REMOVED_TABLE = """CREATE TABLE IF NOT EXISTS removed (generation INTEGER NOT NULL, row INTEGER NOT NULL,
+    PRIMARY KEY (generation, row)) WITHOUT ROWID"""
 
 
 def _search(index: "faiss.Index", queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -731,6 +874,7 @@ def _create_store(store: Path, info: list[tuple[str, str]]) -> None:
         conn.execute("PRAGMA journal_mode=WAL")  # recorded in the file; a killed writer's half transaction is
         with conn:  # rolled back on the next open, and readers never block the writer
             conn.executescript(_SCHEMA)
+            conn.execute(_REMOVED_TABLE)
             conn.executemany("INSERT INTO info(key, value) VALUES (?, ?)", info)
     finally:
         conn.close()  # the last connection checkpoints and removes the -wal file

@@ -11,7 +11,7 @@ from PIL import Image
 
 from racm3.documents import Document
 from racm3.retrieval.encoder import Encoder, l2_normalize
-from racm3.retrieval.memory import Hit, Memory
+from racm3.retrieval.memory import Candidates, Hit, Memory
 
 Query = str | Image.Image | Document
 PATCH = 8  # image query dropout hides square patches of this many pixels
@@ -128,43 +128,39 @@ class Retriever:
         return self.retrieve_vectors(self.embed_queries(queries, rng), k, excludes)
 
     def retrieve_vectors(self, vectors: np.ndarray, k: int, excludes: Sequence[set[str]]) -> list[list[Hit]]:
-        """The rules applied to already-embedded queries (n, dim)."""
+        """The rules applied to already-embedded queries (n, dim), on the candidates' vectors; only the documents
+        picked are decoded, all queries' in one fetch."""
         vectors = l2_normalize(vectors)
-        n_total = len(self.memory)
-        out: list[list[Hit] | None] = [None] * len(vectors)
+        chosen: list[tuple[Candidates, list[int]] | None] = [None] * len(vectors)
         todo = list(range(len(vectors)))
-        fetch = max(self.config.candidates, 4 * k) + max((len(e) for e in excludes), default=0)
+        fetch = max(self.config.candidates, 4 * k)
         while todo:
-            hits = self.memory.search(vectors[todo], min(fetch, n_total))
+            found = self.memory.candidates(vectors[todo], fetch, exclude_ids=[excludes[q] for q in todo])
             again = []
-            for q, cands in zip(todo, hits):
-                picked = self._select(vectors[q], cands, k, excludes[q])
-                # Too few survived the rules and the index holds more: fetch a wider candidate list.
-                if len(picked) < k and len(cands) >= fetch and fetch < n_total:
+            for q, cands in zip(todo, found):
+                picked = self._select(cands, k)
+                # Too few survived the rules and the memory holds more (it answered all that was asked): widen.
+                if len(picked) < k and len(cands.ids) == fetch:
                     again.append(q)
                 else:
-                    out[q] = picked
+                    chosen[q] = (cands, picked)
             todo, fetch = again, fetch * 4
-        return out  # type: ignore[return-value]
+        return self.memory.hits([c for c, _ in chosen], [picked for _, picked in chosen])
 
-    def _select(self, query: np.ndarray, cands: list[Hit], k: int, exclude: set[str]) -> list[Hit]:
+    def _select(self, cands: Candidates, k: int) -> list[int]:
+        """Indices into cands (best first by exact cosine) that the rules keep, at most k."""
         cfg = self.config
-        cands = [h for h in cands if h.id not in exclude]
-        if not cands:
-            return []
-        # Exact cosines from the stored vectors: approximate indexes (IVF-PQ) return approximate scores.
-        vecs = self.memory.vectors([h.id for h in cands])  # (c, dim)
-        scores = vecs @ query  # (c,)
-        order = sorted(range(len(cands)), key=lambda i: -scores[i])
+        order = range(len(cands.ids))
         if cfg.max_similarity is not None:  # near-duplicates of the query are skipped (training)
-            order = [i for i in order if scores[i] <= cfg.max_similarity]
+            order = [i for i in order if cands.scores[i] <= cfg.max_similarity]
         if cfg.prefer_multimodal:  # stable: score order kept within each group
-            order = sorted(order, key=lambda i: not cands[i].document.is_multimodal)
+            order = sorted(order, key=lambda i: not cands.multimodal[i])
         picked: list[int] = []
         for i in order:
             if len(picked) == k:
                 break
-            if cfg.diversity is not None and picked and float(np.max(vecs[picked] @ vecs[i])) > cfg.diversity:
+            if cfg.diversity is not None and picked and \
+                    float(np.max(cands.vectors[picked] @ cands.vectors[i])) > cfg.diversity:
                 continue
             picked.append(i)
-        return [Hit(cands[i].id, cands[i].document, float(scores[i]), rank) for rank, i in enumerate(picked)]
+        return picked
