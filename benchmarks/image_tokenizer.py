@@ -24,14 +24,20 @@ RESULTS = Path(__file__).parent / "results"
 
 def main(argv: list[str]) -> None:
     rfid = "--no-rfid" not in argv
+    if "--out" in argv and argv.index("--out") + 1 >= len(argv):
+        raise SystemExit("--out needs a NAME (results go to benchmarks/results/NAME.json)")
     name = argv[argv.index("--out") + 1] if "--out" in argv else "image_tokenizer"
     args = [a for i, a in enumerate(argv) if not a.startswith("--") and not (i and argv[i - 1] == "--out")]
+    if len(args) < 2:
+        raise SystemExit(__doc__)
     dataset, dirs = args[0], args[1:]
     torch.set_num_threads(1)
-    images = load_split_images(dataset, "heldout")
+    tokenizers = [ImageTokenizer.from_pretrained(d) for d in dirs]
+    if len({t.image_size for t in tokenizers}) > 1:
+        raise SystemExit("the tokenizers take different image sizes; compare those of one size in one run")
+    images = load_split_images(dataset, "heldout", image_size=tokenizers[0].image_size)
     rows, sheet_rows = [], [images[::100][:16]]
-    for d in dirs:
-        tok = ImageTokenizer.from_pretrained(d)
+    for d, tok in zip(dirs, tokenizers):
         t0 = time.time()
         res = evaluate_image_tokenizer(tok, images, rfid=rfid, rfid_images=800)
         log = Path(d) / "train_log.jsonl"

@@ -585,3 +585,32 @@ def test_memory_cli_search_with_a_10kb_id_and_no_leaked_folders(cli, tmp_path, m
 def test_memory_search_refuses_an_empty_query_or_a_k_out_of_range(cli, args, message):
     run, enc_dir, _, built = cli
     one_line_error(run("memory", "search", built, *args, "--encoder", enc_dir), message)
+
+
+def test_add_documents_refuses_a_busy_memory_before_embedding(tmp_path):
+    import fcntl
+
+    from racm3.retrieval.memory import LOCK, MemoryBusy
+
+    docs, vecs = make_docs(4)
+    mem = Memory.create(tmp_path / "m", "enc-a", DIM)
+    mem.add(docs[:2], vecs[:2])
+    calls = []
+
+    class Encoder:  # the memory's encoder, counting what it is asked to embed
+        name = "enc-a"
+
+        def embed_documents(self, chunk):
+            calls.append(len(chunk))
+            return vecs[2:2 + len(chunk)]
+
+    fd = os.open(tmp_path / "m" / LOCK, os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # another writer holds the memory
+    try:
+        busy = Memory.open(tmp_path / "m", wait=0)
+        with pytest.raises(MemoryBusy):
+            busy.add_documents(docs[2:], Encoder())
+        assert calls == []  # nothing was embedded for a write that could not happen
+    finally:
+        os.close(fd)
+    assert busy.add_documents(docs[2:], Encoder()) == 2 and calls == [2] and len(Memory.open(tmp_path / "m")) == 4

@@ -161,6 +161,11 @@ def test_quantizer_settings_are_checked():
         ImageTokenizerConfig(image_size=16, channels=(8, 16), quantizer="fsq")
     with pytest.raises(ValueError, match="fsq_levels is for"):
         ImageTokenizerConfig(image_size=16, channels=(8, 16), fsq_levels=(4, 4))
+    with pytest.raises(ValueError, match="each >= 3"):
+        ImageTokenizerConfig(image_size=16, channels=(8, 16), quantizer="fsq", fsq_levels=(2, 4))
+    with pytest.raises(ValueError, match="drop codebook_size"):
+        ImageTokenizerConfig(image_size=16, channels=(8, 16), quantizer="fsq", fsq_levels=(4, 4), codebook_size=99)
+    assert ImageTokenizerConfig(image_size=16, channels=(8, 16)).codebook_size == 1024  # vq's default
     with pytest.raises(ValueError, match="quantizer must be"):
         ImageTokenizerConfig(image_size=16, channels=(8, 16), quantizer="lfq")
     assert ImageTokenizerConfig(image_size=16, channels=(8, 16), quantizer="fsq", fsq_levels=[8, 8, 8, 6, 5]).codebook_size == 15360
@@ -177,12 +182,15 @@ def test_preset_files_and_their_training_settings(tmp_path):
     assert ImageTokenizerConfig.from_preset(own).codebook_size == 16
     assert preset_train_config(own).perceptual_weight == 0.5
     for bad, message in [({"model": {"image_size": 16, "channels": [8, 16], "depth": 3}}, "unknown"),
-                         ({"model": {}, "train": {"stepz": 3}}, "stepz"),
-                         ({"model": {}, "extra": 1}, "a preset is"),
-                         ({"model": {}, "train": {"gan_weight": -1}}, "gan_weight")]:
+                         ({"model": {}, "extra": 1}, "a preset is")]:
         own.write_text(json.dumps(bad))
         with pytest.raises(ValueError, match=message):
             ImageTokenizerConfig.from_preset(own)
+    for train, message in [({"stepz": 3}, "stepz"), ({"gan_weight": -1}, "gan_weight"),
+                           ({"gan_weight": 0.1, "gan_start": 500, "steps": 400}, "would never start"),
+                           ({"device": "cuda"}, "belong to the machine")]:
+        own.write_text(json.dumps({"model": {}, "train": train}))
+        with pytest.raises(ValueError, match=message):
             preset_train_config(own)
     with pytest.raises(ValueError, match="choose a preset from .*emoji-8x8"):
         ImageTokenizerConfig.from_preset("nope")
@@ -219,8 +227,25 @@ def test_training_with_perceptual_and_adversarial_terms_checkpoints_and_resumes(
 
     train_image_tokenizer(None, tmp_path / "run", preset, preset_train_config(preset, steps=3), images=images,
                           progress=False)
-    train_image_tokenizer(None, tmp_path / "run", preset, preset_train_config(preset, steps=6), images=images,
-                          progress=False, resume=True)
+    first = load_checkpoint(tmp_path / "run" / "checkpoint.safetensors")
+    import racm3.tokenizers.image_train as image_train
+
+    resumed_discs = []
+    real = image_train.PatchDiscriminator.load_state_dict
+
+    def spy(self, state_dict, *a, **k):  # what the resumed run's discriminator starts from
+        resumed_discs.append({n: t.clone() for n, t in state_dict.items()})
+        return real(self, state_dict, *a, **k)
+
+    image_train.PatchDiscriminator.load_state_dict = spy
+    try:
+        train_image_tokenizer(None, tmp_path / "run", preset, preset_train_config(preset, steps=6), images=images,
+                              progress=False, resume=True)
+    finally:
+        image_train.PatchDiscriminator.load_state_dict = real
+    assert len(resumed_discs) == 1 and all(torch.equal(resumed_discs[0][n], t) for n, t in first["disc"].items())
+    assert any(not torch.equal(first["disc"][n], t) for n, t in load_checkpoint(
+        tmp_path / "run" / "checkpoint.safetensors")["disc"].items())  # and it trained on after the resume
     log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [3, 6]
     assert {"perceptual", "gan_g", "gan_d"} <= set(log[-1]) and log[-1]["perceptual"] > 0
@@ -228,6 +253,17 @@ def test_training_with_perceptual_and_adversarial_terms_checkpoints_and_resumes(
     assert state["step"] == 6 and "disc" in state and "disc_optimizer" in state  # the discriminator resumes too
     tok = ImageTokenizer.from_pretrained(tmp_path / "run")
     assert tok.config.quantizer == "fsq" and tok.tokens_per_image == 256
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**json.loads(preset.read_text()), "model": {
+        **json.loads(preset.read_text())["model"], "fsq_levels": [5, 5, 4]}}))
+    with pytest.raises(ValueError, match="another architecture.*fsq_levels"):
+        train_image_tokenizer(None, tmp_path / "run", other, preset_train_config(other, steps=9), images=images,
+                              progress=False, resume=True)
+    with pytest.raises(ValueError, match="at least 64 px"):
+        small = tmp_path / "small.json"
+        small.write_text(json.dumps({"model": {"image_size": 16, "channels": [8, 16]}, "train": {"perceptual_weight": 1}}))
+        train_image_tokenizer(None, tmp_path / "small-run", small, images=images, progress=False)
+    assert not (tmp_path / "small-run").exists()  # refused before anything was written
 
 
 @pytest.mark.parametrize("size", [64, 128, 256])

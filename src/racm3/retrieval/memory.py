@@ -388,7 +388,9 @@ class Memory:
         """Embed documents with `encoder` (which must be the memory's), batch by batch, and add them in one write.
 
         Ids are checked for repeats and presence before any embedding, and again under the write lock; another
-        writer is waited for (or refused, as `wait` says) before embedding too. A bad list adds nothing, and a process killed at any point leaves all of the documents in the memory or none.
+        writer is waited for (or refused, as `wait` says) before embedding too, and the ids checked again after
+        that wait (the other writer may have added them). A bad list adds nothing, and a process killed at any
+        point leaves all of the documents in the memory or none.
         """
         self.require_encoder(encoder.name)
         ids = [d.id for d in docs]
@@ -399,6 +401,7 @@ class Memory:
             # not held while embedding, so a long embedding never keeps other writers waiting
             self._lock.acquire(self.wait)
             self._lock.release()
+            self._refuse_present(ids)
         vecs = []
         for s in range(0, len(docs), batch_size):
             chunk = docs[s:s + batch_size]

@@ -38,7 +38,7 @@ class ImageTokenizerConfig:
     channels: tuple[int, ...] = (16, 32, 64, 128)
     num_res_blocks: int = 1
     latent_dim: int = 32
-    codebook_size: int = 1024
+    codebook_size: int | None = None  # vq: the codebook's rows (None: 1,024); fsq: the product of the levels
     use_cosine_sim: bool = True
     kmeans_init: bool = True
     ema_decay: float = 0.9
@@ -54,12 +54,19 @@ class ImageTokenizerConfig:
             raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {self.quantizer!r}")
         if self.quantizer == "fsq":
             levels = tuple(int(v) for v in self.fsq_levels or ())
-            if not levels or any(v < 2 for v in levels):
-                raise ValueError(f"an fsq quantizer needs fsq_levels, each >= 2 (e.g. [8, 8, 8, 5, 5, 5]), got {self.fsq_levels}")
+            # a level of 2 needs vector-quantize-pytorch's symmetric variant; 3 and up are the paper's grid
+            if not levels or any(v < 3 for v in levels):
+                raise ValueError(f"an fsq quantizer needs fsq_levels, each >= 3 (e.g. [8, 8, 8, 6, 5]), got {self.fsq_levels}")
+            points = int(np.prod(levels))  # the grid's points are the codes
+            if self.codebook_size not in (None, points) or self.codebook_dim is not None:
+                raise ValueError(f"an fsq quantizer's codes are its levels' grid ({points} for {list(levels)}): "
+                                 "drop codebook_size and codebook_dim, which are for 'vq'")
             object.__setattr__(self, "fsq_levels", levels)
-            object.__setattr__(self, "codebook_size", int(np.prod(levels)))  # the grid's points are the codes
+            object.__setattr__(self, "codebook_size", points)
         elif self.fsq_levels is not None:
             raise ValueError("fsq_levels is for quantizer 'fsq'; a 'vq' quantizer sets codebook_size")
+        elif self.codebook_size is None:
+            object.__setattr__(self, "codebook_size", 1024)
         if self.codebook_dim is not None and not 1 <= self.codebook_dim:
             raise ValueError(f"codebook_dim must be >= 1, got {self.codebook_dim}")
         if not self.channels or any(c < 1 for c in self.channels):
@@ -181,11 +188,11 @@ class Decoder(nn.Module):
 class ImageTokenizer(nn.Module):
     """encode(images) -> codes [B, N]; decode(codes) -> images [B, 3, H, W] in [0, 1]. N = grid h * w."""
 
-    def __init__(self, config: ImageTokenizerConfig | str = "emoji-8x8") -> None:
+    def __init__(self, config: ImageTokenizerConfig | str | os.PathLike = "emoji-8x8") -> None:
         super().__init__()
         from vector_quantize_pytorch import FSQ, VectorQuantize  # heavy import kept off module import
 
-        self.config = ImageTokenizerConfig.from_preset(config) if isinstance(config, str) else config
+        self.config = config if isinstance(config, ImageTokenizerConfig) else ImageTokenizerConfig.from_preset(config)
         cfg = self.config
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)

@@ -79,6 +79,9 @@ class ImageTrainConfig:
             raise ValueError(f"invalid training config {self}")
         if self.perceptual_weight < 0 or self.gan_weight < 0 or self.gan_start < 0:
             raise ValueError(f"perceptual_weight, gan_weight and gan_start must be >= 0 in {self}")
+        if self.gan_weight > 0 and self.gan_start >= self.steps:
+            raise ValueError(f"gan_start {self.gan_start} >= steps {self.steps}: the adversarial term would never "
+                             "start; lower gan_start or set gan_weight 0")
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up, then cosine decay to min_lr_ratio * lr."""
@@ -88,6 +91,9 @@ class ImageTrainConfig:
 def preset_train_config(preset: str | os.PathLike, **overrides: Any) -> ImageTrainConfig:
     """ImageTrainConfig from a preset's "train" settings, then every override that is not None (CLI options)."""
     path, raw = read_preset(preset)
+    machine = {"device", "threads"} & set(raw["train"])
+    if machine:  # a preset says what to train, the command line where
+        raise ValueError(f"{path}: train: {sorted(machine)} belong to the machine, not the preset: give them as options")
     settings = {**raw["train"], **{k: v for k, v in overrides.items() if v is not None}}
     unknown = set(settings) - {f.name for f in fields(ImageTrainConfig)}
     if unknown:
@@ -96,6 +102,11 @@ def preset_train_config(preset: str | os.PathLike, **overrides: Any) -> ImageTra
         return ImageTrainConfig(**settings)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{path}: train: {exc}") from None
+
+
+def _config_difference(a: ImageTokenizerConfig, b: ImageTokenizerConfig) -> str:
+    da, db = a.to_dict(), b.to_dict()
+    return ", ".join(f"{k} {da[k]} vs {db[k]}" for k in da if da[k] != db[k])
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -117,17 +128,28 @@ def train_image_tokenizer(dataset_dir: str | os.PathLike, out_dir: str | os.Path
     from tqdm import tqdm
 
     cfg = config or preset_train_config(preset)
+    model_cfg = ImageTokenizerConfig.from_preset(preset)
+    if cfg.perceptual_weight > 0 and model_cfg.image_size < 64:  # Inception's stem needs 64 px; say so first
+        raise ValueError(f"{preset}: the perceptual term needs images of at least 64 px, this preset's are "
+                         f"{model_cfg.image_size}; set perceptual_weight 0")
     dist = init_distributed(cfg.device)
     device, precision = dist.device, resolve_precision(cfg.precision, dist.device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    model_cfg = ImageTokenizerConfig.from_preset(preset)
     ckpt_path = out / CHECKPOINT_FILE
     state = load_checkpoint(ckpt_path, device) if check_resume(ckpt_path, resume) else None
     if state is not None:
-        model_cfg = ImageTokenizerConfig.from_dict(state["model_config"])
+        resumed = ImageTokenizerConfig.from_dict(state["model_config"])
+        if resumed != model_cfg:
+            raise ValueError(f"{ckpt_path}: this run trains another architecture than preset {preset} ("
+                             f"{_config_difference(resumed, model_cfg)}); resume with the preset it started with, "
+                             "or train into a new folder")
+        if cfg.gan_weight > 0 and "disc" not in state and state["step"] > cfg.gan_start:
+            raise ValueError(f"{ckpt_path}: step {state['step']} is past gan_start {cfg.gan_start} but the checkpoint "
+                             "has no discriminator (the run trained without one); resume it with gan_weight 0, or set "
+                             f"gan_start >= {state['step']}")
 
     data = images if images is not None else load_split_images(dataset_dir, "train", model_cfg.image_size)
     torch.manual_seed(cfg.seed)
