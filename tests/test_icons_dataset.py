@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from racm3.datasets.emoji import split_concepts
+from test_cli_errors import one_line_error
+
 from racm3.datasets.icons import DEFAULT_THEMES, ICONS_DIR, choose_themes, iter_icon_documents, pick_size
 from racm3.readers import read_documents
+from racm3.splits import split_of
 
 # Theme folder -> icon directories as its index.theme lists them, (subfolder, Size, Type); "beta" nests
 # them under base/ as Oxygen does.
@@ -127,15 +129,17 @@ def test_corrupt_file_is_skipped_and_counted(built):
     assert sorted(d.style for d in docs if d.concept == "broken-icon") == ["beta", "gamma"]
 
 
-def test_split_is_by_name(built):
+def test_split_is_by_name(built, icon_tree):
     docs, _ = built
     splits: dict[str, set] = {}
     for d in docs:
         splits.setdefault(d.concept, set()).add(d.split)
     assert all(len(s) == 1 for s in splits.values())  # every drawing of a name in the same split
     assert {s for (s,) in splits.values()} == {"train", "heldout"}
-    # The emoji set's rule, over the names kept.
-    assert {c: s for c, (s,) in splits.items()} == split_concepts(set(splits), 0)
+    # The rule of data without a split (racm3.splits), by name: the same whichever themes are chosen.
+    assert {c: s for c, (s,) in splits.items()} == {c: split_of(c) for c in splits}
+    two = {d.concept: d.split for d in iter_icon_documents(icon_tree, ("gamma", "alpha"), size=32)}
+    assert two and all(splits[c] == {s} for c, s in two.items())
 
 
 def test_theme_errors_name_what_to_do(icon_tree, tmp_path):
@@ -154,6 +158,10 @@ def test_cli_writes_a_dataset_that_reads_back(icon_tree, built, tmp_path):
     runner = CliRunner()
     bad = runner.invoke(app, ["data", "icons", str(tmp_path / "x"), "--icons-dir", str(icon_tree)])
     assert bad.exit_code == 1 and "unknown theme 'tango'" in bad.output and not (tmp_path / "x").exists()
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    one_line_error(runner.invoke(app, ["data", "icons", str(a_file), "--icons-dir", str(icon_tree),
+                                       "--themes", "alpha,beta"]), f"{a_file} is a file; give a folder")
 
     out = tmp_path / "icons"
     result = runner.invoke(app, ["data", "icons", str(out), "--icons-dir", str(icon_tree),

@@ -16,7 +16,6 @@ from test_encoder import make_tiny_clip
 from test_readers import encode, write_source
 
 from racm3.cli import app
-from racm3.splits import HELDOUT, TRAIN, split_by_id
 
 STAGES = ["data", "text-tokenizer", "image-tokenizer", "encoder", "assemble-tokenizers", "memory", "generator",
           "generator-k0", "assemble-generators"]
@@ -80,6 +79,13 @@ def test_train_all_makes_a_model_that_generates_both_ways(tmp_path: Path, fmt: s
     assert [r["status"] for r in rerun] == ["skipped"] * len(STAGES)
     assert [r["seconds"] for r in rerun] == [rows[s]["seconds"] for s in STAGES]  # the times of the run that made them
 
+    # a damaged row is one line naming it and the fix
+    row = out / "stages" / "memory.json"
+    intact = row.read_text()
+    row.write_text(intact[:20])
+    one_line_error(run(["train", "all", dataset, out, *TINY, *extra]), str(row), "delete it")
+    row.write_text(intact)
+
     # a done stage is never reused with other settings
     changed = run(["train", "all", dataset, out, *TINY[:2], "--generator-preset", "emoji-small", *TINY[4:], *extra])
     one_line_error(changed, "generator.json", "emoji-small")
@@ -92,8 +98,10 @@ def test_train_all_makes_a_model_that_generates_both_ways(tmp_path: Path, fmt: s
         (out / "stages" / f"{name}.json").unlink()
     resumed = run(["train", "all", dataset, out, *TINY, *extra])
     assert resumed.exit_code == 0, (resumed.output, resumed.exception)
-    statuses = [r["status"] for r in json.loads((out / "summary.json").read_text())["stages"]]
-    assert statuses == ["skipped"] * 6 + ["ran"] * 3
+    resumed_rows = json.loads((out / "summary.json").read_text())["stages"]
+    assert [r["status"] for r in resumed_rows] == ["skipped"] * 6 + ["ran"] * 3
+    # the generators were at their last step already: their quality comes from their logs, not lost
+    assert [r["quality"] for r in resumed_rows[6:8]] == [rows["generator"]["quality"], rows["generator-k0"]["quality"]]
     RACM3.from_pretrained(out / "model", device="cpu")
 
 
@@ -108,12 +116,32 @@ def test_bad_options_are_refused_before_anything_is_written(tmp_path: Path) -> N
     one_line_error(run(["train", "all", dataset, tmp_path / "run", "--image-size", "96"]), "--image-size", "96")
     one_line_error(run(["train", "all", dataset, tmp_path / "run", "--image-size", "64", *TINY]),
                    "tiny", "16 px", "--image-size 64")
-    one_line_error(run(["train", "all", dataset, tmp_path / "run", "--image-size", "256"]), "v2-256")
+    short = run(["train", "all", dataset, tmp_path / "run", "--image-size", "256", "--generator-preset", "emoji-small"])
+    assert one_line_error(short) == (
+        "error: --generator-preset emoji-small: its 384-token context cannot hold a retrieved document beside the "
+        "main one at 256 codes per image (v2-256: 552 tokens); choose a generator preset with a longer context: "
+        "medium, v2-small or a PRESET.json with max_len >= 552")
     assert not (tmp_path / "run").exists()
 
 
-def test_split_by_id_is_stable_and_holds_out_about_a_tenth() -> None:
-    ids = [f"doc-{i}" for i in range(2000)]
-    splits = [split_by_id(i) for i in ids]
-    assert set(splits) == {TRAIN, HELDOUT} and 150 < splits.count(HELDOUT) < 250
-    assert split_by_id("doc-7") == split_by_id("doc-7")  # a hash of the id, not of the process
+def test_default_options_pass_every_check(tmp_path: Path, monkeypatch) -> None:
+    """`racm3 train all DATASET OUT` with no option, and with each --image-size, is planned and checked (the
+    image tokenizer's codes fit the generator's context) without training: train_all is replaced by plan."""
+    import racm3.train_all
+
+    planned = {}
+
+    def plan_only(opts, log):
+        planned.update({s.name: s.settings for s in racm3.train_all.plan(opts, log)})
+        raise ValueError("planned")
+
+    monkeypatch.setattr(racm3.train_all, "train_all", plan_only)
+    dataset, out = shapes_dataset("parquet", tmp_path / "src"), tmp_path / "run"
+    for size in (None, 64, 128, 256):
+        one_line_error(run(["train", "all", dataset, out, *(["--image-size", size] if size else [])]), "planned")
+        assert planned["image-tokenizer"]["preset"] == f"v2-{size or 64}"
+        assert planned["generator"]["preset"] == planned["generator-k0"]["preset"] == "v2-small"
+    # --steps-scale scales the whole schedule: v2-64's adversarial term still starts at 30% of its steps
+    one_line_error(run(["train", "all", dataset, out, "--steps-scale", "0.1"]), "planned")
+    assert planned["image-tokenizer"] == {"preset": "v2-64", "steps": 1000, "warmup": 10, "gan_start": 300}
+    assert not out.exists()

@@ -75,7 +75,8 @@ def data_emoji(
             make_style(style)
         except (ValueError, FileNotFoundError) as exc:
             raise typer.BadParameter(str(exc), param_hint="--styles") from None
-    n = write_jsonl_dataset(iter_emoji_documents(size=size, seed=seed, styles=chosen, stats=stats), out_dir)
+    with _user_errors():  # an OUT_DIR that is a file
+        n = write_jsonl_dataset(iter_emoji_documents(size=size, seed=seed, styles=chosen, stats=stats), out_dir)
     for style in chosen:
         typer.echo(f"{style:10s} train {stats[(style, 'train')]:5d}  heldout {stats[(style, 'heldout')]:5d}"
                    f"  (not drawn in this style: {stats[(style, 'missing')]})")
@@ -87,8 +88,9 @@ def data_icons(
     out_dir: Path = typer.Argument(..., help="Folder to write docs.jsonl and images/ into."),
     themes: str = typer.Option("tango,gnome,oxygen", help="Comma-separated icon themes (folder names in --icons-dir)."),
     icons_dir: Path = typer.Option(Path("/usr/share/icons"), help="Where the freedesktop icon themes are installed."),
-    size: int = typer.Option(64, min=8, help="Image side in pixels (from the PNG of this size or the nearest larger)."),
-    seed: int = typer.Option(0, help="Seed of the train/held-out split by icon name."),
+    size: int = typer.Option(64, min=8, help="Image side in pixels: from a theme's PNG of this size, else the nearest "
+                                             "larger (downscaled), else its largest if at least half the size "
+                                             "(upscaled); a theme with only smaller ones does not draw the name."),
     limit: Optional[int] = typer.Option(None, min=1, help="Only the first N icon names (in name order)."),
 ) -> None:
     """Build the icon data set: each icon name drawn by two or more desktop icon themes, captioned with the name."""
@@ -99,9 +101,9 @@ def data_icons(
 
     stats: Counter = Counter()
     chosen = tuple(t.strip() for t in themes.split(",") if t.strip())
-    with _user_errors():  # an unknown or missing theme fails here, before anything is written
-        docs = iter_icon_documents(icons_dir, chosen, size=size, seed=seed, limit=limit, stats=stats)
-    n = write_jsonl_dataset(docs, out_dir)
+    with _user_errors():  # an unknown theme fails before anything is written; so does an OUT_DIR that is a file
+        docs = iter_icon_documents(icons_dir, chosen, size=size, limit=limit, stats=stats)
+        n = write_jsonl_dataset(docs, out_dir)
     for theme in (t.lower() for t in chosen):
         typer.echo(f"{theme:10s} train {stats[(theme, 'train')]:5d}  heldout {stats[(theme, 'heldout')]:5d}"
                    f"  (upscaled: {stats[(theme, 'upscaled')]}, aliases merged: {stats[(theme, 'alias')]},"
@@ -469,8 +471,9 @@ def train_all_cmd(
                                                         "(default 64), unless --image-tokenizer-preset names one."),
     image_tokenizer_preset: Optional[str] = typer.Option(None, help="Image tokenizer preset (a name in "
                                                          "racm3/tokenizers/image_presets/ or a PRESET.json)."),
-    generator_preset: str = typer.Option("emoji-small", help="Generator preset of both generators: tiny, "
-                                         "emoji-small, medium, or a PRESET.json."),
+    generator_preset: str = typer.Option("v2-small", help="Generator preset of both generators: v2-small (its "
+                                         "1,024-token context holds k=2 of 256-code images), medium, emoji-small "
+                                         "(384 tokens: 64-code images), tiny, or a PRESET.json."),
     encoder: Optional[str] = typer.Option(None, help="Use this encoder folder (or clip:PATH, a CLIP folder written "
                                           "by save_pretrained()) instead of training the image tower."),
     device: str = typer.Option("auto", help=DEVICE_HELP),

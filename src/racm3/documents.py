@@ -221,6 +221,8 @@ def write_jsonl_dataset(docs: Iterable[Document], out_dir: str | os.PathLike) ->
     already written stay; they are named by document id, so a rerun overwrites them).
     """
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file; give a folder to write the data set into")
     (out / "images").mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=".docs-", suffix=".jsonl", dir=out)
     tmp = Path(tmp_name)

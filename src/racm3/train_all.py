@@ -1,14 +1,16 @@
 """`racm3 train all`: a data set in, a trained RA-CM3 model folder out, every stage in order.
 
-The same pipeline as scripts/train_emoji_small.sh (the shipped model's reproduction), as a list of stages that
-call the library's own functions. Each stage writes its output under OUT and then OUT/stages/NAME.json: its row of
-the summary (seconds, size on disk, held-out quality) and the settings it ran with. A stage whose row and output
-both exist is skipped; a training stage cut short resumes from its checkpoint (the trainers' one resume rule);
-a row written with other settings is refused rather than silently reused.
+The stages of scripts/train_emoji_small.sh (the shipped model's reproduction) as a list that calls the library's
+own functions, with this command's defaults, not the script's: the v2 image tokenizer v2-64, the v2 recipe and
+the v2-small generator (the script: emoji-8x8 in float32, --recipe v1, emoji-small). Each stage writes its output
+under OUT and then OUT/stages/NAME.json: its row of the summary (seconds, size on disk, held-out quality) and the
+settings it ran with. A stage whose row and output both exist is skipped; a training stage cut short resumes
+from its checkpoint (the trainers' one resume rule); a row written with other settings is refused rather than
+silently reused.
 
 The first stage copies the data set into OUT/data (docs.jsonl + images/), giving each document without a split
-one by racm3.splits.split_by_id, so every later stage trains on the same train split and is measured on the same
-held-out documents, whatever format the data came in.
+the split of its concept (racm3.splits.with_split), so every later stage trains on the same train split and is
+measured on the same held-out documents, whatever format the data came in.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ class TrainAllOptions:
     out: Path
     image_size: int | None = None  # picks the image tokenizer preset v2-SIZE; None: the named preset's, or 64
     image_tokenizer_preset: str | None = None
-    generator_preset: str = "emoji-small"
+    generator_preset: str = "v2-small"  # its 1,024-token context holds k=2 of the v2 tokenizers' 256-code images
     encoder: str | None = None  # an encoder or CLIP folder ("clip:PATH" insists on a CLIP) instead of training one
     device: str = "auto"
     steps_scale: float = 1.0  # x each trainer's default length: image tokenizer steps, encoder epochs, generator steps
@@ -99,7 +101,7 @@ def _given_encoder(spec: str) -> Path:
 
 def _check_context(generator_preset: str, image_preset: str) -> None:
     """Refuse a generator preset whose context cannot hold the main document and one retrieved document."""
-    from racm3.generator.model import get_preset
+    from racm3.generator.model import get_preset, list_presets
     from racm3.tokenizers.image import ImageTokenizerConfig
 
     max_len = get_preset(generator_preset).max_len
@@ -107,9 +109,11 @@ def _check_context(generator_preset: str, image_preset: str) -> None:
     # <bos> [<doc> caption <img> codes </img> </doc>] caption <img> codes </img> <eos>
     need = 2 * (n + CAPTION_TOKENS) + 8
     if max_len < need:
+        fit = [p for p in list_presets() if get_preset(p).max_len >= need]
         raise ValueError(f"--generator-preset {generator_preset}: its {max_len}-token context cannot hold a retrieved "
                          f"document beside the main one at {n} codes per image ({image_preset}: {need} tokens); "
-                         "choose a preset with a longer context (e.g. medium) or a smaller --image-size")
+                         f"choose a generator preset with a longer context: {', '.join(fit) + ' or ' if fit else ''}"
+                         f"a PRESET.json with max_len >= {need}")
 
 
 def plan(opts: TrainAllOptions, log: Callable[[str], None] = print) -> list[Stage]:
@@ -128,7 +132,10 @@ def plan(opts: TrainAllOptions, log: Callable[[str], None] = print) -> list[Stag
         raise ValueError(f"{opts.out} is a file; give a folder for OUT")
     resolve_device(opts.device)
     vq_preset = image_tokenizer_preset(opts.image_size, opts.image_tokenizer_preset)
-    vq_steps = _scaled(preset_train_config(vq_preset).steps, opts.steps_scale)
+    vq = preset_train_config(vq_preset)
+    # the whole schedule scales, not its length alone: an adversarial term starting at 30% still starts at 30%
+    vq_schedule = {"steps": _scaled(vq.steps, opts.steps_scale), "warmup": round(vq.warmup * opts.steps_scale),
+                   "gan_start": round(vq.gan_start * opts.steps_scale)}
     _check_context(opts.generator_preset, vq_preset)
     given = _given_encoder(opts.encoder) if opts.encoder is not None else None
 
@@ -176,7 +183,7 @@ def plan(opts: TrainAllOptions, log: Callable[[str], None] = print) -> list[Stag
         from racm3.tokenizers.image import ImageTokenizer
         from racm3.tokenizers.image_train import evaluate_image_tokenizer, load_split_images, train_image_tokenizer
 
-        cfg = preset_train_config(vq_preset, steps=vq_steps, device=opts.device)
+        cfg = preset_train_config(vq_preset, **vq_schedule, device=opts.device)
         train_image_tokenizer(data, out / "image_tokenizer", vq_preset, cfg, resume=True)
         if not heldout():
             return None
@@ -218,14 +225,17 @@ def plan(opts: TrainAllOptions, log: Callable[[str], None] = print) -> list[Stag
     def generator(k: int, run_dir: Path, batch_size: int) -> Callable[[], dict | None]:
         def run() -> dict | None:
             from racm3.generator.data import Recipe
-            from racm3.generator.train import train
+            from racm3.generator.train import BENEFITS, train
 
+            # a run whose checkpoint is at its last step already returns no record: its log's last one is the same
             last = train(TrainConfig(dataset=data, out=run_dir, memory=memory if k else None, tokenizers=model,
                                      encoder=model / "encoder", preset=opts.generator_preset, steps=gen_steps,
                                      batch_size=batch_size, device=opts.device, resume=True, recipe=Recipe(k=k)))
-            # the trainer measures held-out NLL only where documents have a concept drawn in two styles
+            last = last or _last_log_record(run_dir / "train_log.jsonl")
+            # held-out NLLs and context benefits on held-out documents (those whose concept is drawn in another
+            # style where there are any, else any held-out document); none without held-out documents
             names = {"loss": "train_loss", "nll_none": "heldout_nll_no_context", "nll_self": "heldout_nll_self",
-                     "context_benefit": "context_benefit"}
+                     **{name: name for name in BENEFITS}}
             return {new: last[old] for old, new in names.items() if old in last} or None
         return run
 
@@ -237,7 +247,7 @@ def plan(opts: TrainAllOptions, log: Callable[[str], None] = print) -> list[Stag
     return [
         Stage("data", data, {"dataset": str(opts.dataset.resolve()), "heldout_share": HELDOUT_SHARE}, make_data),
         Stage("text-tokenizer", out / "text_tokenizer", {}, text_tokenizer),
-        Stage("image-tokenizer", out / "image_tokenizer", {"preset": vq_preset, "steps": vq_steps}, image_tokenizer),
+        Stage("image-tokenizer", out / "image_tokenizer", {"preset": vq_preset, **vq_schedule}, image_tokenizer),
         Stage("encoder", encoder_dir, {"given": str(given.resolve())} if given else {"epochs": epochs}, encoder),
         Stage("assemble-tokenizers", model, {}, assemble_tokenizers),
         Stage("memory", memory, {"index": "flat"}, build_memory),
@@ -256,7 +266,18 @@ def _row_path(out: Path, name: str) -> Path:
 
 
 def _read_row(out: Path, name: str) -> dict:
-    return json.loads(_row_path(out, name).read_text(encoding="utf-8"))
+    path = _row_path(out, name)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:  # not JSON, or not UTF-8 (a UnicodeDecodeError is a ValueError)
+        raise ValueError(f"{path}: not a readable stage row ({exc}); delete it (and the rows of the stages after "
+                         f"it) to run stage {name} again") from None
+
+
+def _last_log_record(path: Path) -> dict:
+    """The last record of a generator's train_log.jsonl ({} when it has none)."""
+    lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+    return json.loads(lines[-1]) if lines else {}
 
 
 def _done(out: Path, stage: Stage) -> bool:

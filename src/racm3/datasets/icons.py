@@ -17,8 +17,8 @@ from typing import Iterator
 
 from PIL import Image
 
-from racm3.datasets.emoji import split_concepts
 from racm3.documents import BadRecord, Document, load_image
+from racm3.splits import split_of
 
 ICONS_DIR = Path("/usr/share/icons")
 DEFAULT_THEMES = ("tango", "gnome", "oxygen")
@@ -154,25 +154,24 @@ def draw(d: Drawing, size: int) -> Image.Image:
 
 
 def iter_icon_documents(icons_dir: Path = ICONS_DIR, themes: tuple[str, ...] = DEFAULT_THEMES, size: int = 64,
-                        seed: int = 0, limit: int | None = None, stats: Counter | None = None) -> Iterator[Document]:
+                        limit: int | None = None, stats: Counter | None = None) -> Iterator[Document]:
     """One document per icon name per theme: [image, caption], with style, concept, split, source, license.
 
     The themes are checked and the names chosen when this is called (a bad theme fails before anything is
-    written); images are decoded as the documents are read. The split is decided on the names first, by the
-    emoji set's rule (split_concepts), so a name's split does not depend on --limit or on an unreadable file.
+    written); images are decoded as the documents are read. The split is the name's (racm3.splits.split_of, a
+    hash of the name), so it does not depend on the themes chosen, on --limit or on an unreadable file.
     A file that cannot be decoded is skipped and counted; a name left with one drawing is dropped ("lone").
     """
     stats = stats if stats is not None else Counter()
     names = select_drawings(choose_themes(themes, icons_dir), size, stats)
     if not names:
         raise ValueError(f"no icon name is drawn by two of the themes {', '.join(themes)} in {icons_dir}")
-    split = split_concepts(set(names), seed)
-    return _documents(names, split, size, list(names)[:limit], stats)
+    return _documents(names, size, list(names)[:limit], stats)
 
 
-def _documents(names: dict[str, list[Drawing]], split: dict[str, str], size: int, chosen: list[str],
-               stats: Counter) -> Iterator[Document]:
+def _documents(names: dict[str, list[Drawing]], size: int, chosen: list[str], stats: Counter) -> Iterator[Document]:
     for name in chosen:
+        split = split_of(name)
         drawn = []
         for d in names[name]:
             try:
@@ -183,10 +182,10 @@ def _documents(names: dict[str, list[Drawing]], split: dict[str, str], size: int
             stats["lone"] += 1
             continue
         for d, image in drawn:
-            stats[(d.theme, split[name])] += 1
+            stats[(d.theme, split)] += 1
             stats[(d.theme, "upscaled")] += d.px < size
             source, license_ = LICENSES.get(d.theme, (f"{d.theme} icon theme", None))
-            meta = {"style": d.theme, "concept": name, "split": split[name], "source": source,
+            meta = {"style": d.theme, "concept": name, "split": split, "source": source,
                     "license": license_, "icon_size": d.px}
             yield Document(id=f"{d.theme}-{name}", segments=(image, caption(name)),
                            meta={k: v for k, v in meta.items() if v is not None})
