@@ -1,59 +1,66 @@
-"""The generator's training curve: loss and held-out context benefit per step (image codes, and captions where
-the run logged them), RA-CM3 vs the k=0 baseline.
+"""The generator's training curve: loss, held-out image-code NLL with and without context, and every context
+benefit the run logged (racm3.generator.train.BENEFITS), for each run (e.g. RA-CM3 vs the k=0 baseline).
 
-    python benchmarks/training_curve.py runs/gen-ra runs/gen-k0
+    python benchmarks/training_curve.py runs/gen-ra runs/gen-k0 [--out DIR]
 
-Reads each run's train_log.jsonl; writes benchmarks/results/training_curve.png and training_curve.json.
+Reads each run's train_log.jsonl; writes DIR/training_curve.png and DIR/training_curve.json (the evaluated log
+lines; DIR: benchmarks/results).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
+from racm3.generator.train import BENEFITS
+
 RESULTS = Path(__file__).parent / "results"
+# the image-code NLLs, where the log has them (a data set with one style has no nll_cross_style)
+NLLS = {"nll_none": ("--", "no context"), "nll_self": ("-", "the document in context"),
+        "nll_cross_style": (":", "the other style's drawing")}
+RUN_STYLES = ("-", "--", ":", "-.")  # the benefits panel: a colour per benefit, a line style per run
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("runs", nargs="+", type=Path, help="run folders holding train_log.jsonl")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = {Path(a).name: [json.loads(line) for line in (Path(a) / "train_log.jsonl").read_text().splitlines()]
-            for a in argv}
-    captions = any("caption_nll_self" in r for log in runs.values() for r in log)
-    fig, axes = plt.subplots(1, 3 if captions else 2, figsize=(15 if captions else 10, 3.6))
-    ax1, ax2 = axes[0], axes[1]
-    for name, log in runs.items():
-        ax1.plot([r["step"] for r in log], [r["main"] for r in log], label=f"{name}: L_main")
-        ev = [r for r in log if "nll_self" in r]
-        ax2.plot([r["step"] for r in ev], [r["nll_none"] for r in ev], "--", label=f"{name}: no context")
-        ax2.plot([r["step"] for r in ev], [r["nll_self"] for r in ev], label=f"{name}: concept's drawing in context")
-        ax2.plot([r["step"] for r in ev], [r["nll_cross_style"] for r in ev], ":", label=f"{name}: other style's drawing")
-        cap = [r for r in ev if "caption_nll_self" in r]
-        if captions and cap:
-            axes[2].plot([r["step"] for r in cap], [r["caption_nll_none"] for r in cap], "--", label=f"{name}: no context")
-            axes[2].plot([r["step"] for r in cap], [r["caption_nll_self"] for r in cap],
-                         label=f"{name}: the document in context")
-    ax1.set(xlabel="step", ylabel="training loss (main document)", title="training loss")
-    ax2.set(xlabel="step", ylabel="NLL per image code", title="held-out concepts: does it read its context?")
-    ax1.legend(fontsize=8)
-    ax2.legend(fontsize=7)
-    if captions:
-        axes[2].set(xlabel="step", ylabel="NLL per caption token", title="held-out captions (image first)")
-        axes[2].legend(fontsize=7)
+    runs = {run.name: [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+            for run in args.runs}
+    evaluated = {name: [r for r in log if "nll_none" in r] for name, log in runs.items()}  # every evaluation has it
+    fig, (loss_ax, nll_ax, benefit_ax) = plt.subplots(1, 3, figsize=(16, 3.8))
+    for n, (name, log) in enumerate(runs.items()):
+        loss_ax.plot([r["step"] for r in log], [r["main"] for r in log], color=f"C{n}", label=name)
+        for key, (style, what) in NLLS.items():
+            ev = [r for r in evaluated[name] if key in r]
+            if ev:
+                nll_ax.plot([r["step"] for r in ev], [r[key] for r in ev], style, color=f"C{n}",
+                            label=f"{name}: {what}")
+        for b, benefit in enumerate(BENEFITS):
+            ev = [r for r in evaluated[name] if benefit in r]
+            if ev:
+                benefit_ax.plot([r["step"] for r in ev], [r[benefit] for r in ev], RUN_STYLES[n % len(RUN_STYLES)],
+                                color=f"C{b}", label=f"{name}: {benefit}")
+    loss_ax.set(xlabel="step", ylabel="training loss (main document)", title="training loss")
+    nll_ax.set(xlabel="step", ylabel="NLL per image code", title="held-out concepts: does it read its context?")
+    benefit_ax.axhline(0, color="grey", linewidth=0.5)
+    benefit_ax.set(xlabel="step", ylabel="nats per token", title="held-out context benefits (0: context unused)")
+    for ax in (loss_ax, nll_ax, benefit_ax):
+        ax.legend(fontsize=7)
     fig.tight_layout()
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    fig.savefig(RESULTS / "training_curve.png", dpi=110)
-    summary = {name: [r for r in log if "nll_self" in r] for name, log in runs.items()}
-    (RESULTS / "training_curve.json").write_text(json.dumps(summary, indent=1))
-    for name, ev in summary.items():
-        print(name, [(r["step"], round(r["nll_none"], 2), round(r["nll_self"], 2), round(r["nll_cross_style"], 2),
-                      *((round(r["caption_nll_none"], 2), round(r["caption_nll_self"], 2)) if "caption_nll_self" in r else ()))
-                     for r in ev])
+    args.out.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.out / "training_curve.png", dpi=110)
+    (args.out / "training_curve.json").write_text(json.dumps(evaluated, indent=1))
+    for name, ev in evaluated.items():
+        print(name, [{"step": r["step"], **{b: round(r[b], 2) for b in BENEFITS if b in r}} for r in ev])
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -7,18 +7,19 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from racm3.generator.data import ExampleBank, Recipe, tokenize_documents
+from racm3.generator.data import RECIPES, ExampleBank, Recipe, tokenize_documents
 from racm3.generator.decode import Sampling, generate_image_codes, generate_text_ids
 from racm3.generator.loss import ra_cm3_loss
 from racm3.generator.model import check_vocab, load_generator, save_generator
 from racm3.generator.train import train
-from racm3.runtime import load_checkpoint
+from racm3.runtime import load_checkpoint, save_checkpoint
 
 sys.path.insert(0, str(Path(__file__).parent))
 from generator_fixtures import shape_documents, write_shape_dataset, write_tiny_tokenizers  # noqa: E402
@@ -51,17 +52,34 @@ def test_training_lowers_the_loss_well_below_chance(trained):
     assert "context_benefit" in log[-1]
 
 
-def test_resume_continues_from_the_checkpoint(trained, tmp_path):
+def test_resume_continues_from_the_checkpoint_under_its_recipe(trained, tmp_path):
     root, cfg, _, _ = trained
-    ckpt = load_checkpoint(root / "run" / "checkpoint.safetensors")
-    assert ckpt["step"] == STEPS
-    assert {p.name for p in (root / "run").glob("step-*")} == {"step-40", "step-80"}  # snapshots for curves
-    assert load_generator(root / "run" / "step-40").racm3 == load_generator(root / "run").racm3
-    from dataclasses import replace
+    run = root / "run"
+    ckpt = load_checkpoint(run / "checkpoint.safetensors")
+    assert ckpt["step"] == STEPS and ckpt["recipe"] == asdict(cfg.recipe) == asdict(RECIPES["v1"])
+    assert {p.name for p in run.glob("step-*")} == {"step-40", "step-80"}  # snapshots for curves
+    assert load_generator(run / "step-40").racm3 == load_generator(run).racm3
+    started = (run / "train_config.json").read_text()
+    log = (run / "train_log.jsonl").read_text()
+    # a finished run trains nothing and returns its final metrics (what `racm3 train all` reports)
+    assert train(replace(cfg, resume=True)) == json.loads(log.splitlines()[-1])
+    assert (run / "train_log.jsonl").read_text() == log
+    # a v1 run resumed under the v2 default is refused, in one line naming the folder and both recipes
+    with pytest.raises(ValueError) as refused:
+        train(replace(cfg, steps=STEPS + 5, resume=True, recipe=Recipe()))
+    assert str(refused.value).startswith(f"{run}: its checkpoint was trained with recipe v1 (copy_rate 0.35, ")
+    assert "this run asks for v2 (copy_rate 0.15, " in str(refused.value) and "\n" not in str(refused.value)
+    # a checkpoint saved before checkpoints held the recipe is checked against the run's train_config.json
+    old = tmp_path / "old"
+    old.mkdir()
+    save_checkpoint({k: v for k, v in ckpt.items() if k != "recipe"}, old / "checkpoint.safetensors")
+    (old / "train_config.json").write_text(started)
+    with pytest.raises(ValueError, match=f"{old}: its checkpoint was trained with recipe v1 .* asks for a custom"):
+        train(replace(cfg, out=old, resume=True, recipe=replace(cfg.recipe, copy_rate=0.3)))
 
-    more = replace(cfg, steps=STEPS + 5, resume=True)
-    last = train(more)
+    last = train(replace(cfg, steps=STEPS + 5, resume=True))
     assert last["step"] == STEPS + 5
+    assert (run / "train_config.json").read_text() == started  # the configuration the run started with
 
 
 def _prompts(mt, model, caption: str, context_docs=()):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -184,7 +185,6 @@ def v2_run(trained, tiny_model_dir):
 
 def test_a_tiny_v2_training_lowers_the_loss_and_logs_one_benefit_per_kind(v2_run):
     cfg, log = v2_run
-    assert cfg.recipe == Recipe()  # the default recipe is v2
     assert log[-1]["main"] < 0.75 * log[0]["main"], [r["main"] for r in log]
     evaluated = [r for r in log if "context_benefit" in r]
     assert [r["step"] for r in evaluated] == list(range(cfg.eval_every, cfg.steps + 1, cfg.eval_every))
@@ -194,3 +194,45 @@ def test_a_tiny_v2_training_lowers_the_loss_and_logs_one_benefit_per_kind(v2_run
         assert 0 < r["benefit_s"] < 10
     recorded = json.loads((cfg.out / "train_config.json").read_text())["config"]["recipe"]
     assert Recipe(**recorded) == cfg.recipe  # the run folder says which recipe trained it
+
+
+def test_the_default_recipe_is_v2_and_options_change_single_shares(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from racm3.cli import app
+    from racm3.generator.train import TrainConfig
+
+    assert TrainConfig(dataset=tmp_path, out=tmp_path).recipe == RECIPES["v2"] != RECIPES["v1"]
+    asked = []
+    monkeypatch.setattr("racm3.generator.train.train", lambda cfg: asked.append(cfg) or {})  # the command, untrained
+
+    def recipe(*options: str) -> Recipe:
+        result = CliRunner().invoke(app, ["train", "generator", str(tmp_path), str(tmp_path), str(tmp_path / "g"),
+                                          *options])
+        assert result.exit_code == 0, result.output
+        return asked.pop().recipe
+
+    assert recipe() == RECIPES["v2"]
+    assert recipe("--recipe", "v1") == RECIPES["v1"]
+    assert recipe("--recipe", "v1", "--copy-rate", "0.1") == replace(RECIPES["v1"], copy_rate=0.1)
+    assert recipe("--recipe", "v1", "--extra-distractor-rate", "0", "--k", "0") == replace(
+        RECIPES["v1"], extra_distractor_rate=0.0, k=0)
+
+
+def test_the_training_curve_plots_every_logged_benefit(v2_run, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    import training_curve
+
+    cfg, log = v2_run
+    one_style = [{k: v for k, v in r.items() if "cross_style" not in k} for r in log]  # data drawn in one style
+    (tmp_path / "one-style").mkdir()
+    (tmp_path / "one-style" / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in one_style))
+    training_curve.main([str(cfg.out), str(tmp_path / "one-style"), "--out", str(tmp_path / "curve")])
+    assert (tmp_path / "curve" / "training_curve.png").stat().st_size > 10_000
+    summary = json.loads((tmp_path / "curve" / "training_curve.json").read_text())
+    assert summary == {name: [r for r in records if "nll_none" in r]  # the evaluated lines
+                       for name, records in (("v2", log), ("one-style", one_style))}
+    printed = dict(line.split(" ", 1) for line in capsys.readouterr().out.splitlines())
+    assert all(name in printed["v2"] for name in BENEFITS)  # each logged benefit is plotted (and printed)
+    assert all((name in printed["one-style"]) == (name != "cross_style_benefit") for name in BENEFITS)

@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from racm3.documents import Document
-from racm3.generator.data import DocTokens, ExampleBank, Recipe, TrainingBatches, batch, tokenize_documents
+from racm3.generator.data import RECIPES, DocTokens, ExampleBank, Recipe, TrainingBatches, batch, tokenize_documents
 from racm3.generator.loss import ra_cm3_loss
 from racm3.generator.model import build_model, get_preset, save_generator
 from racm3.tokenizers.multimodal import MultimodalTokenizer
@@ -274,8 +274,44 @@ def precompute(cfg: TrainConfig, mt: MultimodalTokenizer, train_docs: list[Docum
     return cached if dist.is_main else _read_cache(cache, key)
 
 
+def check_recipe(trained: dict, recipe: Recipe, out: Path) -> None:
+    """Refuse (ValueError) to resume a run under another recipe than the one its checkpoint was trained with."""
+    asked = asdict(recipe)
+    differ = [f for f in sorted(set(trained) | set(asked)) if trained.get(f) != asked.get(f)]
+    if not differ:
+        return
+
+    def describe(shares: dict) -> str:  # the recipe's name where it is a named one, and the shares that differ
+        name = next((n for n, r in RECIPES.items() if asdict(r) == shares), "a custom recipe")
+        return f"{name} ({', '.join(f'{f} {shares.get(f)}' for f in differ)})"
+
+    raise ValueError(f"{out}: its checkpoint was trained with recipe {describe(trained)}, this run asks for "
+                     f"{describe(asked)}; resume with the checkpoint's recipe, or train into another OUT_DIR")
+
+
+def _trained_recipe(ckpt: dict, out: Path) -> dict:
+    """The recipe a checkpoint was trained with; for one saved before checkpoints held it, the one the run's
+    train_config.json records (then rewritten at every start: the recipe of its latest start)."""
+    if "recipe" in ckpt:
+        return ckpt["recipe"]
+    return json.loads((out / "train_config.json").read_text())["config"]["recipe"]
+
+
+def _last_record(log_path: Path) -> dict:
+    """The last line of a run's train_log.jsonl ({} where there is none): a finished run's final metrics."""
+    try:
+        lines = log_path.read_text().splitlines()
+    except FileNotFoundError:
+        return {}
+    return json.loads(lines[-1]) if lines else {}
+
+
 def train(cfg: TrainConfig) -> dict:
-    """Train (or resume) a generator in cfg.out; returns the final metrics."""
+    """Train (or resume) a generator in cfg.out; returns the final metrics (rank 0; {} on the other ranks).
+
+    A run resumes only under the recipe its checkpoint was trained with (check_recipe); one already at cfg.steps
+    trains nothing and returns its last log record.
+    """
     dist = init_distributed(cfg.device)
     device, rank, world = dist.device, dist.rank, dist.world
     precision = resolve_precision(cfg.precision, device)
@@ -284,13 +320,15 @@ def train(cfg: TrainConfig) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "checkpoint.safetensors"
-    resuming = check_resume(ckpt_path, cfg.resume)
+    ckpt = load_checkpoint(ckpt_path, device) if check_resume(ckpt_path, cfg.resume) else None
+    recipe = cfg.recipe
+    if ckpt is not None:  # before the precomputation: a refused resume costs nothing
+        check_recipe(_trained_recipe(ckpt, out), recipe, out)
     torch.manual_seed(cfg.seed)
 
     mt = load_tokenizers(cfg.tokenizers)
     vocab, n_img = mt.vocab, mt.tokens_per_image
     gen_cfg = get_preset(cfg.preset)
-    recipe = cfg.recipe
 
     train_docs, heldout_docs = _load_split_documents(cfg.dataset)
     if not train_docs:
@@ -306,11 +344,11 @@ def train(cfg: TrainConfig) -> dict:
     opt = adamw(decay_groups(model, cfg.weight_decay), cfg.lr, (0.9, 0.95), device)
     scaler = precision.grad_scaler()
     step = 0
-    if resuming:
-        ckpt = load_checkpoint(ckpt_path, device)
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
+        del ckpt  # its tensors are in the model and the optimizer now
     ddp = dist.wrap(model)
     # each rank its own stream of sequences; a resumed run draws a new stream from where it stopped
     stream = TrainingBatches(bank, vocab, recipe, cfg.batch_size, gen_cfg.image_base, n_img,
@@ -322,15 +360,15 @@ def train(cfg: TrainConfig) -> dict:
     model.train()
 
     log_path = out / "train_log.jsonl"
-    if step == 0 and rank == 0 and log_path.exists():
-        log_path.unlink()  # a fresh run starts a fresh log; a resumed one appends
-    meta = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
-            "parameters": sum(p.numel() for p in model.parameters()), "world_size": world,
-            "device": str(device), "precision": precision.name}
-    if rank == 0:
+    if step == 0 and rank == 0:  # a fresh run starts a fresh log and records its configuration; a resumed one appends
+        log_path.unlink(missing_ok=True)
+        meta = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+                "parameters": sum(p.numel() for p in model.parameters()), "world_size": world,
+                "device": str(device), "precision": precision.name}
         (out / "train_config.json").write_text(json.dumps(meta, indent=2, default=str))
     bar = tqdm(total=cfg.steps, initial=step, disable=rank != 0 or not cfg.progress, dynamic_ncols=True)
-    tokens_seen, t0, last = 0, time.perf_counter(), {}
+    tokens_seen, t0 = 0, time.perf_counter()
+    last = _last_record(log_path) if rank == 0 and step >= cfg.steps else {}
     while step < cfg.steps:
         b = next(batches)
         tokens = int(b.pop("tokens"))  # counted by the loader on the host: no device sync
@@ -365,7 +403,8 @@ def train(cfg: TrainConfig) -> dict:
             bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{tps:.0f}",
                             **{name.split("_")[0]: f"{last[name]:.2f}" for name in BENEFITS if name in last})
         if step % cfg.save_every == 0 or step == cfg.steps:
-            save_checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step}, ckpt_path)
+            save_checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                             "recipe": asdict(recipe)}, ckpt_path)
             save_generator(model, out, dtype=getattr(torch, cfg.save_dtype))
         if cfg.snapshot_every and step % cfg.snapshot_every == 0:
             save_generator(model, out / f"step-{step}", dtype=getattr(torch, cfg.save_dtype))
