@@ -1,4 +1,5 @@
-"""Shared fixtures: one tiny generator trained once per test session on the shapes data."""
+"""Shared fixtures: one tiny generator trained once per test session on the shapes data; `memories`, the memory
+tests' memories on each backend (memory_backends.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+from tests.memory_backends import memories  # noqa: E402,F401 (a fixture)
 
 STEPS = 80
 

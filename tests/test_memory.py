@@ -1,4 +1,7 @@
-"""Memory: round trips, remove/update, encoder identity, index rebuilds, SIGKILLs at every writer's steps, the CLI."""
+"""Memory: round trips, remove/update, encoder identity, index rebuilds, SIGKILLs at every writer's steps, the CLI.
+
+The tests of behaviour every backend shares run on each (memory_backends.py: the folder memory, and Milvus Lite
+where it is installed); the rest are the folder memory's own (its files, its lock, its kill points)."""
 
 from __future__ import annotations
 
@@ -17,7 +20,9 @@ import pytest
 from PIL import Image
 
 from racm3.documents import Document
+from racm3.retrieval.backends import open_memory, open_or_create_memory
 from racm3.retrieval.memory import INDEX, INFO, EncoderMismatch, Memory, MemoryFolderError
+from tests.memory_backends import BACKENDS, backends_and_indexes, loads_images, location
 
 DIM = 8
 
@@ -35,17 +40,18 @@ def make_docs(n: int, start: int = 0, seed: int = 0) -> tuple[list[Document], np
 
 def consistent(mem: Memory) -> None:
     """Store and index agree: same count, same rows, and every document is its own nearest neighbour."""
-    assert mem.index.ntotal == len(mem)
+    if isinstance(mem, Memory):  # a Milvus collection is both
+        assert mem.index.ntotal == len(mem)
     ids, _, vecs = mem.scan()
     if ids:
         hits = mem.search(vecs, 1)
         assert [h[0].id for h in hits] == ids
 
 
-@pytest.mark.parametrize("index", ["flat", "hnsw", "ivfpq"])
-def test_add_search_get_round_trip(tmp_path, index):
+@pytest.mark.parametrize("backend, index", backends_and_indexes())
+def test_add_search_get_round_trip(tmp_path, memories, backend, index):
     docs, vecs = make_docs(60)
-    mem = Memory.create(tmp_path / "m", "enc-a", DIM, index=index)
+    mem = memories.new(backend, tmp_path, "enc-a", DIM, index=index)
     mem.add(docs[:30], vecs[:30])
     mem.add(docs[30:], vecs[30:])
     assert len(mem) == 60 and mem.ids() == [d.id for d in docs]
@@ -59,22 +65,25 @@ def test_add_search_get_round_trip(tmp_path, index):
     assert got[0].meta == {"split": "train", "n": 7}
     np.testing.assert_allclose(mem.vectors(["d9"])[0], vecs[9])
     mem.close()
-    with Memory.open(tmp_path / "m") as again:  # persisted, index loaded without a rebuild
+    with memories.reopen(mem) as again:  # persisted (a folder's index loaded without a rebuild)
         assert again.info() == {"count": 60, "encoder": "enc-a", "dim": DIM, "index": index}
-        assert json.loads((tmp_path / "m" / INFO).read_text())["count"] == 60
+        if backend == "folder":
+            assert json.loads((tmp_path / "m" / INFO).read_text())["count"] == 60
         consistent(again)
 
 
-@pytest.mark.parametrize("index", ["flat", "hnsw", "ivfpq"])
-def test_removed_documents_are_never_returned(tmp_path, index):
+@pytest.mark.parametrize("backend, index", backends_and_indexes())
+def test_removed_documents_are_never_returned(tmp_path, memories, backend, index):
     docs, vecs = make_docs(40)
-    mem = Memory.create(tmp_path / "m", "enc-a", DIM, index=index)
+    mem = memories.new(backend, tmp_path, "enc-a", DIM, index=index)
     mem.add(docs, vecs)
     mem.remove(["d3", "d10"])
     returned = {h.id for hs in mem.search(vecs, 40) for h in hs}
     assert "d3" not in returned and "d10" not in returned and len(mem) == 38
-    assert "d3" not in Memory.open(tmp_path / "m")
-    consistent(Memory.open(tmp_path / "m"))
+    assert "d3" not in memories.reopen(mem) and "d3" not in mem.ids()
+    with pytest.raises(KeyError, match="d3"):
+        mem.get(["d3"])
+    consistent(memories.reopen(mem))
 
 
 @pytest.mark.parametrize("index", ["flat", "hnsw", "ivfpq"])
@@ -101,9 +110,10 @@ def test_small_writes_leave_the_index_file_and_every_reader_replays_them(tmp_pat
     consistent(reader)
 
 
-def test_search_leaves_out_exclude_ids_and_still_returns_k(tmp_path):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_search_leaves_out_exclude_ids_and_still_returns_k(tmp_path, memories, backend):
     docs, vecs = make_docs(30)
-    mem = Memory.create(tmp_path / "m", "enc-a", DIM)
+    mem = memories.new(backend, tmp_path, "enc-a", DIM)
     mem.add(docs, vecs)
     hits = mem.search(vecs[[4, 5]], 3, exclude_ids=[{"d4", "d9"}, ()])
     assert "d4" not in [h.id for h in hits[0]] and len(hits[0]) == 3 and hits[1][0].id == "d5"
@@ -113,12 +123,12 @@ def test_search_leaves_out_exclude_ids_and_still_returns_k(tmp_path):
         mem.search(vecs[:2], 3, exclude_ids=[()])
 
 
-def test_candidates_read_no_image_and_documents_decode_only_the_rows_asked(tmp_path, monkeypatch):
-    from racm3.retrieval import memory as M
-
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_candidates_read_no_image_and_documents_decode_only_the_rows_asked(tmp_path, memories, backend, monkeypatch):
     docs, vecs = make_docs(30)
-    mem = Memory.create(tmp_path / "m", "enc-a", DIM)
+    mem = memories.new(backend, tmp_path, "enc-a", DIM)
     mem.add(docs, vecs)
+    M = loads_images(mem)
     decoded = []
     real = M.load_image
     monkeypatch.setattr(M, "load_image", lambda *a, **k: decoded.append(1) or real(*a, **k))
@@ -157,9 +167,10 @@ def test_a_memory_from_before_the_removal_log_opens_and_its_next_write_upgrades_
         consistent(m)
 
 
-def test_remove_unknown_id_names_it_and_changes_nothing(tmp_path):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_remove_unknown_id_names_it_and_changes_nothing(tmp_path, memories, backend):
     docs, vecs = make_docs(5)
-    mem = Memory.create(tmp_path / "m", "enc-a", DIM)
+    mem = memories.new(backend, tmp_path, "enc-a", DIM)
     mem.add(docs, vecs)
     gen = mem.generation
     with pytest.raises(KeyError, match="nope"):
@@ -167,10 +178,10 @@ def test_remove_unknown_id_names_it_and_changes_nothing(tmp_path):
     assert len(mem) == 5 and "d1" in mem and mem.generation == gen
 
 
-@pytest.mark.parametrize("index", ["flat", "hnsw", "ivfpq"])
-def test_add_existing_id_refused_and_update_replaces(tmp_path, index):
+@pytest.mark.parametrize("backend, index", backends_and_indexes())
+def test_add_existing_id_refused_and_update_replaces(tmp_path, memories, backend, index):
     docs, vecs = make_docs(5)
-    mem = Memory.create(tmp_path / "m", "enc-a", DIM, index=index)
+    mem = memories.new(backend, tmp_path, "enc-a", DIM, index=index)
     mem.add(docs, vecs)
     with pytest.raises(KeyError, match="d2"):
         mem.add(docs[2:3], vecs[2:3])
@@ -180,8 +191,7 @@ def test_add_existing_id_refused_and_update_replaces(tmp_path, index):
     assert mem.get(["d2"])[0].text == "a new caption" and len(mem) == 5
     hit = mem.search(fresh, 1)[0][0]
     assert hit.id == "d2" and hit.document.text == "a new caption" and hit.score == pytest.approx(1.0, abs=1e-5)
-    assert mem.index.ntotal == 5  # the updated document is indexed once, in every index type
-    assert [h.id for h in mem.search(fresh, 5)[0]].count("d2") == 1
+    assert [h.id for h in mem.search(fresh, 5)[0]].count("d2") == 1  # indexed once, in every index type
     consistent(mem)
 
 
@@ -199,7 +209,8 @@ def test_ivfpq_retrains_as_the_memory_grows(tmp_path):
     consistent(mem)
 
 
-def test_add_documents_checks_every_id_before_writing(tmp_path):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_add_documents_checks_every_id_before_writing(tmp_path, memories, backend):
     docs, vecs = make_docs(6)
 
     class Fixed:  # an encoder that returns the prepared vectors
@@ -208,29 +219,35 @@ def test_add_documents_checks_every_id_before_writing(tmp_path):
         def embed_documents(self, ds):
             return vecs[[int(d.id[1:]) for d in ds]]
 
-    mem = Memory.create(tmp_path / "m", "enc-a", DIM)
+    mem = memories.new(backend, tmp_path, "enc-a", DIM)
     mem.add(docs[5:6], vecs[5:6])
     with pytest.raises(KeyError, match="d5"):
         mem.add_documents(docs, Fixed(), batch_size=2)  # d5 sits in the last batch
     assert len(mem) == 1  # the first batches were not written
 
 
-def test_other_encoder_is_refused_naming_both(tmp_path):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_other_encoder_is_refused_naming_both(tmp_path, memories, backend):
     docs, vecs = make_docs(3)
-    mem = Memory.create(tmp_path / "m", "enc-a", DIM)
+    mem = memories.new(backend, tmp_path, "enc-a", DIM)
     mem.add(docs, vecs)
     with pytest.raises(EncoderMismatch, match="enc-a.*enc-b"):
         mem.search(vecs, 1, encoder_name="enc-b")
+    with pytest.raises(EncoderMismatch, match="enc-a.*enc-b"):  # reopened for another encoder's documents
+        open_or_create_memory(mem.path, "enc-b", DIM)
     with pytest.raises(ValueError, match="dimension"):
         mem.search(np.ones((1, DIM + 1), np.float32), 1)
 
 
-def test_open_missing_memory_and_create_twice(tmp_path):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_open_missing_memory_and_create_twice(tmp_path, memories, backend):
+    missing = location(backend, tmp_path, "none")
     with pytest.raises(MemoryFolderError, match="racm3 memory build"):
-        Memory.open(tmp_path / "none")
-    Memory.create(tmp_path / "m", "enc-a", DIM)
+        open_memory(missing)
+    assert not (tmp_path / "none").exists() and not (tmp_path / "none.db").exists()  # opening creates nothing
+    mem = memories.new(backend, tmp_path, "enc-a", DIM)
     with pytest.raises(MemoryFolderError, match="already exists"):
-        Memory.create(tmp_path / "m", "enc-a", DIM)
+        type(mem).create(mem.path, "enc-a", DIM)
 
 
 def test_lost_or_stale_index_is_rebuilt_from_store(tmp_path):

@@ -1,4 +1,5 @@
-"""Retriever rules on hand-placed vectors: top-k, near-duplicate cut, diversity, multimodal first, exclusion, dropout."""
+"""Retriever rules on hand-placed vectors: top-k, near-duplicate cut, diversity, multimodal first, exclusion, dropout;
+on every memory backend (memory_backends.py)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ from PIL import Image
 
 from racm3.documents import Document
 from racm3.retrieval.encoder import embed_documents, l2_normalize
-from racm3.retrieval.memory import EncoderMismatch, Memory
+from racm3.retrieval.memory import EncoderMismatch
 from racm3.retrieval.retriever import Retriever, RetrieverConfig, drop_patches, drop_words
+from tests.memory_backends import BACKENDS, loads_images
 
 DIM = 4
 
@@ -56,9 +58,9 @@ VECS = {
 }
 
 
-@pytest.fixture()
-def memory(tmp_path):
-    mem = Memory.create(tmp_path / "m", "fake", DIM)
+@pytest.fixture(params=BACKENDS)
+def memory(tmp_path, memories, request):
+    mem = memories.new(request.param, tmp_path, "fake", DIM)
     docs = [Document(i, (f"doc {i}",) if i == "text-only" else (img((10, 20, 30)), f"doc {i}")) for i in VECS]
     mem.add(docs, np.stack([VECS[d.id] for d in docs]))
     return mem
@@ -122,8 +124,7 @@ def test_excluding_more_than_the_candidates_fetches_further(memory):
 
 def test_only_the_picked_documents_are_decoded(memory, monkeypatch):
     """The rules run on the candidates' vectors; the k documents they keep are the only images decoded."""
-    from racm3.retrieval import memory as M
-
+    M = loads_images(memory)
     decoded = []
     real = M.load_image
     monkeypatch.setattr(M, "load_image", lambda *a, **k: decoded.append(1) or real(*a, **k))

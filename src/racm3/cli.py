@@ -141,6 +141,7 @@ def _user_errors(key_hint: str = ""):
 
 
 MEMORY_WAIT_S = 300.0  # racm3.retrieval.memory.DEFAULT_WAIT (not imported here: `racm3 --help` stays instant)
+MEMORY_HELP = "A memory folder, or a milvus: URI (milvus:///path/to/memory.db, milvus://host:19530/collection)."
 WAIT_HELP = ("Seconds to wait while another process writes this memory (one writer at a time), then fail; "
              "0: fail at once.")
 
@@ -148,9 +149,10 @@ WAIT_HELP = ("Seconds to wait while another process writes this memory (one writ
 def _add_dataset(open_memory, encoder, dataset_dir: Path, label: str, strict: bool = False):
     """Read every document of dataset_dir, then embed them into open_memory() with a progress bar, in one write.
 
-    Returns (memory, how many were added). Nothing is created or written before the whole data set has been
-    read: a missing dataset leaves no memory folder. Bad records (corrupt or huge images, empty captions,
-    missing files) are skipped and summarised on stderr, or stop the command at the first one with strict.
+    Returns (memory, how many were added); a failed write closes the memory. Nothing is created or written before
+    the whole data set has been read: a missing dataset leaves no memory folder. Bad records (corrupt or huge
+    images, empty captions, missing files) are skipped and summarised on stderr, or stop the command at the first
+    one with strict.
     """
     from tqdm import tqdm
 
@@ -166,90 +168,101 @@ def _add_dataset(open_memory, encoder, dataset_dir: Path, label: str, strict: bo
         typer.echo(report.summary(), err=True)
     memory = open_memory()
     with tqdm(total=len(docs), desc=label, unit="doc", delay=0.5) as bar:  # a quick refusal draws no bar
-        return memory, memory.add_documents(docs, encoder, progress=bar.update)
+        try:
+            return memory, memory.add_documents(docs, encoder, progress=bar.update)
+        except BaseException:
+            memory.close()
+            raise
 
 
 @memory_app.command("build")
 def memory_build(
     dataset_dir: Path = typer.Argument(..., help="Dataset: docs.jsonl folder, Parquet, WebDataset shards, image folder."),
-    memory_dir: Path = typer.Argument(..., help="Memory folder (created if absent; documents added if present)."),
+    memory_dir: str = typer.Argument(..., help="Memory folder (created if absent; documents added if present), or a "
+                                          "milvus: URI (the [milvus] extra): milvus:///path/to/memory.db (Milvus "
+                                          "Lite), milvus://host:19530/collection (a Milvus server)."),
     encoder: Optional[Path] = typer.Option(None, "--encoder", help="Encoder or model folder; default: the shipped one."),
     index: Optional[str] = typer.Option(None, "--index", help="flat (exact, the default), hnsw or ivfpq (approximate)."),
     strict: bool = typer.Option(False, "--strict", help="Stop at the first bad record instead of skipping it."),
     wait: float = typer.Option(MEMORY_WAIT_S, "--wait", min=0, help=WAIT_HELP),
 ) -> None:
-    """Embed a data set's documents into a memory (SQLite store + FAISS index): all of them or none."""
+    """Embed a data set's documents into a memory (SQLite store + FAISS index, or Milvus): all of them or none."""
     import time
 
-    from racm3.retrieval import Memory, load_encoder
+    from racm3.retrieval import load_encoder
+    from racm3.retrieval.backends import open_or_create_memory
 
     t0 = time.perf_counter()
 
     def open_memory():
-        mem = Memory.open_or_create(memory_dir, enc.name, enc.dim, index=index or "flat", wait=wait)
+        mem = open_or_create_memory(memory_dir, enc.name, enc.dim, index=index or "flat", wait=wait)
         if index is not None and mem.index_type != index:
+            mem.close()
             _fail(f"{memory_dir} already holds a {mem.index_type} index; drop --index or build a new memory")
         return mem
 
     with _user_errors():
         enc = load_encoder(encoder)
         mem, added = _add_dataset(open_memory, enc, dataset_dir, "embedding", strict)
-    typer.echo(f"added {added} documents to {memory_dir} ({len(mem)} in all, {mem.index_type} index) "
+        with mem:  # closed when done: a Milvus Lite memory's server stops with it
+            count = len(mem)
+    typer.echo(f"added {added} documents to {memory_dir} ({count} in all, {mem.index_type} index) "
                f"in {time.perf_counter() - t0:.1f}s", err=True)
 
 
 @memory_app.command("add")
 def memory_add(
-    memory_dir: Path = typer.Argument(..., help="An existing memory folder."),
+    memory_dir: str = typer.Argument(..., help=MEMORY_HELP),
     dataset_dir: Path = typer.Argument(..., help="Documents to add (any reader format)."),
     encoder: Optional[Path] = typer.Option(None, "--encoder", help="The encoder that built the memory; default: shipped."),
     strict: bool = typer.Option(False, "--strict", help="Stop at the first bad record instead of skipping it."),
     wait: float = typer.Option(MEMORY_WAIT_S, "--wait", min=0, help=WAIT_HELP),
 ) -> None:
     """Add documents to a memory without retraining anything: all of them or none (an id already there adds none)."""
-    from racm3.retrieval import Memory, load_encoder
+    from racm3.retrieval import load_encoder
+    from racm3.retrieval.backends import open_memory
 
-    with _user_errors():
-        mem = Memory.open(memory_dir, wait=wait)
+    with _user_errors(), open_memory(memory_dir, wait=wait) as mem:
         enc = load_encoder(encoder)
         mem.require_encoder(enc.name)
-        mem, added = _add_dataset(lambda: mem, enc, dataset_dir, "adding", strict)
-    typer.echo(f"added {added} documents ({len(mem)} in all)", err=True)
+        _, added = _add_dataset(lambda: mem, enc, dataset_dir, "adding", strict)
+        count = len(mem)
+    typer.echo(f"added {added} documents ({count} in all)", err=True)
 
 
 @memory_app.command("remove")
 def memory_remove(
-    memory_dir: Path = typer.Argument(..., help="An existing memory folder."),
+    memory_dir: str = typer.Argument(..., help=MEMORY_HELP),
     ids: list[str] = typer.Argument(..., help="Document ids to remove; an unknown id removes nothing."),
     wait: float = typer.Option(MEMORY_WAIT_S, "--wait", min=0, help=WAIT_HELP),
 ) -> None:
     """Remove documents from a memory; they are never returned again."""
-    from racm3.retrieval import Memory
+    from racm3.retrieval.backends import open_memory
 
-    with _user_errors(key_hint="; nothing was removed"):
-        mem = Memory.open(memory_dir, wait=wait)
+    with _user_errors(key_hint="; nothing was removed"), open_memory(memory_dir, wait=wait) as mem:
         mem.remove(ids)
-    typer.echo(f"removed {len(set(ids))} documents ({len(mem)} left)", err=True)
+        left = len(mem)
+    typer.echo(f"removed {len(set(ids))} documents ({left} left)", err=True)
 
 
 @memory_app.command("info")
 def memory_info(
-    memory_dir: Path = typer.Argument(..., help="A memory folder."),
+    memory_dir: str = typer.Argument(..., help=MEMORY_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print {count, encoder, dim, index} as JSON."),
 ) -> None:
     """What a memory holds and which encoder filled it."""
     import json
 
-    from racm3.retrieval import Memory
+    from racm3.retrieval.backends import open_memory
 
-    with _user_errors():
-        info = Memory.open(memory_dir).info()
+    with _user_errors(), open_memory(memory_dir) as mem:
+        info = mem.info()
     typer.echo(json.dumps(info) if as_json else "\n".join(f"{k}: {v}" for k, v in info.items()))
 
 
 @memory_app.command("search")
 def memory_search(
-    memory_dir: Path = typer.Argument(..., help="A memory folder."),
+    memory_dir: str = typer.Argument(..., help=MEMORY_HELP),
     text: Optional[str] = typer.Option(None, "--text", help="Query text."),
     image: Optional[Path] = typer.Option(None, "--image", help="Query image file."),
     k: int = typer.Option(2, "-k", help=f"How many documents (1-{MAX_SEARCH_K})."),
@@ -267,7 +280,8 @@ def memory_search(
 
     from racm3.documents import load_image
     from racm3.embedded import cache_dir
-    from racm3.retrieval import Memory, load_encoder
+    from racm3.retrieval import load_encoder
+    from racm3.retrieval.backends import is_milvus_uri, open_memory
 
     if (text is None) == (image is None):
         _fail("give exactly one of --text TEXT or --image PATH")
@@ -275,20 +289,20 @@ def memory_search(
         _fail("--text is empty; give the words to search for, e.g. --text 'flag: France'")
     if not 1 <= k <= MAX_SEARCH_K:
         _fail(f"-k must be between 1 and {MAX_SEARCH_K}, got {k}")
-    with _user_errors():
-        mem = Memory.open(memory_dir)
+    with _user_errors(), open_memory(memory_dir) as mem:
         enc = load_encoder(encoder)
         mem.require_encoder(enc.name)
         query = enc.embed_text([text]) if text is not None else enc.embed_image([load_image(image)])
         hits = mem.search(query, k)[0]
     out_dir = save_images if save_images is not None else cache_dir() / "hits"
+    where = memory_dir if is_milvus_uri(memory_dir) else str(Path(memory_dir).resolve())  # names the memory
     rows = []
     for h in hits:
         path = None
         if h.document.image is not None:
             # a file name of bounded length whatever the id: its first 60 safe characters and a hash of it
             safe = "".join(c if c.isascii() and (c.isalnum() or c in "-_") else "_" for c in h.id[:60])
-            digest = hashlib.sha256(f"{memory_dir.resolve()}\0{h.id}".encode()).hexdigest()[:16]
+            digest = hashlib.sha256(f"{where}\0{h.id}".encode()).hexdigest()[:16]
             path = out_dir / (f"{h.rank}-{safe}-{digest}.png" if save_images is not None else f"{safe}-{digest}.png")
             tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
             try:

@@ -132,7 +132,113 @@ def _store_errors(method):
     return wrapper
 
 
-class Memory:
+class MemoryBase:
+    """What every memory backend shares, on top of what each provides: __len__, __contains__, ids, get, documents,
+    vectors, scan, generation, candidates, add, remove, update and close, with these attributes: path (the folder
+    or URI that messages name), encoder_name, dim, index_type, wait and _lock (a write lock: acquire(wait),
+    release(), held). Memory keeps documents in SQLite with a FAISS index; milvus_memory.MilvusMemory in Milvus.
+    backends.open_memory() opens either from its location."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def info(self) -> dict:
+        return {"count": len(self), "encoder": self.encoder_name, "dim": self.dim, "index": self.index_type}
+
+    def require_encoder(self, name: str) -> None:
+        if name != self.encoder_name:
+            raise EncoderMismatch(f"{self.path}: this memory was built with encoder {self.encoder_name!r} but is used "
+                                  f"with encoder {name!r}; use the encoder that built it (--encoder) or rebuild the "
+                                  f"memory with `racm3 memory build`")
+
+    def search(self, queries: np.ndarray, k: int, encoder_name: str | None = None,
+               exclude_ids: Sequence[Iterable[str]] | None = None) -> list[list[Hit]]:
+        """Top-k documents by cosine for each query row (n, dim; L2-normalised), decoded."""
+        found = self.candidates(queries, k, exclude_ids, encoder_name)
+        return self.hits(found, [range(len(c.ids)) for c in found])
+
+    def hits(self, found: Sequence[Candidates], picks: Sequence[Iterable[int]]) -> list[list[Hit]]:
+        """The picked candidates (indices into each query's Candidates) as ranked Hits, every query's documents
+        decoded in one documents() call; a document removed since its candidates were read is left out."""
+        picks = [list(p) for p in picks]
+        docs = self.documents([c.rows[i] for c, p in zip(found, picks) for i in p])
+        out = []
+        for c, p in zip(found, picks):
+            kept = [i for i in p if c.rows[i] in docs]
+            out.append([Hit(c.ids[i], docs[c.rows[i]], float(c.scores[i]), rank) for rank, i in enumerate(kept)])
+        return out
+
+    def add_documents(self, docs: Sequence[Document], encoder, batch_size: int = 512, progress=None) -> int:
+        """Embed documents with `encoder` (which must be the memory's), batch by batch, and add them in one write.
+
+        Ids are checked for repeats and presence before any embedding, and again under the write lock; another
+        writer is waited for (or refused, as `wait` says) before embedding too, and the ids checked again after
+        that wait (the other writer may have added them). A bad list adds nothing, and a process killed at any
+        point leaves all of the documents in the memory or none.
+        """
+        self.require_encoder(encoder.name)
+        ids = [d.id for d in docs]
+        _refuse_repeats(ids)
+        self._refuse_present(ids)
+        if ids and not self._lock.held:
+            # a writer that would not get the lock gives up (or waits) before embedding, not after; the lock is
+            # not held while embedding, so a long embedding never keeps other writers waiting
+            self._lock.acquire(self.wait)
+            self._lock.release()
+            self._refuse_present(ids)
+        vecs = []
+        for s in range(0, len(docs), batch_size):
+            chunk = docs[s:s + batch_size]
+            vecs.append(np.asarray(encoder.embed_documents(chunk), dtype=np.float32))
+            if progress is not None:
+                progress(len(chunk))
+        if vecs:
+            self.add(docs, np.concatenate(vecs))
+        return len(docs)
+
+    def _query_args(self, queries: np.ndarray, exclude_ids: Sequence[Iterable[str]] | None,
+                    encoder_name: str | None) -> tuple[np.ndarray, list[set[str]]]:
+        """candidates()' arguments checked: (n, dim) float32 queries and one set of ids to leave out per query."""
+        if encoder_name is not None:
+            self.require_encoder(encoder_name)
+        queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        if queries.shape[1] != self.dim:
+            raise ValueError(f"query vectors have dimension {queries.shape[1]}, the memory {self.dim}")
+        excludes = [set(e) for e in exclude_ids] if exclude_ids is not None else [set()] * len(queries)
+        if len(excludes) != len(queries):
+            raise ValueError(f"exclude_ids has {len(excludes)} entries for {len(queries)} queries")
+        return queries, excludes
+
+    def _refuse_present(self, ids: Sequence[str]) -> None:
+        present = self._present(ids)
+        if present:
+            raise KeyError(f"{self.path}: document id {_short(present[0])!r} is already in the memory "
+                           f"({len(present)} of the ids to add are); to replace a document, remove it first "
+                           f"(`racm3 memory remove {self.path} ID`, or Memory.remove) and add it again")
+
+    def _check_embeddings(self, docs: Sequence[Document], embeddings: np.ndarray) -> np.ndarray:
+        emb = np.ascontiguousarray(embeddings, dtype=np.float32)
+        if emb.ndim != 2 or emb.shape != (len(docs), self.dim):
+            raise ValueError(f"expected embeddings of shape ({len(docs)}, {self.dim}), got {emb.shape}")
+        if not np.isfinite(emb).all():
+            raise ValueError("embeddings hold NaN or infinite values")
+        return emb
+
+    def _check_additions(self, docs: Sequence[Document], embeddings: np.ndarray) -> np.ndarray:
+        """add()'s arguments checked: the embeddings as _check_embeddings gives them, no id given twice."""
+        emb = self._check_embeddings(docs, embeddings)
+        _refuse_repeats([d.id for d in docs])
+        return emb
+
+    def _present(self, ids: Sequence[str]) -> list[str]:
+        """The ids that are already in the memory (a backend may answer in fewer queries)."""
+        return [i for i in ids if i in self]
+
+
+class Memory(MemoryBase):
     """A folder holding store.sqlite (documents + embeddings + the encoder's name), index.faiss and memory.json.
 
     Writes are atomic: the store changes in one SQLite transaction that also bumps a generation counter (and
@@ -168,10 +274,7 @@ class Memory:
     @classmethod
     def create(cls, path: str | os.PathLike, encoder_name: str, dim: int, index: str = "flat",
                wait: float = DEFAULT_WAIT) -> "Memory":
-        if index not in INDEX_TYPES:
-            raise ValueError(f"index type {index!r} is not one of {INDEX_TYPES}")
-        if dim <= 0 or not encoder_name:
-            raise ValueError(f"a memory needs an encoder name and a positive dimension (got {encoder_name!r}, {dim})")
+        _check_new_memory(encoder_name, dim, index)
         path = Path(path)
         if (path / STORE).exists():
             raise _exists(path)
@@ -232,12 +335,6 @@ class Memory:
     def close(self) -> None:
         self._conn.close()
 
-    def __enter__(self) -> "Memory":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     # -- reading ----------------------------------------------------------------------------------
 
     @_store_errors
@@ -256,9 +353,6 @@ class Memory:
     @_store_errors
     def generation(self) -> int:
         return int(self._conn.execute("SELECT value FROM info WHERE key = 'generation'").fetchone()[0])
-
-    def info(self) -> dict:
-        return {"count": len(self), "encoder": self.encoder_name, "dim": self.dim, "index": self.index_type}
 
     @_store_errors
     def get(self, ids: Sequence[str]) -> list[Document]:
@@ -301,12 +395,6 @@ class Memory:
             vecs.append(np.frombuffer(blob, dtype=np.float32))
         return ids, metas, np.stack(vecs) if vecs else np.zeros((0, self.dim), np.float32)
 
-    def require_encoder(self, name: str) -> None:
-        if name != self.encoder_name:
-            raise EncoderMismatch(f"{self.path}: this memory was built with encoder {self.encoder_name!r} but is used "
-                                  f"with encoder {name!r}; use the encoder that built it (--encoder) or rebuild the "
-                                  f"memory with `racm3 memory build`")
-
     @_store_errors
     def candidates(self, queries: np.ndarray, k: int, exclude_ids: Sequence[Iterable[str]] | None = None,
                    encoder_name: str | None = None) -> list[Candidates]:
@@ -316,14 +404,7 @@ class Memory:
         The index is asked for k plus the query's exclusions; their rows, vectors and modality come from the store
         in one SELECT per 500 rows. Sees every write committed before the call, from any process.
         """
-        if encoder_name is not None:
-            self.require_encoder(encoder_name)
-        queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
-        if queries.shape[1] != self.dim:
-            raise ValueError(f"query vectors have dimension {queries.shape[1]}, the memory {self.dim}")
-        excludes = [set(e) for e in exclude_ids] if exclude_ids is not None else [set()] * len(queries)
-        if len(excludes) != len(queries):
-            raise ValueError(f"exclude_ids has {len(excludes)} entries for {len(queries)} queries")
+        queries, excludes = self._query_args(queries, exclude_ids, encoder_name)
         self._refresh()
         fetch = min(k + max((len(e) for e in excludes), default=0), self.index.ntotal)
         if k <= 0 or fetch == 0:
@@ -343,33 +424,15 @@ class Memory:
                                   np.array([stored[r][2] for r in keep], bool)))
         return out
 
-    def search(self, queries: np.ndarray, k: int, encoder_name: str | None = None,
-               exclude_ids: Sequence[Iterable[str]] | None = None) -> list[list[Hit]]:
-        """Top-k documents by cosine for each query row (n, dim; L2-normalised), decoded."""
-        found = self.candidates(queries, k, exclude_ids, encoder_name)
-        return self.hits(found, [range(len(c.ids)) for c in found])
-
-    def hits(self, found: Sequence[Candidates], picks: Sequence[Iterable[int]]) -> list[list[Hit]]:
-        """The picked candidates (indices into each query's Candidates) as ranked Hits, every query's documents
-        decoded in one documents() call; a document removed since its candidates were read is left out."""
-        picks = [list(p) for p in picks]
-        docs = self.documents([c.rows[i] for c, p in zip(found, picks) for i in p])
-        out = []
-        for c, p in zip(found, picks):
-            kept = [i for i in p if c.rows[i] in docs]
-            out.append([Hit(c.ids[i], docs[c.rows[i]], float(c.scores[i]), rank) for rank, i in enumerate(kept)])
-        return out
-
     # -- writing (each under the write lock, from reading the store's state to writing memory.json) ----------
 
     @_store_errors
     def add(self, docs: Sequence[Document], embeddings: np.ndarray) -> None:
         """Add documents with their embeddings (n, dim); an id already present raises and nothing is added."""
-        emb = self._check_embeddings(docs, embeddings)
-        ids = [d.id for d in docs]
-        _refuse_repeats(ids)
-        if not ids:
+        emb = self._check_additions(docs, embeddings)
+        if not docs:
             return
+        ids = [d.id for d in docs]
         with self._writing():
             self._refuse_present(ids)
             with self._conn:  # one transaction: all documents or none
@@ -383,34 +446,6 @@ class Memory:
             else:
                 self.index.add_with_ids(emb, np.asarray(rows, dtype=np.int64))
                 self._saved_if_due()
-
-    def add_documents(self, docs: Sequence[Document], encoder, batch_size: int = 512, progress=None) -> int:
-        """Embed documents with `encoder` (which must be the memory's), batch by batch, and add them in one write.
-
-        Ids are checked for repeats and presence before any embedding, and again under the write lock; another
-        writer is waited for (or refused, as `wait` says) before embedding too, and the ids checked again after
-        that wait (the other writer may have added them). A bad list adds nothing, and a process killed at any
-        point leaves all of the documents in the memory or none.
-        """
-        self.require_encoder(encoder.name)
-        ids = [d.id for d in docs]
-        _refuse_repeats(ids)
-        self._refuse_present(ids)
-        if ids and not self._lock.held:
-            # a writer that would not get the lock gives up (or waits) before embedding, not after; the lock is
-            # not held while embedding, so a long embedding never keeps other writers waiting
-            self._lock.acquire(self.wait)
-            self._lock.release()
-            self._refuse_present(ids)
-        vecs = []
-        for s in range(0, len(docs), batch_size):
-            chunk = docs[s:s + batch_size]
-            vecs.append(np.asarray(encoder.embed_documents(chunk), dtype=np.float32))
-            if progress is not None:
-                progress(len(chunk))
-        if vecs:
-            self.add(docs, np.concatenate(vecs))
-        return len(docs)
 
     @_store_errors
     def remove(self, ids: Iterable[str]) -> None:
@@ -496,21 +531,6 @@ class Memory:
             finally:
                 self._conn.rollback()
             time.sleep(0.02)
-
-    def _refuse_present(self, ids: Sequence[str]) -> None:
-        present = [i for i in ids if i in self]
-        if present:
-            raise KeyError(f"{self.path}: document id {_short(present[0])!r} is already in the memory "
-                           f"({len(present)} of the ids to add are); to replace a document, remove it first "
-                           f"(`racm3 memory remove {self.path} ID`, or Memory.remove) and add it again")
-
-    def _check_embeddings(self, docs: Sequence[Document], embeddings: np.ndarray) -> np.ndarray:
-        emb = np.ascontiguousarray(embeddings, dtype=np.float32)
-        if emb.ndim != 2 or emb.shape != (len(docs), self.dim):
-            raise ValueError(f"expected embeddings of shape ({len(docs)}, {self.dim}), got {emb.shape}")
-        if not np.isfinite(emb).all():
-            raise ValueError("embeddings hold NaN or infinite values")
-        return emb
 
     def _insert(self, doc: Document, vec: np.ndarray) -> int:
         segs, images = [], []
@@ -810,6 +830,14 @@ def _refuse_repeats(ids: Sequence[str]) -> None:
     repeated = [i for i, n in Counter(ids).items() if n > 1]
     if repeated:
         raise ValueError(f"the documents to add repeat the id {_short(repeated[0])!r}; give each document its own id")
+
+
+def _check_new_memory(encoder_name: str, dim: int, index: str) -> None:
+    """What creating any memory asks of its arguments."""
+    if index not in INDEX_TYPES:
+        raise ValueError(f"index type {index!r} is not one of {INDEX_TYPES}")
+    if dim <= 0 or not encoder_name:
+        raise ValueError(f"a memory needs an encoder name and a positive dimension (got {encoder_name!r}, {dim})")
 
 
 def _exists(path: Path) -> MemoryFolderError:
