@@ -275,4 +275,6 @@ def test_v2_presets_give_every_image_size_16x16_codes(size):
     codes = tok.encode(torch.rand(2, 3, size, size))
     assert codes.shape == (2, 256) and tok.decode(codes).shape == (2, 3, size, size)
     train = preset_train_config(f"v2-{size}")
-    assert train.perceptual_weight > 0 and train.gan_weight > 0 and 0 < train.gan_start < train.steps
+    # the adversarial term at a fixed weight of 0.05 pulled the training batches' PSNR from 27.5 to 21.6 dB within
+    # 1,300 steps (README): the v2 presets train without it
+    assert train.perceptual_weight > 0 and train.gan_weight == 0
