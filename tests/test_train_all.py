@@ -141,7 +141,12 @@ def test_default_options_pass_every_check(tmp_path: Path, monkeypatch) -> None:
         one_line_error(run(["train", "all", dataset, out, *(["--image-size", size] if size else [])]), "planned")
         assert planned["image-tokenizer"]["preset"] == f"v2-{size or 64}"
         assert planned["generator"]["preset"] == planned["generator-k0"]["preset"] == "v2-small"
-    # --steps-scale scales the whole schedule: v2-64's adversarial term still starts at 30% of its steps
-    one_line_error(run(["train", "all", dataset, out, "--steps-scale", "0.1"]), "planned")
-    assert planned["image-tokenizer"] == {"preset": "v2-64", "steps": 1000, "warmup": 10, "gan_start": 300}
+    # --steps-scale scales the whole schedule: an adversarial term starting at 30% of the steps still does
+    sharp = tmp_path / "sharp.json"
+    sharp.write_text(json.dumps({"model": {"image_size": 64, "channels": [8, 16, 16], "quantizer": "fsq",
+                                           "fsq_levels": [5, 5, 5]},
+                                 "train": {"steps": 10000, "warmup": 100, "gan_weight": 0.1, "gan_start": 3000}}))
+    one_line_error(run(["train", "all", dataset, out, "--steps-scale", "0.1", "--image-tokenizer-preset", sharp]),
+                   "planned")
+    assert planned["image-tokenizer"] == {"preset": str(sharp), "steps": 1000, "warmup": 10, "gan_start": 300}
     assert not out.exists()
