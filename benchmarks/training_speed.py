@@ -28,6 +28,7 @@ import torch
 VARIANTS = {
     # name: (threads, batch size, fused AdamW, attention implementation)
     "shipped: 1 thread, batch 24": (1, 24, False, "sdpa"),
+    "1 thread, batch 24, fused AdamW": (1, 24, True, "sdpa"),
     "2 threads, batch 24": (2, 24, False, "sdpa"),
     "2 threads, batch 24, fused AdamW": (2, 24, True, "sdpa"),
     "2 threads, batch 48": (2, 48, False, "sdpa"),
@@ -75,7 +76,7 @@ def flops_per_token(model, seq_len: float) -> float:
 def main(argv: list[str] | None = None) -> dict:
     from racm3.embedded import ensure_emoji_dataset
     from racm3.generator.data import ExampleBank, Recipe, batch, tokenize_documents
-    from racm3.generator.loss import ra_cm3_loss
+    from racm3.generator.loss import ra_cm3_loss, token_nll
     from racm3.generator.model import build_model, get_preset
     from racm3.generator.train import _load_split_documents, load_tokenizers
     from racm3.runtime import resolve_device, resolve_precision
@@ -95,6 +96,8 @@ def main(argv: list[str] | None = None) -> dict:
                    help="image tokenizer folders to time the generator with (its vocabulary and sequence length "
                         "follow each one's codes); 'shipped': the shipped model's")
     p.add_argument("--max-len", type=int, default=None, help="the generator's context (default: the preset's)")
+    p.add_argument("--image-heads", nargs="*", default=None, choices=["full", "factorized"],
+                   help="time each output layer for the image codes (default: the preset's)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/training_speed.json"))
     args = p.parse_args(argv)
 
@@ -122,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
         vocab, n_img = mt.vocab, mt.tokens_per_image
         torch.set_num_threads(threads)
         torch.manual_seed(0)
-        model = build_model(gen_cfg, vocab, n_img).to(device)
+        model = build_model(replace(gen_cfg, image_head=head), vocab, n_img, mt.image.config.fsq_levels).to(device)
         model.config._attn_implementation = attn
         model.train()
         opt = torch.optim.AdamW(decay_groups(model, 0.1), lr=1e-3, betas=(0.9, 0.95), fused=fused or None)
@@ -137,9 +140,8 @@ def main(argv: list[str] | None = None) -> dict:
             sync(device)
             t1 = time.perf_counter()
             with precision.autocast():
-                logits = step_fn(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                                 position_ids=b["position_ids"]).logits
-            loss = ra_cm3_loss(logits, b["input_ids"], b["loss_weights"], b["main_mask"])["loss"]
+                nll = token_nll(step_fn, b)
+            loss = ra_cm3_loss(nll, b["loss_weights"], b["main_mask"])["loss"]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -156,13 +158,14 @@ def main(argv: list[str] | None = None) -> dict:
         seq_len = float(np.mean(lengths))
         tps = tokens / (build_s + step_s)
         achieved = tps * flops_per_token(model, seq_len) / 1e9
-        row = {"variant": name, "image_tokenizer": tok_name, "tokens_per_image": n_img, "vocab": vocab.size,
+        row = {"variant": name, "image_tokenizer": tok_name, "image_head": head, "tokens_per_image": n_img,
+               "vocab": vocab.size,
                "parameters": sum(p.numel() for p in model.parameters()), "threads": threads, "batch": batch_size, "fused_adamw": fused, "attention": attn,
                "compiled": compiled, "tokens_per_s": round(tps), "tokens_per_s_step_only": round(tokens / step_s),
                "batch_build_share": round(build_s / (build_s + step_s), 3), "mean_seq_len": round(seq_len, 1),
                "model_gflops": round(achieved, 1), "mfu": round(achieved / peak, 4),
                "warmup_s": round(warmup_s, 1)}
-        print(f"{name:44s} {tok_name[-24:]:>24s} {row['mean_seq_len']:6.0f} {row['tokens_per_s']:7d} tok/s  (step only {row['tokens_per_s_step_only']:7d})  "
+        print(f"{name:44s} {tok_name[-24:]:>24s} {head:10s} {row['mean_seq_len']:6.0f} {row['tokens_per_s']:7d} tok/s  (step only {row['tokens_per_s_step_only']:7d})  "
               f"build {row['batch_build_share']:.0%}  MFU {row['mfu']:.1%}", flush=True)
         return row
 
@@ -170,9 +173,11 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for tok in args.image_tokenizers:
         current = tokenizers(tok)
-        rows += [run(name, *variants[name]) for name in chosen]
+        for head in args.image_heads or [gen_cfg.image_head]:
+            rows += [run(name, *variants[name]) for name in chosen]
     if args.compile:
         best = max(rows, key=lambda r: r["tokens_per_s"])
+        head = best["image_head"]
         rows.append(run(best["variant"] + ", torch.compile", best["threads"], best["batch"], best["fused_adamw"],
                         best["attention"], compiled=True))
     model = build_model(gen_cfg, shipped.vocab, shipped.tokens_per_image)

@@ -37,7 +37,8 @@ def test_loss_is_main_plus_alpha_retrieved():
     lp = torch.log_softmax(logits, -1)[0]
     nll = [-float(lp[t, ids[0, t + 1]]) for t in range(5)]  # predicting ids[1..5]
     expected = (nll[2] + nll[3]) / 2 + alpha * (nll[0] + nll[1]) / 2
-    parts = ra_cm3_loss(logits, ids, weights, main)
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+    parts = ra_cm3_loss(ce, weights, main)
     assert math.isclose(float(parts["loss"]), expected, rel_tol=1e-5)
     assert math.isclose(float(parts["retrieved"]), (nll[0] + nll[1]) / 2, rel_tol=1e-5)
 

@@ -278,3 +278,36 @@ def test_v2_presets_give_every_image_size_16x16_codes(size):
     # the adversarial term at a fixed weight of 0.05 pulled the training batches' PSNR from 27.5 to 21.6 dB within
     # 1,300 steps (README): the v2 presets train without it
     assert train.perceptual_weight > 0 and train.gan_weight == 0
+
+
+def test_decoder_only_fine_tuning_keeps_every_code_and_sharpens(tmp_path):
+    """--init-from with decoder_only: the encoder and the VQ codebook (EMA included) stay, so the code fingerprint a
+    generator recorded and each image's codes are unchanged, while the decoder (with the adversarial term) learns."""
+    images = _shapes(16)
+    torch.manual_seed(0)
+    cfg = ImageTrainConfig(steps=30, batch_size=8, lr=3e-3, warmup=5, checkpoint_every=30, log_every=30,
+                           precision="fp32")
+    train_image_tokenizer(None, tmp_path / "base", "tiny", cfg, images=images, progress=False)
+    base = ImageTokenizer.from_pretrained(tmp_path / "base")
+    tune = ImageTrainConfig(steps=60, batch_size=8, lr=3e-3, warmup=5, checkpoint_every=30, log_every=30,
+                            precision="fp32", decoder_only=True, gan_weight=0.5, gan_start=20)
+    with pytest.raises(ValueError, match="--init-from"):
+        train_image_tokenizer(None, tmp_path / "none", "tiny", tune, images=images, progress=False)
+    train_image_tokenizer(None, tmp_path / "tuned", "tiny", tune, images=images, progress=False,
+                          init_from=tmp_path / "base")
+    tuned = ImageTokenizer.from_pretrained(tmp_path / "tuned")
+    assert tuned.code_fingerprint() == base.code_fingerprint()
+    x = images.float() / 255
+    assert torch.equal(tuned.encode(x), base.encode(x))
+    assert any(not torch.equal(a, b) for a, b in zip(tuned.decoder.state_dict().values(),
+                                                      base.decoder.state_dict().values()))
+    before = evaluate_image_tokenizer(base, images, rfid=False)["psnr"]
+    after = evaluate_image_tokenizer(tuned, images, rfid=False)["psnr"]
+    assert after > before, (before, after)  # 60 more decoder steps on the same codes reconstruct better
+    log = [json.loads(line) for line in (tmp_path / "tuned" / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["gan_w"] > 0  # the adversarial term counted, at VQGAN's balanced weight
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"model": {"image_size": 16, "channels": [8, 16, 16], "codebook_size": 16}}))
+    with pytest.raises(ValueError, match="another architecture than preset .*codebook_size"):
+        train_image_tokenizer(None, tmp_path / "o", other, tune, images=images, progress=False,
+                              init_from=tmp_path / "base")

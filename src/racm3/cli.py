@@ -385,6 +385,8 @@ def train_generator_cmd(
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's choice)."),
     resume: bool = typer.Option(False, "--resume", help=RESUME_HELP),
     snapshot_every: int = typer.Option(0, help="Keep a generator folder OUT_DIR/step-N every N steps (0 = off)."),
+    eval_every: int = typer.Option(10, help="Measure the context benefits on held-out lessons every N steps "
+                                   "(~54 forward passes each; a multiple of the 10-step log interval)."),
     loader_workers: Optional[int] = typer.Option(None, help="Processes building training batches (default: 2 on "
                                                  "CUDA, 0 = in the training process on a CPU)."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
@@ -403,7 +405,8 @@ def train_generator_cmd(
         shares = replace(get_recipe(recipe), k=k, alpha=alpha, **{n: v for n, v in given.items() if v is not None})
         cfg = TrainConfig(dataset=dataset_dir, memory=memory_dir if k else None, out=out_dir, tokenizers=tokenizers, encoder=encoder,
                           preset=preset, steps=steps, batch_size=batch_size, lr=lr, seed=seed, threads=threads,
-                          resume=resume, snapshot_every=snapshot_every, recipe=shares, device=device,
+                          resume=resume, snapshot_every=snapshot_every, eval_every=eval_every, recipe=shares,
+                          device=device,
                           precision=precision, loader_workers=loader_workers)
         last = train(cfg)
     if last:  # rank 0 under torchrun; the other ranks return no metrics and say nothing
@@ -441,8 +444,11 @@ def train_image_tokenizer_cmd(
     lr: Optional[float] = typer.Option(None, help="Peak learning rate (warm-up, then cosine decay); default: the preset's."),
     perceptual_weight: Optional[float] = typer.Option(None, help="Weight of the Inception perceptual term (0: off); "
                                                       "default: the preset's."),
-    gan_weight: Optional[float] = typer.Option(None, help="Weight of the patch discriminator's term (0: off); "
-                                               "default: the preset's."),
+    gan_weight: Optional[float] = typer.Option(None, help="Weight of the patch discriminator's term (0: off), "
+                                               "times VQGAN's adaptive balance; default: the preset's."),
+    init_from: Optional[Path] = typer.Option(None, help="A trained tokenizer of this preset to start from (a new "
+                                             "run); the preset's decoder_only fine-tunes its decoder alone, keeping "
+                                             "every image's codes."),
     seed: Optional[int] = typer.Option(None, help="Random seed (initialisation and batches)."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's, all cores)."),
     resume: bool = typer.Option(False, "--resume", help=RESUME_HELP),
@@ -457,7 +463,7 @@ def train_image_tokenizer_cmd(
         cfg = preset_train_config(preset, steps=steps, batch_size=batch_size, lr=lr, seed=seed, threads=threads,
                                   device=device, precision=precision, perceptual_weight=perceptual_weight,
                                   gan_weight=gan_weight)
-        summary = train_image_tokenizer(dataset_dir, out_dir, preset, cfg, resume=resume)
+        summary = train_image_tokenizer(dataset_dir, out_dir, preset, cfg, resume=resume, init_from=init_from)
     typer.echo(f"saved image tokenizer ({summary['preset']}, {summary['steps']} steps, "
                f"{summary['elapsed_s']:.0f} s of training) to {out_dir}")
 

@@ -3,24 +3,26 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 
-def ra_cm3_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_weights: torch.Tensor,
-                main_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+def token_nll(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """-log p(ids[t+1] | ids[:t+1]) [B, T-1] for a batch of batch(); model: RACM3ForCausalLM, or it wrapped in DDP."""
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                 position_ids=batch["position_ids"], per_token_nll=True).loss
+
+
+def ra_cm3_loss(nll: torch.Tensor, loss_weights: torch.Tensor, main_mask: torch.Tensor) -> dict[str, torch.Tensor]:
     """L = L_main + alpha * L_retrieved (Yasunaga et al. 2023, Eq. 2), each a mean over its tokens.
 
-    logits [B, T, V]; input_ids, loss_weights, main_mask [B, T]. loss_weights[t] weighs predicting ids[t]
-    from ids[:t] (1 on main tokens, alpha on retrieved ones, 0 on <bos>, in-place sentinels and padding), so
-    targets are shifted by one. Returns the total ("loss") and its named parts, main and retrieved.
+    nll [B, T-1] (token_nll); loss_weights, main_mask [B, T]. loss_weights[t] weighs predicting ids[t] from
+    ids[:t] (1 on main tokens, alpha on retrieved ones, 0 on <bos>, in-place sentinels and padding), so they
+    are shifted by one. Returns the total ("loss") and its named parts, main and retrieved.
     """
-    # [B, T-1, V] predicts [B, T-1]
-    ce = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), input_ids[:, 1:], reduction="none")
     w = loss_weights[:, 1:]
     main = main_mask[:, 1:] & (w > 0)
     retrieved = ~main_mask[:, 1:] & (w > 0)
     # Main tokens carry weight 1; retrieved tokens carry alpha, so the weighted mean over them is alpha * L_ret.
-    l_main = (ce * w * main).sum() / main.sum().clamp(min=1)
-    l_ret_weighted = (ce * w * retrieved).sum() / retrieved.sum().clamp(min=1)
-    l_ret = (ce * retrieved).sum() / retrieved.sum().clamp(min=1)
+    l_main = (nll * w * main).sum() / main.sum().clamp(min=1)
+    l_ret_weighted = (nll * w * retrieved).sum() / retrieved.sum().clamp(min=1)
+    l_ret = (nll * retrieved).sum() / retrieved.sum().clamp(min=1)
     return {"loss": l_main + l_ret_weighted, "main": l_main.detach(), "retrieved": l_ret.detach()}

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from racm3.documents import Document
 from racm3.generator.data import RECIPES, DocTokens, ExampleBank, Recipe, TrainingBatches, batch, tokenize_documents
-from racm3.generator.loss import ra_cm3_loss
+from racm3.generator.loss import ra_cm3_loss, token_nll
 from racm3.generator.model import build_model, get_preset, save_generator
 from racm3.tokenizers.multimodal import MultimodalTokenizer
 from racm3.runtime import check_resume, init_distributed, load_checkpoint, resolve_precision, save_checkpoint
@@ -65,6 +65,9 @@ class TrainConfig:
                              f"{self.batch_size}, {self.lr}, {self.warmup}")
         if self.loader_workers is not None and self.loader_workers < 0:
             raise ValueError(f"loader_workers must be >= 0, got {self.loader_workers}")
+        if self.eval_every < 1 or self.eval_every % self.log_every:
+            raise ValueError(f"eval_every must be a positive multiple of log_every {self.log_every} (the benefits "
+                             f"are measured on log lines), got {self.eval_every}")
         if self.save_dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"save_dtype must be float32, bfloat16 or float16, got {self.save_dtype!r}")
         get_preset(self.preset)  # an unknown preset fails here, not after the precomputation
@@ -191,10 +194,8 @@ def main_nll(model, seqs, vocab, image_base: int, tokens_per_image: int, autocas
     device = next(model.parameters()).device
     b = {k: t.to(device) for k, t in batch(seqs, vocab, image_base, tokens_per_image).items()}
     with autocast():
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                       position_ids=b["position_ids"]).logits
+        ce = token_nll(model, b)
     targets, main = b["input_ids"][:, 1:], b["main_mask"][:, 1:]
-    ce = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, reduction="none")
     image_first = b["input_ids"].gather(1, b["main_mask"].int().argmax(1, keepdim=True)) == vocab.img_id
     keep = torch.where(image_first, vocab.is_text(targets), vocab.is_image(targets)) & main
     return float((ce * keep).sum() / keep.sum())
@@ -339,7 +340,7 @@ def train(cfg: TrainConfig) -> dict:
     probes = (benefit_probes(ExampleBank(cached["heldout"], max_len=gen_cfg.max_len), vocab, recipe, cfg.eval_docs,
                              cfg.seed) if cached["heldout"] else {})
 
-    model = build_model(gen_cfg, vocab, n_img).to(device)
+    model = build_model(gen_cfg, vocab, n_img, mt.image.config.fsq_levels).to(device)
     model.racm3["image_codes"] = cached["key"]["image_codes"]  # checked at load (check_vocab)
     opt = adamw(decay_groups(model, cfg.weight_decay), cfg.lr, (0.9, 0.95), device)
     scaler = precision.grad_scaler()
@@ -376,9 +377,8 @@ def train(cfg: TrainConfig) -> dict:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
         with precision.autocast():
-            logits = ddp(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                         position_ids=b["position_ids"]).logits
-        parts = ra_cm3_loss(logits, b["input_ids"], b["loss_weights"], b["main_mask"])
+            nll = token_nll(ddp, b)
+        parts = ra_cm3_loss(nll, b["loss_weights"], b["main_mask"])
         opt.zero_grad(set_to_none=True)
         scaler.scale(parts["loss"]).backward()
         scaler.unscale_(opt)

@@ -281,11 +281,12 @@ class ImageTokenizer(nn.Module):
                 return q, codes, z.new_zeros(())  # nothing to commit to: the levels are fixed
             return self.quantizer(z)
 
-    def decode_latents(self, q: torch.Tensor) -> torch.Tensor:
-        """[B, N, D] -> [B, 3, S, S] in [0, 1] space (unclamped, for the loss)."""
+    def decode_latents(self, q: torch.Tensor, decoder: nn.Module | None = None) -> torch.Tensor:
+        """[B, N, D] -> [B, 3, S, S] in [0, 1] space (unclamped, for the loss); decoder: self.decoder or it
+        wrapped (DDP)."""
         h, w = self.grid
         z = q.transpose(1, 2).reshape(q.shape[0], -1, h, w)  # [B, D, h, w]
-        return (self.decoder(z) + 1) / 2
+        return ((decoder or self.decoder)(z) + 1) / 2
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """[B, 3, S, S] in [0, 1] -> (reconstruction [B, 3, S, S], codes [B, N], commitment loss)."""

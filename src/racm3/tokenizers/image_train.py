@@ -62,8 +62,13 @@ class ImageTrainConfig:
     min_lr_ratio: float = 0.05
     l1_weight: float = 1.0  # loss = MSE + l1_weight * L1 + commitment (pixels in [0, 1]) + the terms below
     perceptual_weight: float = 0.0  # x the Inception feature distance (image_losses.PerceptualLoss); 0: off
-    gan_weight: float = 0.0  # x the patch discriminator's adversarial loss (hinge); 0: off
+    # x the patch discriminator's adversarial loss (hinge), itself scaled as VQGAN does (Esser et al. 2021, Eq. 7):
+    # by |grad of the other terms| / |grad of the adversarial term| at the decoder's last layer; 0: off
+    gan_weight: float = 0.0
     gan_start: int = 0  # the step from which the discriminator trains and its loss counts (after warm-up)
+    # train the decoder alone, from init_from's weights: the encoder and quantizer are frozen, so every image keeps
+    # its codes and the code fingerprint a generator recorded stays (a generator trained on them is unaffected)
+    decoder_only: bool = False
     flip: bool = True  # random horizontal flips (the tokenizer only needs to reproduce pixels)
     seed: int = 0
     checkpoint_every: int = 200
@@ -109,6 +114,21 @@ def _config_difference(a: ImageTokenizerConfig, b: ImageTokenizerConfig) -> str:
     return ", ".join(f"{k} {da[k]} vs {db[k]}" for k in da if da[k] != db[k])
 
 
+def _initial_weights(init_from: str | os.PathLike, model_cfg: ImageTokenizerConfig, preset: str) -> dict:
+    start = ImageTokenizer.from_pretrained(init_from)
+    if start.config != model_cfg:
+        raise ValueError(f"{init_from}: --init-from holds another architecture than preset {preset} ("
+                         f"{_config_difference(start.config, model_cfg)}); start from a tokenizer of this preset")
+    return start.state_dict()
+
+
+def adaptive_weight(other: torch.Tensor, adversarial: torch.Tensor, layer: torch.Tensor) -> torch.Tensor:
+    """VQGAN's balance: |d other / d layer| / |d adversarial / d layer|, clamped to [0, 1e4], without gradient."""
+    g_other = torch.autograd.grad(other, layer, retain_graph=True)[0]
+    g_adv = torch.autograd.grad(adversarial, layer, retain_graph=True)[0]
+    return (g_other.norm() / (g_adv.norm() + 1e-4)).clamp(0.0, 1e4).detach()
+
+
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-image PSNR in dB of [B, 3, H, W] tensors in [0, 1] (capped at 100 dB for identical images)."""
     mse = (a.float() - b.float()).pow(2).flatten(1).mean(1)
@@ -117,13 +137,16 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def train_image_tokenizer(dataset_dir: str | os.PathLike, out_dir: str | os.PathLike, preset: str = "emoji-8x8",
                           config: ImageTrainConfig | None = None, resume: bool = False, progress: bool = True,
-                          images: torch.Tensor | None = None) -> dict[str, Any]:
+                          images: torch.Tensor | None = None,
+                          init_from: str | os.PathLike | None = None) -> dict[str, Any]:
     """Train on the train split; checkpoint to OUT_DIR/checkpoint.safetensors, save OUT_DIR/{config.json,model.safetensors}.
 
     With resume=True, training continues from the checkpoint (model, optimiser, step, elapsed time); batches are
     drawn from a generator seeded by (seed, step, rank), so a resumed run sees the batches the uninterrupted run
     would have. Under torchrun each process draws its own batch (DDP averages the gradients; the EMA codebook
     follows vector-quantize-pytorch's distributed rule). images (uint8 [N, 3, S, S]) replaces the dataset (tests).
+    init_from: a trained tokenizer folder of the preset's architecture to start from (a fresh run only);
+    config.decoder_only needs it.
     """
     from tqdm import tqdm
 
@@ -151,10 +174,21 @@ def train_image_tokenizer(dataset_dir: str | os.PathLike, out_dir: str | os.Path
                              "has no discriminator (the run trained without one); resume it with gan_weight 0, or set "
                              f"gan_start >= {state['step']}")
 
+    start = _initial_weights(init_from, model_cfg, preset) if init_from is not None and state is None else None
+    if cfg.decoder_only and init_from is None and state is None:
+        raise ValueError("decoder_only trains the decoder of a trained tokenizer: give the tokenizer to start from "
+                         "(--init-from DIR)")
+
     data = images if images is not None else load_split_images(dataset_dir, "train", model_cfg.image_size)
     torch.manual_seed(cfg.seed)
     model = ImageTokenizer(model_cfg).to(device)
-    opt = adamw([{"params": list(model.parameters()), "weight_decay": 0.0}], cfg.lr, (0.9, 0.99), device)
+    if start is not None:
+        model.load_state_dict(start)
+    trained = model.decoder if cfg.decoder_only else model
+    if cfg.decoder_only:
+        model.encoder.requires_grad_(False)
+        model.quantizer.requires_grad_(False)
+    opt = adamw([{"params": list(trained.parameters()), "weight_decay": 0.0}], cfg.lr, (0.9, 0.99), device)
     perceptual = PerceptualLoss().to(device) if cfg.perceptual_weight > 0 else None
     disc = PatchDiscriminator().to(device) if cfg.gan_weight > 0 else None
     # VQGAN's discriminator optimiser: Adam with beta1 0.5, at the tokenizer's learning rate and schedule
@@ -169,9 +203,20 @@ def train_image_tokenizer(dataset_dir: str | os.PathLike, out_dir: str | os.Path
             disc.load_state_dict(state["disc"])
             disc_opt.load_state_dict(state["disc_optimizer"])
         step, elapsed = state["step"], state["elapsed_s"]
-    ddp = dist.wrap(model)
+    ddp = dist.wrap(trained)
     ddp_disc = dist.wrap(disc) if disc is not None else None
     model.train()
+    if cfg.decoder_only:  # eval mode: a VQ codebook's EMA would move (and with it the codes) in train mode
+        model.encoder.eval()
+        model.quantizer.eval()
+    last_layer = model.decoder.net[-1].weight  # where the adversarial term's weight is measured
+
+    def reconstruct(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if not cfg.decoder_only:
+            return ddp(x)
+        with torch.no_grad():
+            q, codes, commit = model.quantize(x)
+        return model.decode_latents(q, decoder=ddp), codes, commit
 
     def save() -> None:
         extra = {"disc": disc.state_dict(), "disc_optimizer": disc_opt.state_dict()} if disc is not None else {}
@@ -201,7 +246,7 @@ def train_image_tokenizer(dataset_dir: str | os.PathLike, out_dir: str | os.Path
             adversarial = disc is not None and step >= cfg.gan_start
             terms: dict[str, torch.Tensor] = {}
             with precision.autocast():
-                recon, codes, commit = ddp(x)
+                recon, codes, commit = reconstruct(x)
                 recon = recon.float()
                 loss = F.mse_loss(recon, x) + cfg.l1_weight * F.l1_loss(recon, x) + commit
                 if perceptual is not None:
@@ -211,7 +256,8 @@ def train_image_tokenizer(dataset_dir: str | os.PathLike, out_dir: str | os.Path
                     disc.requires_grad_(False)  # this term trains the decoder, not the discriminator
                     terms["gan_g"] = generator_adversarial_loss(disc(recon).float())
                     disc.requires_grad_(True)
-                    loss = loss + cfg.gan_weight * terms["gan_g"]
+                    terms["gan_w"] = cfg.gan_weight * adaptive_weight(loss, terms["gan_g"], last_layer)
+                    loss = loss + terms["gan_w"] * terms["gan_g"]
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
