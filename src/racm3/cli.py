@@ -183,31 +183,84 @@ def memory_build(
                                           "Lite), milvus://host:19530/collection (a Milvus server)."),
     encoder: Optional[Path] = typer.Option(None, "--encoder", help="Encoder or model folder; default: the shipped one."),
     index: Optional[str] = typer.Option(None, "--index", help="flat (exact, the default), hnsw or ivfpq (approximate)."),
+    batch_size: int = typer.Option(512, "--batch-size", min=1, help="Documents per batch: each batch is one write."),
+    workers: int = typer.Option(1, "--workers", min=1, help="Processes that embed (one torch thread each when "
+                                "there are as many cores); this one reads and writes."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="I/N: only the documents whose id hashes to part I of "
+                                        "N (build the parts on N machines, then `racm3 memory merge`)."),
     strict: bool = typer.Option(False, "--strict", help="Stop at the first bad record instead of skipping it."),
     wait: float = typer.Option(MEMORY_WAIT_S, "--wait", min=0, help=WAIT_HELP),
 ) -> None:
-    """Embed a data set's documents into a memory (SQLite store + FAISS index, or Milvus): all of them or none."""
+    """Embed a data set's documents into a memory, batch by batch: a killed build resumes when run again."""
     import time
 
+    from tqdm import tqdm
+
+    from racm3.documents import BadRecord
+    from racm3.readers import ReadReport, read_documents
     from racm3.retrieval import load_encoder
     from racm3.retrieval.backends import open_or_create_memory
+    from racm3.retrieval.build import Shard, build_memory
 
     t0 = time.perf_counter()
-
-    def open_memory():
-        mem = open_or_create_memory(memory_dir, enc.name, enc.dim, index=index or "flat", wait=wait)
-        if index is not None and mem.index_type != index:
-            mem.close()
-            _fail(f"{memory_dir} already holds a {mem.index_type} index; drop --index or build a new memory")
-        return mem
-
+    report = ReadReport()
     with _user_errors():
+        part = Shard.parse(shard) if shard else None
         enc = load_encoder(encoder)
-        mem, added = _add_dataset(open_memory, enc, dataset_dir, "embedding", strict)
+        docs = read_documents(dataset_dir, strict=strict, report=report)  # a missing data set fails here
+        first = next(docs, None)  # ...or here: before the memory exists
+        if first is None:
+            if report.skipped:
+                typer.echo(report.summary(), err=True)
+            _fail(f"{dataset_dir}: no documents to add")
+        mem = open_or_create_memory(memory_dir, enc.name, enc.dim, index=index or "flat", wait=wait)
         with mem:  # closed when done: a Milvus Lite memory's server stops with it
+            if index is not None and mem.index_type != index:
+                _fail(f"{memory_dir} already holds a {mem.index_type} index; drop --index or build a new memory")
+            stream = _chain(first, docs)
+            try:
+                with tqdm(desc="embedding", unit="doc", delay=0.5) as bar:
+                    result = build_memory(mem, stream, enc, batch_size, workers, encoder, part, bar.update)
+            except BadRecord as exc:
+                _fail(f"{exc} (--strict; the batches before it are in {memory_dir}: fix the record and run the "
+                      "same command to continue)")
             count = len(mem)
-    typer.echo(f"added {added} documents to {memory_dir} ({count} in all, {mem.index_type} index) "
-               f"in {time.perf_counter() - t0:.1f}s", err=True)
+    if report.skipped:
+        typer.echo(report.summary(), err=True)
+    seconds = time.perf_counter() - t0
+    typer.echo(f"added {result.added} documents to {memory_dir} ({count} in all, {mem.index_type} index) in "
+               f"{seconds:.1f}s ({result.added / max(seconds, 1e-9):.0f} documents/s)"
+               + (f"; skipped {result.skipped} already there or in other shards" if result.skipped else ""), err=True)
+
+
+def _chain(first, rest):
+    if first is not None:
+        yield first
+    yield from rest
+
+
+@memory_app.command("merge")
+def memory_merge(
+    memory_dir: str = typer.Argument(..., help="The memory to merge into (created if absent). " + MEMORY_HELP),
+    parts: list[str] = typer.Argument(..., help="Memories to copy from (e.g. the --shard parts of a build)."),
+    wait: float = typer.Option(MEMORY_WAIT_S, "--wait", min=0, help=WAIT_HELP),
+) -> None:
+    """Copy the documents of other memories (built with the same encoder) into one, with their stored vectors."""
+    from tqdm import tqdm
+
+    from racm3.retrieval.backends import open_memory, open_or_create_memory
+    from racm3.retrieval.build import merge_memories
+
+    with _user_errors(), contextlib.ExitStack() as stack:
+        opened = [stack.enter_context(open_memory(p, wait=wait)) for p in parts]
+        first = opened[0]
+        out = stack.enter_context(open_or_create_memory(memory_dir, first.encoder_name, first.dim,
+                                                        index=first.index_type, wait=wait))
+        with tqdm(total=sum(len(m) for m in opened), desc="merging", unit="doc", delay=0.5) as bar:
+            result = merge_memories(out, opened, progress=bar.update)
+        count = len(out)
+    typer.echo(f"merged {result.added} documents into {memory_dir} ({count} in all)"
+               + (f"; {result.skipped} were already there" if result.skipped else ""), err=True)
 
 
 @memory_app.command("add")

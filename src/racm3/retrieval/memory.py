@@ -134,7 +134,8 @@ def _store_errors(method):
 
 class MemoryBase:
     """What every memory backend shares, on top of what each provides: __len__, __contains__, ids, get, documents,
-    vectors, scan, generation, candidates, add, remove, update and close, with these attributes: path (the folder
+    vectors, scan, generation, candidates, add, remove, update and close (and present, where it can beat one
+    __contains__ per id), with these attributes: path (the folder
     or URI that messages name), encoder_name, dim, index_type, wait and _lock (a write lock: acquire(wait),
     release(), held). Memory keeps documents in SQLite with a FAISS index; milvus_memory.MilvusMemory in Milvus.
     backends.open_memory() opens either from its location."""
@@ -213,7 +214,7 @@ class MemoryBase:
         return queries, excludes
 
     def _refuse_present(self, ids: Sequence[str]) -> None:
-        present = self._present(ids)
+        present = self.present(ids)
         if present:
             raise KeyError(f"{self.path}: document id {_short(present[0])!r} is already in the memory "
                            f"({len(present)} of the ids to add are); to replace a document, remove it first "
@@ -233,7 +234,7 @@ class MemoryBase:
         _refuse_repeats([d.id for d in docs])
         return emb
 
-    def _present(self, ids: Sequence[str]) -> list[str]:
+    def present(self, ids: Sequence[str]) -> list[str]:
         """The ids that are already in the memory (a backend may answer in fewer queries)."""
         return [i for i in ids if i in self]
 

@@ -187,7 +187,7 @@ class MilvusMemory(MemoryBase):
         return int(self._query(f"row <= {self._state()[1]}", ["count(*)"])[0]["count(*)"])
 
     def __contains__(self, doc_id: str) -> bool:
-        return bool(self._present([doc_id]))
+        return bool(self.present([doc_id]))
 
     def ids(self) -> list[str]:
         return [e["doc_id"] for e in self._every(["doc_id"])]
@@ -338,7 +338,7 @@ class MilvusMemory(MemoryBase):
                            + (f" ({len(missing)} unknown ids)" if len(missing) > 1 else ""))
         return found
 
-    def _present(self, ids: Sequence[str]) -> list[str]:
+    def present(self, ids: Sequence[str]) -> list[str]:
         found = self._by_id(ids, [], strict=False)
         return [i for i in ids if i in found]
 
