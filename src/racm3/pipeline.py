@@ -44,8 +44,19 @@ def _caption(text: str) -> str:
     return text.strip()
 
 
+def _prompt_document(segments: Sequence[str | Image.Image]) -> Document:
+    """An interleaved prompt as a Document: captions stripped (non-empty), images made RGB."""
+    if isinstance(segments, (str, Image.Image)) or not isinstance(segments, Sequence) or not segments:
+        raise ValueError(f"segments must be a non-empty list of captions and PIL images, got {segments!r:.60}")
+    for s in segments:
+        if not isinstance(s, (str, Image.Image)):
+            raise TypeError(f"a segment is a caption (str) or a PIL image, got {type(s).__name__}")
+    return Document("prompt", tuple(_caption(s) if isinstance(s, str) else to_rgb(s) for s in segments))
+
+
 class RACM3:
-    """Retrieval-augmented generation of images from text and text from images (Yasunaga et al. 2023).
+    """Retrieval-augmented generation of images from text and text from images (Yasunaga et al. 2023), and the
+    continuation of interleaved documents (continue_document).
 
     A prompt's top-k documents from a memory (or the given demonstrations) are placed before it as
     `<doc> ... </doc>` blocks, in the same order of caption and image as the prompt, and the generator
@@ -90,7 +101,8 @@ class RACM3:
         return torch.Generator(device=self.device).manual_seed(seed)
 
     # --- context -------------------------------------------------------------------------------
-    def retrieve(self, query: str | Image.Image, memory: Memory, k: int, exclude_ids: Iterable[str] = ()) -> list[Hit]:
+    def retrieve(self, query: str | Image.Image | Document, memory: Memory, k: int,
+                 exclude_ids: Iterable[str] = ()) -> list[Hit]:
         """Top-k documents by the paper's rules, with no near-duplicate cut: a query found in memory answers itself.
         exclude_ids: documents never returned (a benchmark hiding what a query must not see)."""
         from racm3.retrieval.retriever import Retriever, RetrieverConfig
@@ -222,6 +234,62 @@ class RACM3:
         order = sorted(range(num_samples), key=lambda i: -scores[i])
         return Output(text=captions[order[0]], samples=[captions[i] for i in order],
                       scores=[scores[i] for i in order], sources=sources, seconds=time.perf_counter() - t0)
+
+    # --- interleaved documents: text and images in any order -> an image or text ------------------------------
+    def continue_document(self, segments: Sequence[str | Image.Image], output: str = "image",
+                          memory: Memory | None = None, k: int = 2, num_samples: int = 4,
+                          temperature: float | None = None, top_k: int = 0, top_p: float = 0.9,
+                          max_new_tokens: int = 32, seed: int = 0, demos: Sequence[Document] | None = None,
+                          exclude_ids: Iterable[str] = ()) -> Output:
+        """Continue an interleaved prompt (captions and PIL images in order, e.g. text, image, text) with an image
+        (output="image") or text (output="text"), keeping the best of num_samples by the encoder's score.
+
+        The prompt is the training sequence format's (docs/design.md, "Interleaved documents"): the retrieved
+        documents (or demos) in context, in the order the prompt begins with, then the prompt's segments in order,
+        then `<img>` and N codes (an image), or text until `<eos>`: after an image a new text, after text its
+        continuation (.text holds what follows the prompt's last text). The retrieval query is the prompt as a
+        document, its vector the renormalised mean of its segments' vectors (the memory's rule); each sample is
+        scored by the encoder's cosine with that vector. temperature None: 1.0 for an image, 0.7 for text (the
+        defaults of generate_image and generate_text). No guidance: its unconditional stream masks the prompt in
+        one span, and a training span never crosses a text/image boundary, so no such stream was ever trained.
+        """
+        if output not in ("image", "text"):
+            raise ValueError(f"output must be 'image' or 'text', got {output!r}")
+        t0 = time.perf_counter()
+        doc = _prompt_document(segments)
+        v, n, tt = self.vocab, self.tokenizer.tokens_per_image, self.tokenizer.text
+        codes = iter(self.tokenizer.encode_images(doc.images).tolist() if doc.images else [])
+        runs = self.tokenizer.codes_document_runs([s if isinstance(s, str) else next(codes) for s in doc.segments])
+        query = [t for run in runs for t in run] + ([v.img_id] if output == "image" else [])
+        generate = n + 1 if output == "image" else max_new_tokens  # N codes and </img>, or the text
+        if len(query) + generate + 2 > self.max_len:  # with <bos> and <eos>: task_prompt's rule, said for segments
+            raise ValueError(f"the prompt is {len(query)} tokens and {generate} more are to be generated, beyond the "
+                             f"generator's {self.max_len}-token context even with no document in it: drop a segment")
+        prompt, _, sources = self._prompts(self._context(doc, memory, k, demos, exclude_ids),
+                                           isinstance(doc.segments[0], str), query, generate)
+        target = self.encoder.embed_documents([doc])[0]
+        sampling = Sampling(temperature if temperature is not None else 1.0 if output == "image" else 0.7, top_k, top_p)
+        made = None
+        if output == "image":
+            made = generate_image_codes(self.generator, v, [prompt.ids] * num_samples, n, self.image_base, sampling,
+                                        generator=self._random(seed))
+            with torch.no_grad():
+                samples = self.tokenizer.image.to_pil(self.tokenizer.image.decode(made))
+            scores = (self.encoder.embed_image(samples) @ target).tolist()
+        else:
+            ids = generate_text_ids(self.generator, v, [prompt.ids] * num_samples, n, self.image_base, sampling,
+                                    max_new_tokens=max_new_tokens, generator=self._random(seed))
+            # after text, decode together with it (byte-level BPE pieces only join correctly in one sequence) and
+            # keep what follows it
+            head = v.vocab_to_text(runs[-1]) if isinstance(doc.segments[-1], str) else []
+            skip = len(tt.decode(head)) if head else 0
+            samples = [tt.decode(head + v.vocab_to_text(t))[skip:].strip() or "?" for t in ids]
+            scores = (self.encoder.embed_text(samples) @ target).tolist()
+        order = sorted(range(num_samples), key=lambda i: -scores[i])
+        best = samples[order[0]]
+        return Output(image=best if made is not None else None, text=best if made is None else None,
+                      samples=[samples[i] for i in order], scores=[scores[i] for i in order], sources=sources,
+                      seconds=time.perf_counter() - t0, codes=made[order] if made is not None else None)
 
     # --- infilling (CM3: the hole is a <mask:0> in place, its content generated after a trailing <mask:0>) -----
     def infill_image(self, image: Image.Image, rows: tuple[int, int], caption: str | None = None,

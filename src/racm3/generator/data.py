@@ -23,6 +23,13 @@ Documents without a concept (a folder or Parquet of captioned images) take one f
 the memory (train.retrieval_candidates finds them): siblings are the nearest by image, cross-style partners the
 nearest by caption that are not near by image, and "another concept" is any document outside both lists whose
 caption differs. Style lessons need a style: documents without one never get them.
+
+Interleaved documents (DocTokens.segments: e.g. text, image, text, image) take part as they are, in their order:
+copy, sibling, cross-style and retrieval show them whole, as the main document or in context. The caption,
+distractor and style lessons are built from *the* caption and *the* image of a document, put in a chosen order or
+swapped for another's; an interleaved document has no one pair to take apart without making a sequence that is no
+document, so those lessons skip it (as main document it gets the paper's retrieval instead; it is never borrowed
+as another concept, a distractor or a demonstration).
 """
 
 from __future__ import annotations
@@ -101,33 +108,66 @@ def get_recipe(name: str) -> Recipe:
 @dataclass(frozen=True)
 class DocTokens:
     """One document as vocabulary ids: its caption and its image (<img> codes </img>); concept and style are
-    "" where the document has none."""
+    "" where the document has none.
+
+    A document of at most one caption and one image has no fixed order: each task puts the two in its own
+    (caption -> image or image -> caption), and segments is (). An interleaved document (more captions or images
+    than that, e.g. text, image, text, image) is its order: segments holds its runs in order (codes_document_runs),
+    ids gives them so whatever the task, and text and image are its first caption and first image.
+    """
 
     text: tuple[int, ...]
     image: tuple[int, ...]
     concept: str
     style: str
+    segments: tuple[tuple[int, ...], ...] = ()
+
+    @classmethod
+    def from_runs(cls, runs: list[list[int]], concept: str, style: str, img_id: int) -> "DocTokens":
+        """A document's runs (MultimodalTokenizer.codes_document_runs) as DocTokens: segments kept where interleaved."""
+        texts = [tuple(r) for r in runs if r[0] != img_id]
+        images = [tuple(r) for r in runs if r[0] == img_id]
+        segments = tuple(tuple(r) for r in runs) if len(texts) > 1 or len(images) > 1 else ()
+        return cls(texts[0] if texts else (), images[0] if images else (), concept, style, segments)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DocTokens":
+        """The inverse of dataclasses.asdict (a JSON cache's record); a record without segments is not interleaved."""
+        return cls(tuple(d["text"]), tuple(d["image"]), d["concept"], d["style"],
+                   tuple(tuple(r) for r in d.get("segments", ())))
+
+    @property
+    def interleaved(self) -> bool:
+        return bool(self.segments)
+
+    @property
+    def starts_with_text(self) -> bool | None:
+        """Whether an interleaved document begins with text (None for the others, whose order the task picks)."""
+        return self.segments[0] == self.text if self.segments else None
 
     def ids(self, text_first: bool) -> list[int]:
+        if self.segments:
+            return [t for run in self.segments for t in run]
         return list(self.text + self.image) if text_first else list(self.image + self.text)
+
+    def __len__(self) -> int:
+        return sum(map(len, self.segments)) if self.segments else len(self.text) + len(self.image)
 
 
 def document_tokens(docs, mt, batch_size: int = 256) -> list[DocTokens]:
-    """Each document's caption ids and <img> codes </img> ids (either may be empty), the VQ run once per image.
+    """Each document's ids (DocTokens), the VQ run once per image, in batches.
 
-    The one document -> ids conversion of training and inference alike; DocTokens.ids puts the two parts in the
-    task's order.
+    The one document -> ids conversion of training and inference alike, the tokenizer's own (codes_document_runs):
+    DocTokens.ids puts a caption and an image in the task's order, an interleaved document's segments in theirs.
     """
-    vocab = mt.vocab
     out = []
     for i in range(0, len(docs), batch_size):
         chunk = docs[i:i + batch_size]
-        drawn = [d.image for d in chunk if d.image is not None]
+        drawn = [im for d in chunk for im in d.images]
         codes = iter(mt.encode_images(drawn).tolist() if drawn else [])
         for d in chunk:
-            text = tuple(vocab.text_to_vocab(mt.text.encode(d.text))) if d.text else ()
-            image = (vocab.img_id, *vocab.image_to_vocab(next(codes)), vocab.img_end_id) if d.image is not None else ()
-            out.append(DocTokens(text, image, d.concept or "", d.style or ""))
+            runs = mt.codes_document_runs([s if isinstance(s, str) else next(codes) for s in d.segments])
+            out.append(DocTokens.from_runs(runs, d.concept or "", d.style or "", mt.vocab.img_id))
     return out
 
 
@@ -209,13 +249,14 @@ class ExampleBank:
         related, text = self.related(doc_id), self.docs[doc_id].text
         for _ in range(8):
             other = pool[int(rng.integers(len(pool)))]
-            if other not in related and other not in exclude and self.docs[other].text != text:
+            if (other not in related and other not in exclude and self.docs[other].text != text
+                    and not self.docs[other].interleaved):  # module docstring: never borrowed
                 return other
         return None
 
     def _fits(self, doc_id: str, context: list[str]) -> bool:
         """Whether the document with all of context before it fits max_len (build_sequence would drop none)."""
-        size = [len(self.docs[i].text) + len(self.docs[i].image) for i in [doc_id, *context]]
+        size = [len(self.docs[i]) for i in [doc_id, *context]]
         return fit_documents(size[1:], size[0] + 1, self.max_len) == len(context)
 
     def context(self, doc_id: str, lesson: str | None, recipe: Recipe, rng: np.random.Generator) -> list[str]:
@@ -251,8 +292,11 @@ class ExampleBank:
 
     def distractor_context(self, doc_id: str, k: int, rng: np.random.Generator) -> list[str] | None:
         """The document and 1..k-1 distractors, in random order; each distractor of the document's style or of
-        another at random, so neither position nor style says which to copy. None when none can be placed."""
+        another at random, so neither position nor style says which to copy. None when none can be placed, and for
+        an interleaved document (module docstring)."""
         d, ctx = self.docs[doc_id], [doc_id]
+        if d.interleaved:
+            return None
         styles = [s for s in self.by_style if s != d.style]
         for _ in range(int(rng.integers(1, k)) if k > 1 else 0):
             style = styles[int(rng.integers(len(styles)))] if styles and rng.random() < 0.5 else d.style
@@ -263,8 +307,9 @@ class ExampleBank:
 
     def style_demos(self, doc_id: str, style: str, k: int, rng: np.random.Generator) -> list[str] | None:
         """k demonstrations in `style` of other concepts than the document's. None where they would teach nothing:
-        a document without a style, or whose concept is drawn in one style only (its caption alone says the style)."""
-        if not self.docs[doc_id].style or not self.other_styles(doc_id):
+        a document without a style, or whose concept is drawn in one style only (its caption alone says the style),
+        and an interleaved one (module docstring)."""
+        if not self.docs[doc_id].style or self.docs[doc_id].interleaved or not self.other_styles(doc_id):
             return None
         demos: list[str] = []
         for _ in range(k):
@@ -275,7 +320,10 @@ class ExampleBank:
 
     def relabel(self, doc_id: str, recipe: Recipe, rng: np.random.Generator) -> Lesson | None:
         """A caption lesson: [<doc> image, other caption </doc>] (+ a retrieved neighbour, in random order)
-        [image, other caption], where the other caption is another concept's. None when there is none."""
+        [image, other caption], where the other caption is another concept's. None when there is none, and for an
+        interleaved document (module docstring)."""
+        if self.docs[doc_id].interleaved:
+            return None
         other = self.other_concept(doc_id, rng)
         if other is None:
             return None
@@ -305,7 +353,11 @@ class ExampleBank:
         return self._ids(doc_id, ctx, text_first=bool(rng.random() < recipe.text_first_rate))
 
     def _ids(self, doc_id: str, context: list[str], text_first: bool) -> Lesson:
-        return self.docs[doc_id].ids(text_first), [self.docs[c].ids(text_first) for c in context]
+        """The main document and its context in one order; an interleaved main document's own order decides it."""
+        main = self.docs[doc_id]
+        if main.interleaved:
+            text_first = main.starts_with_text
+        return main.ids(text_first), [self.docs[c].ids(text_first) for c in context]
 
     def sequence(self, doc_id: str, context: list[str], vocab: Vocab, recipe: Recipe, text_first: bool) -> Sequence:
         """[<doc> c1 </doc>]...[main]: every document in the same order (caption first or image first)."""

@@ -75,20 +75,23 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
 
 
 def embed_documents(encoder: Encoder, docs: Sequence["Document"], batch_size: int = 256) -> np.ndarray:
-    """A document's vector: mean of its normalised text and image vectors, renormalised (RA-CM3 sec. 3.2).
+    """A document's vector: the mean of its segments' normalised vectors, renormalised (RA-CM3 sec. 3.2's rule
+    for a text and an image, generalised to any number of segments): each text segment by the text tower, each
+    image by the image tower, all of a batch's texts and all its images in one call each.
 
-    All text segments are joined into one text; the first image stands for the document's images.
+    The mean is taken as the sum (renormalising makes them one vector), texts first: a caption + image document
+    gets, bit for bit, the text + image vector it always had.
     """
     out = np.zeros((len(docs), encoder.dim), dtype=np.float32)
     for start in range(0, len(docs), batch_size):
         chunk = docs[start:start + batch_size]
-        text_rows = [i for i, d in enumerate(chunk) if d.text is not None]
-        image_rows = [i for i, d in enumerate(chunk) if d.image is not None]
+        texts = [(i, s) for i, d in enumerate(chunk) for s in d.segments if isinstance(s, str)]
+        images = [(i, s) for i, d in enumerate(chunk) for s in d.segments if not isinstance(s, str)]
         acc = np.zeros((len(chunk), encoder.dim), dtype=np.float32)
-        if text_rows:
-            acc[text_rows] += encoder.embed_text([chunk[i].text for i in text_rows])
-        if image_rows:
-            acc[image_rows] += encoder.embed_image([chunk[i].image for i in image_rows])
+        for rows_and_segments, embed in ((texts, encoder.embed_text), (images, encoder.embed_image)):
+            if rows_and_segments:
+                rows, segments = zip(*rows_and_segments)
+                np.add.at(acc, list(rows), embed(list(segments)))
         out[start:start + len(chunk)] = l2_normalize(acc)
     return out
 

@@ -20,9 +20,10 @@ CodeSegment = str | torch.Tensor | Seq[int]
 class MultimodalTokenizer:
     """Text tokenizer + image tokenizer + the Vocab that lays their ids out in one space.
 
-    document_to_ids gives the bare document (no <bos>/<eos>/<doc> wrappers: build_sequence adds those).
-    Consecutive text segments are joined by one space (as Document.text does), so the round trip
-    keeps the text exactly; a document of caption + image (every document this project builds)
+    document_to_ids gives the bare document (no <bos>/<eos>/<doc> wrappers: build_sequence adds those): its
+    segments in order, any number of each kind. Consecutive text segments are joined by one space (as
+    Document.text does) and encoded as one text, so the round trip keeps the text exactly and a document whose
+    text segments are separated by images (every document this project builds, interleaved ones included)
     comes back segment for segment.
     """
 
@@ -77,22 +78,32 @@ class MultimodalTokenizer:
 
     def codes_document_to_ids(self, segments: Seq[CodeSegment]) -> list[int]:
         """Same as document_to_ids, for segments whose images are precomputed codes (no VQ encoder run)."""
-        ids: list[int] = []
-        prev_text = False
+        return [t for run in self.codes_document_runs(segments) for t in run]
+
+    def codes_document_runs(self, segments: Seq[CodeSegment]) -> list[list[int]]:
+        """The document's ids as runs, in order: each stretch of consecutive text segments, joined by one space,
+        as one run of text ids; each image as `<img> codes </img>`. codes_document_to_ids is their concatenation."""
+        runs: list[list[int]] = []
+        texts: list[str] = []
+
+        def flush_text() -> None:
+            # One encode of the joined text: the ids the tokenizer gives the decoded text back (ids -> document -> ids).
+            if texts:
+                runs.append(self.vocab.text_to_vocab(self.text.encode(" ".join(texts))))
+                texts.clear()
+
         for seg in segments:
             if isinstance(seg, str):
-                # Join consecutive text segments with one space, as Document.text does.
-                text = (" " + seg) if prev_text else seg
-                ids += self.vocab.text_to_vocab(self.text.encode(text))
-                prev_text = True
-            else:
-                codes = seg.tolist() if isinstance(seg, torch.Tensor) else list(seg)
-                if len(codes) != self.tokens_per_image:
-                    raise ValueError(f"an image segment has {len(codes)} codes; this image tokenizer makes "
-                                     f"{self.tokens_per_image} per image")
-                ids += [self.vocab.img_id, *self.vocab.image_to_vocab(codes), self.vocab.img_end_id]
-                prev_text = False
-        return ids
+                texts.append(seg)
+                continue
+            flush_text()
+            codes = seg.tolist() if isinstance(seg, torch.Tensor) else list(seg)
+            if len(codes) != self.tokens_per_image:
+                raise ValueError(f"an image segment has {len(codes)} codes; this image tokenizer makes "
+                                 f"{self.tokens_per_image} per image")
+            runs.append([self.vocab.img_id, *self.vocab.image_to_vocab(codes), self.vocab.img_end_id])
+        flush_text()
+        return runs
 
     # --- ids -> documents -------------------------------------------------------------------------
     def ids_to_segments(self, ids: Seq[int] | torch.Tensor) -> list[str | torch.Tensor]:
