@@ -210,6 +210,12 @@ def test_the_generator_trains_on_interleaved_documents(trained_interleaved, mt):
     cached = json.loads((run / "cache.json").read_text())["train"]
     for doc in interleaved_documents():
         assert DocTokens.from_dict(cached[doc.id]).ids(text_first=True) == mt.document_to_ids(doc)
+    # and a resumed run, which reads that cache instead of tokenizing again, sees the same segments
+    from racm3.generator.train import _read_cache
+
+    key = json.loads((run / "cache.json").read_text())["key"]
+    again = _read_cache(run / "cache.json", key)["train"]
+    assert all(again[d.id].segments and again[d.id].ids(True) == mt.document_to_ids(d) for d in interleaved_documents())
     log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
     chance = math.log(mt.vocab.size)
     assert log[0]["main"] > 0.8 * chance and log[-1]["main"] < 0.6 * chance, (log[0]["main"], log[-1]["main"])

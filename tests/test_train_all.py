@@ -141,12 +141,12 @@ def test_default_options_pass_every_check(tmp_path: Path, monkeypatch) -> None:
         one_line_error(run(["train", "all", dataset, out, *(["--image-size", size] if size else [])]), "planned")
         assert planned["image-tokenizer"]["preset"] == f"v2-{size or 64}"
         assert planned["generator"]["preset"] == planned["generator-k0"]["preset"] == "v2-small"
-    # --steps-scale scales the whole schedule: an adversarial term starting at 30% of the steps still does
+    # --steps-scale scales the whole schedule: a warm-up of 1% of the steps stays 1%
     sharp = tmp_path / "sharp.json"
     sharp.write_text(json.dumps({"model": {"image_size": 64, "channels": [8, 16, 16], "quantizer": "fsq",
                                            "fsq_levels": [5, 5, 5]},
-                                 "train": {"steps": 10000, "warmup": 100, "gan_weight": 0.1, "gan_start": 3000}}))
+                                 "train": {"steps": 10000, "warmup": 100}}))
     one_line_error(run(["train", "all", dataset, out, "--steps-scale", "0.1", "--image-tokenizer-preset", sharp]),
                    "planned")
-    assert planned["image-tokenizer"] == {"preset": str(sharp), "steps": 1000, "warmup": 10, "gan_start": 300}
+    assert planned["image-tokenizer"] == {"preset": str(sharp), "steps": 1000, "warmup": 10}
     assert not out.exists()

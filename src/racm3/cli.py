@@ -497,8 +497,6 @@ def train_image_tokenizer_cmd(
     lr: Optional[float] = typer.Option(None, help="Peak learning rate (warm-up, then cosine decay); default: the preset's."),
     perceptual_weight: Optional[float] = typer.Option(None, help="Weight of the Inception perceptual term (0: off); "
                                                       "default: the preset's."),
-    gan_weight: Optional[float] = typer.Option(None, help="Weight of the patch discriminator's term (0: off), "
-                                               "times VQGAN's adaptive balance; default: the preset's."),
     init_from: Optional[Path] = typer.Option(None, help="A trained tokenizer of this preset to start from (a new "
                                              "run); the preset's decoder_only fine-tunes its decoder alone, keeping "
                                              "every image's codes."),
@@ -509,13 +507,12 @@ def train_image_tokenizer_cmd(
     precision: Optional[str] = typer.Option(None, help=PRECISION_HELP + " The encoder and decoder only: the quantizer "
                                             "stays float32; default: the preset's (the shipped VQ's is fp32)."),
 ) -> None:
-    """Train the image tokenizer (pixel L2 + L1 + commitment, and the preset's perceptual and adversarial terms)."""
+    """Train the image tokenizer (pixel L2 + L1 + commitment, and the preset's perceptual term)."""
     from racm3.tokenizers.image_train import preset_train_config, train_image_tokenizer
 
     with _user_errors():
         cfg = preset_train_config(preset, steps=steps, batch_size=batch_size, lr=lr, seed=seed, threads=threads,
-                                  device=device, precision=precision, perceptual_weight=perceptual_weight,
-                                  gan_weight=gan_weight)
+                                  device=device, precision=precision, perceptual_weight=perceptual_weight)
         summary = train_image_tokenizer(dataset_dir, out_dir, preset, cfg, resume=resume, init_from=init_from)
     typer.echo(f"saved image tokenizer ({summary['preset']}, {summary['steps']} steps, "
                f"{summary['elapsed_s']:.0f} s of training) to {out_dir}")

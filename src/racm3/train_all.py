@@ -133,9 +133,8 @@ def plan(opts: TrainAllOptions, log: Callable[[str], None] = print) -> list[Stag
     resolve_device(opts.device)
     vq_preset = image_tokenizer_preset(opts.image_size, opts.image_tokenizer_preset)
     vq = preset_train_config(vq_preset)
-    # the whole schedule scales, not its length alone: an adversarial term starting at 30% still starts at 30%
-    vq_schedule = {"steps": _scaled(vq.steps, opts.steps_scale), "warmup": round(vq.warmup * opts.steps_scale),
-                   "gan_start": round(vq.gan_start * opts.steps_scale)}
+    # the whole schedule scales, not its length alone: a warm-up of 5% stays 5%
+    vq_schedule = {"steps": _scaled(vq.steps, opts.steps_scale), "warmup": round(vq.warmup * opts.steps_scale)}
     _check_context(opts.generator_preset, vq_preset)
     given = _given_encoder(opts.encoder) if opts.encoder is not None else None
 

@@ -250,8 +250,7 @@ def _read_cache(path: Path, key: dict) -> dict | None:
         return None  # a truncated or foreign file: recompute and overwrite it
     if not isinstance(raw, dict) or raw.get("key") != json.loads(json.dumps(key)):
         return None
-    tokens = {split: {i: DocTokens(tuple(t["text"]), tuple(t["image"]), t["concept"], t["style"])
-                      for i, t in raw[split].items()} for split in ("train", "heldout")}
+    tokens = {split: {i: DocTokens.from_dict(t) for i, t in raw[split].items()} for split in ("train", "heldout")}
     return {**tokens, "candidates": raw["candidates"], "key": key}
 
 
@@ -261,8 +260,9 @@ def precompute(cfg: TrainConfig, mt: MultimodalTokenizer, train_docs: list[Docum
     cache = Path(cfg.out) / "cache.json"
     vocab = mt.vocab
     # The cache is only valid for the inputs it was computed from: anything else recomputes it. Format 2: a
-    # document without a concept has concept "" and its nearest neighbours among its candidates.
-    key = {"format": 2, "dataset": str(Path(cfg.dataset).resolve()), "memory": str(cfg.memory) if cfg.recipe.k else None,
+    # document without a concept has concept "" and its nearest neighbours among its candidates; 3: interleaved
+    # documents keep their segments.
+    key = {"format": 3, "dataset": str(Path(cfg.dataset).resolve()), "memory": str(cfg.memory) if cfg.recipe.k else None,
            "tokenizers": str(cfg.tokenizers), "encoder": str(cfg.encoder), "documents": len(train_docs),
            "vocab": [vocab.text_size, vocab.image_size, mt.tokens_per_image], "image_codes": mt.image_code_fingerprint()}
     cached = _read_cache(cache, key) if dist.is_main else None

@@ -14,8 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from racm3.tokenizers.image import ImageTokenizer, ImageTokenizerConfig, read_preset
-from racm3.tokenizers.image_losses import (PatchDiscriminator, PerceptualLoss, generator_adversarial_loss,
-                                           hinge_discriminator_loss)
+from racm3.tokenizers.image_losses import PerceptualLoss
 from racm3.runtime import (CHECKPOINT_FILE, check_resume, init_distributed, load_checkpoint, resolve_precision,
                            save_checkpoint)
 from racm3.training import adamw, warmup_cosine
@@ -62,10 +61,6 @@ class ImageTrainConfig:
     min_lr_ratio: float = 0.05
     l1_weight: float = 1.0  # loss = MSE + l1_weight * L1 + commitment (pixels in [0, 1]) + the terms below
     perceptual_weight: float = 0.0  # x the Inception feature distance (image_losses.PerceptualLoss); 0: off
-    # x the patch discriminator's adversarial loss (hinge), itself scaled as VQGAN does (Esser et al. 2021, Eq. 7):
-    # by |grad of the other terms| / |grad of the adversarial term| at the decoder's last layer; 0: off
-    gan_weight: float = 0.0
-    gan_start: int = 0  # the step from which the discriminator trains and its loss counts (after warm-up)
     # train the decoder alone, from init_from's weights: the encoder and quantizer are frozen, so every image keeps
     # its codes and the code fingerprint a generator recorded stays (a generator trained on them is unaffected)
     decoder_only: bool = False
@@ -82,11 +77,8 @@ class ImageTrainConfig:
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.lr <= 0 or self.checkpoint_every < 1:
             raise ValueError(f"invalid training config {self}")
-        if self.perceptual_weight < 0 or self.gan_weight < 0 or self.gan_start < 0:
-            raise ValueError(f"perceptual_weight, gan_weight and gan_start must be >= 0 in {self}")
-        if self.gan_weight > 0 and self.gan_start >= self.steps:
-            raise ValueError(f"gan_start {self.gan_start} >= steps {self.steps}: the adversarial term would never "
-                             "start; lower gan_start or set gan_weight 0")
+        if self.perceptual_weight < 0:
+            raise ValueError(f"perceptual_weight must be >= 0 in {self}")
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up, then cosine decay to min_lr_ratio * lr."""
@@ -120,13 +112,6 @@ def _initial_weights(init_from: str | os.PathLike, model_cfg: ImageTokenizerConf
         raise ValueError(f"{init_from}: --init-from holds another architecture than preset {preset} ("
                          f"{_config_difference(start.config, model_cfg)}); start from a tokenizer of this preset")
     return start.state_dict()
-
-
-def adaptive_weight(other: torch.Tensor, adversarial: torch.Tensor, layer: torch.Tensor) -> torch.Tensor:
-    """VQGAN's balance: |d other / d layer| / |d adversarial / d layer|, clamped to [0, 1e4], without gradient."""
-    g_other = torch.autograd.grad(other, layer, retain_graph=True)[0]
-    g_adv = torch.autograd.grad(adversarial, layer, retain_graph=True)[0]
-    return (g_other.norm() / (g_adv.norm() + 1e-4)).clamp(0.0, 1e4).detach()
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -169,10 +154,6 @@ def train_image_tokenizer(dataset_dir: str | os.PathLike, out_dir: str | os.Path
             raise ValueError(f"{ckpt_path}: this run trains another architecture than preset {preset} ("
                              f"{_config_difference(resumed, model_cfg)}); resume with the preset it started with, "
                              "or train into a new folder")
-        if cfg.gan_weight > 0 and "disc" not in state and state["step"] > cfg.gan_start:
-            raise ValueError(f"{ckpt_path}: step {state['step']} is past gan_start {cfg.gan_start} but the checkpoint "
-                             "has no discriminator (the run trained without one); resume it with gan_weight 0, or set "
-                             f"gan_start >= {state['step']}")
 
     start = _initial_weights(init_from, model_cfg, preset) if init_from is not None and state is None else None
     if cfg.decoder_only and init_from is None and state is None:
@@ -190,26 +171,17 @@ def train_image_tokenizer(dataset_dir: str | os.PathLike, out_dir: str | os.Path
         model.quantizer.requires_grad_(False)
     opt = adamw([{"params": list(trained.parameters()), "weight_decay": 0.0}], cfg.lr, (0.9, 0.99), device)
     perceptual = PerceptualLoss().to(device) if cfg.perceptual_weight > 0 else None
-    disc = PatchDiscriminator().to(device) if cfg.gan_weight > 0 else None
-    # VQGAN's discriminator optimiser: Adam with beta1 0.5, at the tokenizer's learning rate and schedule
-    disc_opt = adamw([{"params": list(disc.parameters()), "weight_decay": 0.0}], cfg.lr, (0.5, 0.9), device) \
-        if disc is not None else None
     scaler = precision.grad_scaler()
     step, elapsed = 0, 0.0
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
-        if disc is not None and "disc" in state:
-            disc.load_state_dict(state["disc"])
-            disc_opt.load_state_dict(state["disc_optimizer"])
         step, elapsed = state["step"], state["elapsed_s"]
     ddp = dist.wrap(trained)
-    ddp_disc = dist.wrap(disc) if disc is not None else None
     model.train()
     if cfg.decoder_only:  # eval mode: a VQ codebook's EMA would move (and with it the codes) in train mode
         model.encoder.eval()
         model.quantizer.eval()
-    last_layer = model.decoder.net[-1].weight  # where the adversarial term's weight is measured
 
     def reconstruct(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if not cfg.decoder_only:
@@ -219,10 +191,9 @@ def train_image_tokenizer(dataset_dir: str | os.PathLike, out_dir: str | os.Path
         return model.decode_latents(q, decoder=ddp), codes, commit
 
     def save() -> None:
-        extra = {"disc": disc.state_dict(), "disc_optimizer": disc_opt.state_dict()} if disc is not None else {}
         save_checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
                          "elapsed_s": elapsed, "model_config": model_cfg.to_dict(),
-                         "train_config": asdict(cfg), **extra}, ckpt_path)
+                         "train_config": asdict(cfg)}, ckpt_path)
         model.save_pretrained(out)
 
     used = torch.zeros(model_cfg.codebook_size, dtype=torch.bool, device=device)
@@ -240,10 +211,8 @@ def train_image_tokenizer(dataset_dir: str | os.PathLike, out_dir: str | os.Path
                 flip = torch.rand(cfg.batch_size, generator=gen) < 0.5
                 x[flip] = x[flip].flip(-1)
             x = x.to(device, non_blocking=True)
-            for o in (opt, disc_opt):
-                for g in (o.param_groups if o is not None else ()):
-                    g["lr"] = cfg.lr_at(step)
-            adversarial = disc is not None and step >= cfg.gan_start
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr_at(step)
             terms: dict[str, torch.Tensor] = {}
             with precision.autocast():
                 recon, codes, commit = reconstruct(x)
@@ -252,22 +221,9 @@ def train_image_tokenizer(dataset_dir: str | os.PathLike, out_dir: str | os.Path
                 if perceptual is not None:
                     terms["perceptual"] = perceptual(recon, x)
                     loss = loss + cfg.perceptual_weight * terms["perceptual"]
-                if adversarial:
-                    disc.requires_grad_(False)  # this term trains the decoder, not the discriminator
-                    terms["gan_g"] = generator_adversarial_loss(disc(recon).float())
-                    disc.requires_grad_(True)
-                    terms["gan_w"] = cfg.gan_weight * adaptive_weight(loss, terms["gan_g"], last_layer)
-                    loss = loss + terms["gan_w"] * terms["gan_g"]
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
-            if adversarial:
-                with precision.autocast():
-                    scores = ddp_disc(torch.cat([x, recon.detach()])).float()
-                    terms["gan_d"] = hinge_discriminator_loss(*scores.chunk(2))
-                disc_opt.zero_grad(set_to_none=True)
-                scaler.scale(terms["gan_d"]).backward()
-                scaler.step(disc_opt)
             scaler.update()
             step += 1
             elapsed += time.time() - t0
