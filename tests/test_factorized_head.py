@@ -86,3 +86,43 @@ def test_a_tiny_factorized_generator_learns_fsq_codes(tmp_path):
     assert log[0]["main"] > 0.8 * chance
     assert log[-1]["main"] < 0.6 * chance, (log[0]["main"], log[-1]["main"], chance)
     assert load_generator(tmp_path / "run").split == (12, 4)
+
+
+def test_resuming_with_another_image_head_is_one_line_before_the_precomputation(tmp_path, monkeypatch):
+    import pytest
+
+    from racm3.generator import train as train_module
+    from racm3.generator.train import TrainConfig, train
+
+    write_shape_dataset(tmp_path / "data")
+    write_tiny_tokenizers(tmp_path / "tok")
+    cfg = TrainConfig(dataset=tmp_path / "data", out=tmp_path / "run", tokenizers=tmp_path / "tok", preset="tiny",
+                      steps=4, batch_size=4, warmup=1, log_every=2, eval_every=4, save_every=2, eval_docs=2,
+                      progress=False, threads=1)
+    train(cfg)
+    preset = {k: v for k, v in asdict(get_preset("tiny")).items() if k != "image_base"}
+    (tmp_path / "factorized.json").write_text(json.dumps({**preset, "image_head": "factorized"}))
+    monkeypatch.setattr(train_module, "precompute", lambda *a: pytest.fail("precomputed before refusing"))
+    with pytest.raises(ValueError) as refused:
+        train(replace(cfg, preset=str(tmp_path / "factorized.json"), steps=6, resume=True))
+    message = str(refused.value)
+    assert "checkpoint.safetensors: tensor" in message and "train into a new folder" in message
+    assert "\n" not in message
+
+
+def test_a_factorized_folder_with_a_broken_split_or_unsupported_options_is_refused(tmp_path):
+    import pytest
+
+    from racm3.errors import ModelFolderError
+
+    vocab, model = _model()
+    save_generator(model, tmp_path / "g", dtype=torch.float32)
+    cfg = json.loads((tmp_path / "g" / "config.json").read_text())
+    (tmp_path / "g" / "config.json").write_text(json.dumps({**cfg, "code_split": [6, 10]}))
+    with pytest.raises(ModelFolderError, match="code_split"):
+        load_generator(tmp_path / "g")
+    ids = torch.tensor([[vocab.bos_id, vocab.img_id]])
+    with pytest.raises(TypeError, match="labels"):
+        model(input_ids=ids, labels=ids)
+    assert torch.allclose(model(input_ids=ids, logits_to_keep=torch.tensor([1])).logits, model(input_ids=ids).logits[:, 1:],
+                          atol=1e-6)

@@ -166,7 +166,8 @@ def test_a_documents_vector_is_the_renormalised_mean_of_its_segments(encoder):
 
 
 def test_a_caption_and_an_image_keep_their_vector_bit_for_bit(encoder):
-    docs = shape_documents()[:8] + [Document("t", ("red circle",)), Document("i", (draw("red", "bar", "filled"),))]
+    docs = shape_documents()[:8] + [Document("t", ("red circle",)), Document("i", (draw("red", "bar", "filled"),)),
+                                    Document("tt", ("red", "circle", draw("red", "circle", "filled")))]
     # the rule before documents could be interleaved: the caption's vector plus the image's, renormalised
     acc = np.zeros((len(docs), encoder.dim), dtype=np.float32)
     text_rows = [i for i, d in enumerate(docs) if d.text is not None]

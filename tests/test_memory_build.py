@@ -75,6 +75,11 @@ def test_two_embedding_processes_write_the_memory_one_would(tmp_path, encoder, e
     assert result.added == 30
     assert ids == reference[0]  # rows in data set order, whichever worker finished first
     assert np.allclose(vecs, reference[1], atol=1e-5)
+    # a repeated id in a later batch stops the build, but every batch read before it is written
+    with Memory.create(tmp_path / "stopped", encoder.name, encoder.dim) as mem:
+        with pytest.raises(KeyError, match="'d2' appears twice .* the 20 documents before its batch are in"):
+            build_memory(mem, iter(docs[:20] + docs[2:3]), encoder, batch_size=4, workers=2, encoder_path=encoder_dir)
+        assert mem.ids() == [d.id for d in docs[:20]]
 
 
 def test_shards_cover_the_data_set_once_and_merge_into_the_whole(tmp_path, encoder):
@@ -95,7 +100,7 @@ def test_shards_cover_the_data_set_once_and_merge_into_the_whole(tmp_path, encod
         assert whole.search(np.asarray(query, np.float32), 1)[0][0].id == "d5"
     for mem in parts:
         mem.close()
-    for bad in ("3/3", "1", "a/b", "-1/2"):
+    for bad in ("3/3", "1", "a/b", "-1/2", "0/0", "1/0"):
         with pytest.raises(ValueError, match="--shard"):
             Shard.parse(bad)
 

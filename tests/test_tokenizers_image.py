@@ -283,6 +283,8 @@ def test_decoder_only_fine_tuning_keeps_every_code_and_sharpens(tmp_path):
     assert torch.equal(tuned.encode(x), base.encode(x))
     assert any(not torch.equal(a, b) for a, b in zip(tuned.decoder.state_dict().values(),
                                                       base.decoder.state_dict().values()))
+    with pytest.raises(ValueError, match="trained its decoder alone .* resume it with decoder_only True"):
+        train_image_tokenizer(None, tmp_path / "tuned", "tiny", cfg, images=images, progress=False, resume=True)
     before = evaluate_image_tokenizer(base, images, rfid=False)["psnr"]
     after = evaluate_image_tokenizer(tuned, images, rfid=False)["psnr"]
     assert after > before, (before, after)  # 60 more decoder steps on the same codes reconstruct better

@@ -133,11 +133,19 @@ class RACM3ForCausalLM(LlamaForCausalLM):
                                      position_ids=position_ids, **kwargs).logits
             nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), input_ids[:, 1:], reduction="none")
             return CausalLMOutputWithPast(loss=nll)
+        unsupported = sorted(k for k in ("labels", "inputs_embeds", "output_hidden_states", "output_attentions")
+                             if kwargs.get(k) is not None and kwargs.get(k) is not False)
+        if unsupported:  # Hugging Face options this head does not implement: refused, never silently dropped
+            raise TypeError(f"RACM3ForCausalLM with code_split does not take {', '.join(unsupported)}; "
+                            "per_token_nll=True gives the training loss")
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("labels", "inputs_embeds")}
         hidden = self.model(inputs_embeds=self._embed(input_ids), attention_mask=attention_mask,
                             position_ids=position_ids, **kwargs).last_hidden_state
         if per_token_nll:
             return CausalLMOutputWithPast(loss=self._nll(hidden[:, :-1], input_ids[:, 1:]))
-        if logits_to_keep:
+        if isinstance(logits_to_keep, torch.Tensor):  # positions to keep, as transformers allows
+            hidden = hidden[:, logits_to_keep]
+        elif logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         return CausalLMOutputWithPast(logits=self._joint_logits(hidden))
 
@@ -244,6 +252,11 @@ def load_generator(path: str | Path) -> RACM3ForCausalLM:
     except Exception as exc:  # transformers validates fields with its own (non-ValueError) exception types
         raise ModelFolderError(f"{cfg_file}: not a Llama config this project can build ({one_line(exc)}); "
                                f"{hint}") from None
+    split = getattr(config, "code_split", None)
+    if split is not None and (not isinstance(split, list) or len(split) != 2 or split[0] * split[1] != meta["image_size"]
+                              or config.vocab_size != Vocab(meta["text_size"], meta["image_size"]).image_offset + split[0]):
+        raise ModelFolderError(f"{cfg_file}: code_split {split} does not split the {meta['image_size']} image codes "
+                               f"of {meta_file} with vocab_size {config.vocab_size}; {hint}")
     tied = frozenset({"lm_head.weight"}) if config.tie_word_embeddings else frozenset()
     check_shapes(weights, expected, safetensors_shapes(weights, hint), cfg_file, hint, optional=tied)
     try:

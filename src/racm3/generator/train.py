@@ -275,6 +275,26 @@ def precompute(cfg: TrainConfig, mt: MultimodalTokenizer, train_docs: list[Docum
     return cached if dist.is_main else _read_cache(cache, key)
 
 
+def _check_architecture(state: dict, gen_cfg, vocab, n_img: int, fsq_levels, ckpt_path: Path, preset: str) -> None:
+    """Refuse (ValueError, one line) a checkpoint whose tensors another architecture made: a preset, tokenizer or
+    image head changed since the run started (load_state_dict would fail with torch's many-line message)."""
+    with torch.device("meta"):  # shapes only
+        expected = build_model(gen_cfg, vocab, n_img, fsq_levels).state_dict()
+    for name, tensor in expected.items():
+        if name == "lm_head.weight":  # tied to the input embedding: a checkpoint stores it once
+            continue
+        found = state.get(name)
+        if found is None or tuple(found.shape) != tuple(tensor.shape):
+            have = "missing" if found is None else f"of shape {list(found.shape)}"
+            raise ValueError(f"{ckpt_path}: tensor {name} is {have} but preset {preset} with these tokenizers builds "
+                             f"{list(tensor.shape)}: resume with the preset and tokenizers the run started with, "
+                             "or train into a new folder")
+    extra = sorted(set(state) - set(expected) - {"lm_head.weight"})
+    if extra:
+        raise ValueError(f"{ckpt_path}: tensor {extra[0]} is not in the model preset {preset} builds: resume with "
+                         "the preset the run started with, or train into a new folder")
+
+
 def check_recipe(trained: dict, recipe: Recipe, out: Path) -> None:
     """Refuse (ValueError) to resume a run under another recipe than the one its checkpoint was trained with."""
     asked = asdict(recipe)
@@ -330,6 +350,8 @@ def train(cfg: TrainConfig) -> dict:
     mt = load_tokenizers(cfg.tokenizers)
     vocab, n_img = mt.vocab, mt.tokens_per_image
     gen_cfg = get_preset(cfg.preset)
+    if ckpt is not None:  # also before the precomputation: the checkpoint must fit the model this run builds
+        _check_architecture(ckpt["model"], gen_cfg, vocab, n_img, mt.image.config.fsq_levels, ckpt_path, cfg.preset)
 
     train_docs, heldout_docs = _load_split_documents(cfg.dataset)
     if not train_docs:

@@ -3,7 +3,10 @@ and split into shards that separate machines build and `racm3 memory merge` join
 
 Each batch is one write (one SQLite transaction, or one Milvus insert), so a build killed at any point leaves a
 memory holding the batches written before, consistent; the same command run again skips the documents already
-in the memory and goes on. Memory stays constant: at most 2 x workers batches are read ahead. With workers > 1,
+in the memory and goes on. An id already in the memory is taken to be that document (what resuming needs): a
+build never replaces a document, and `racm3 memory add` is the way to be told of a clash. Memory stays bounded:
+at most 2 x workers batches are read ahead, and the ids seen so far are kept (to refuse one given twice: some
+100 bytes per document). With workers > 1,
 embedding runs in that many processes (each loads the encoder once and uses one torch thread) while this process
 reads the next batches and writes the embedded ones in data set order, so rows come out as one process would
 write them.
@@ -37,8 +40,8 @@ class Shard:
             i, n = (int(v) for v in text.split("/"))
         except ValueError:
             raise ValueError(f"--shard {text!r}: give I/N, e.g. 0/4 for the first of four parts") from None
-        if not 0 <= i < n:
-            raise ValueError(f"--shard {text!r}: I must lie in 0..N-1")
+        if n < 1 or not 0 <= i < n:
+            raise ValueError(f"--shard {text!r}: N must be >= 1 and I in 0..N-1")
         return cls(i, n)
 
     def holds(self, doc_id: str) -> bool:
@@ -94,8 +97,7 @@ def build_memory(memory, docs: Iterable[Document], encoder, batch_size: int = 51
         mine = [d for d in chunk if shard is None or shard.holds(d.id)]
         repeated = [d.id for d in mine if d.id in seen]
         if repeated or len({d.id for d in mine}) < len(mine):
-            raise KeyError(f"document id {repeated[0] if repeated else _first_repeat(mine)!r} appears twice in the "
-                           "data set; ids must be unique")
+            raise _Repeated(repeated[0] if repeated else _first_repeat(mine))
         seen.update(d.id for d in mine)
         present = set(memory.present([d.id for d in mine]))
         result.skipped += len(chunk) - len(mine) + len(present)
@@ -109,9 +111,12 @@ def build_memory(memory, docs: Iterable[Document], encoder, batch_size: int = 51
             progress(handled)
 
     if workers == 1:
-        for chunk in batches(docs, batch_size):
-            todo = new_in(chunk)
-            write(todo, np.asarray(encoder.embed_documents(todo), np.float32) if todo else None, len(chunk))
+        try:
+            for chunk in batches(docs, batch_size):
+                todo = new_in(chunk)
+                write(todo, np.asarray(encoder.embed_documents(todo), np.float32) if todo else None, len(chunk))
+        except _Repeated as repeat:
+            raise repeat.error(result.added) from None
         return result
     import multiprocessing
 
@@ -121,14 +126,32 @@ def build_memory(memory, docs: Iterable[Document], encoder, batch_size: int = 51
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
                              initargs=(path, threads)) as pool:
         pending: deque[tuple[list[Document], int, Future | None]] = deque()
-        for chunk in batches(docs, batch_size):
-            todo = new_in(chunk)
-            pending.append((todo, len(chunk), pool.submit(_embed, todo) if todo else None))
-            while len(pending) >= 2 * workers:  # bounded read-ahead: constant memory
+        repeat = None
+        try:
+            for chunk in batches(docs, batch_size):
+                todo = new_in(chunk)
+                pending.append((todo, len(chunk), pool.submit(_embed, todo) if todo else None))
+                while len(pending) >= 2 * workers:  # bounded read-ahead: constant memory
+                    _write_next(pending, write)
+        except _Repeated as found:
+            repeat = found
+        finally:  # a bad record or a repeated id later on: what was read before it is still written, in order
+            while pending:
                 _write_next(pending, write)
-        while pending:
-            _write_next(pending, write)
+    if repeat is not None:
+        raise repeat.error(result.added) from None
     return result
+
+
+class _Repeated(Exception):
+    def __init__(self, doc_id: str) -> None:
+        super().__init__(doc_id)
+        self.doc_id = doc_id
+
+    def error(self, written: int) -> KeyError:
+        return KeyError(f"document id {self.doc_id!r} appears twice in the data set (ids must be unique); the "
+                        f"{written} documents before its batch are in the memory: fix the data set and run the "
+                        "same build again to go on")
 
 
 def _write_next(pending: deque, write: Callable) -> None:

@@ -76,8 +76,9 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
 
 def embed_documents(encoder: Encoder, docs: Sequence["Document"], batch_size: int = 256) -> np.ndarray:
     """A document's vector: the mean of its segments' normalised vectors, renormalised (RA-CM3 sec. 3.2's rule
-    for a text and an image, generalised to any number of segments): each text segment by the text tower, each
-    image by the image tower, all of a batch's texts and all its images in one call each.
+    for a text and an image, generalised to any number of segments): each text (a stretch of consecutive text
+    segments joined by a space, as the tokenizer joins them) by the text tower, each image by the image tower,
+    all of a batch's texts and all its images in one call each.
 
     The mean is taken as the sum (renormalising makes them one vector), texts first: a caption + image document
     gets, bit for bit, the text + image vector it always had.
@@ -85,7 +86,7 @@ def embed_documents(encoder: Encoder, docs: Sequence["Document"], batch_size: in
     out = np.zeros((len(docs), encoder.dim), dtype=np.float32)
     for start in range(0, len(docs), batch_size):
         chunk = docs[start:start + batch_size]
-        texts = [(i, s) for i, d in enumerate(chunk) for s in d.segments if isinstance(s, str)]
+        texts = [(i, s) for i, d in enumerate(chunk) for s in _text_runs(d.segments)]
         images = [(i, s) for i, d in enumerate(chunk) for s in d.segments if not isinstance(s, str)]
         acc = np.zeros((len(chunk), encoder.dim), dtype=np.float32)
         for rows_and_segments, embed in ((texts, encoder.embed_text), (images, encoder.embed_image)):
@@ -94,6 +95,18 @@ def embed_documents(encoder: Encoder, docs: Sequence["Document"], batch_size: in
                 np.add.at(acc, list(rows), embed(list(segments)))
         out[start:start + len(chunk)] = l2_normalize(acc)
     return out
+
+
+def _text_runs(segments: Sequence) -> list[str]:
+    """Each stretch of consecutive text segments, joined by one space."""
+    runs, current = [], []
+    for seg in segments:
+        if isinstance(seg, str):
+            current.append(seg)
+        elif current:
+            runs.append(" ".join(current))
+            current = []
+    return runs + ([" ".join(current)] if current else [])
 
 
 def _batched(fn, items: Sequence, batch_size: int, dim: int) -> np.ndarray:

@@ -155,6 +155,11 @@ def train_image_tokenizer(dataset_dir: str | os.PathLike, out_dir: str | os.Path
                              f"{_config_difference(resumed, model_cfg)}); resume with the preset it started with, "
                              "or train into a new folder")
 
+    trained_decoder_only = bool((state or {}).get("train_config", {}).get("decoder_only", False))
+    if state is not None and trained_decoder_only != cfg.decoder_only:
+        what = "its decoder alone" if trained_decoder_only else "the whole tokenizer"
+        raise ValueError(f"{ckpt_path}: the run trained {what} (decoder_only {trained_decoder_only}); resume it with "
+                         f"decoder_only {trained_decoder_only}, or train into a new folder")
     start = _initial_weights(init_from, model_cfg, preset) if init_from is not None and state is None else None
     if cfg.decoder_only and init_from is None and state is None:
         raise ValueError("decoder_only trains the decoder of a trained tokenizer: give the tokenizer to start from "
