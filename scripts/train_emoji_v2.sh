@@ -3,7 +3,7 @@
 #   bash scripts/train_emoji_v2.sh [RUNS_DIR] [MODEL_DIR]
 # The text tokenizer and the encoder (and its memory) are emoji-small's. Stages resume (training) or skip
 # (built outputs), so an interrupted run continues where it stopped. Times measured on this project's 2-core
-# machine: the tokenizer 40 min on both cores; each generator ~2.5 h on one core, the two side by side.
+# machine: the tokenizer 40 min on both cores and its decoder 22 min on one; each generator ~2.5 h on one core, the two side by side.
 set -euo pipefail
 RUNS=${1:-runs}
 MODEL=${2:-src/racm3/pretrained/emoji-v2}
@@ -12,9 +12,10 @@ DATA=$RUNS/data/emoji
 mkdir -p "$RUNS"
 
 [ -f "$DATA/docs.jsonl" ] || racm3 data emoji "$DATA"
-# FSQ 8-8-8-6-5 at 16x16 codes, pixel + perceptual losses, 6,500 steps
+# FSQ 8-8-8-6-5 at 16x16 codes, pixel + perceptual losses, 6,500 steps; then its decoder alone (the codes stay)
 racm3 train image-tokenizer "$DATA" "$RUNS/tok-v2-64" --preset v2-64 --resume
-racm3 train assemble "$MODEL" --text-tokenizer "$SHIPPED/text_tokenizer" --image-tokenizer "$RUNS/tok-v2-64" \
+racm3 train image-tokenizer "$DATA" "$RUNS/tok-v2-64-decoder" --preset v2-64-decoder --init-from "$RUNS/tok-v2-64" --resume
+racm3 train assemble "$MODEL" --text-tokenizer "$SHIPPED/text_tokenizer" --image-tokenizer "$RUNS/tok-v2-64-decoder" \
   --encoder "$SHIPPED/encoder"
 [ -f "$RUNS/memory/memory.json" ] || racm3 memory build "$DATA" "$RUNS/memory" --encoder "$MODEL/encoder"
 # v2-small: emoji-small's width and depth, a 1,024-token context, the factorized image head; the v2 recipe.
