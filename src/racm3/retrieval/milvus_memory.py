@@ -45,8 +45,9 @@ from urllib.parse import unquote, urlparse
 import numpy as np
 
 from racm3.documents import Document, image_to_png, load_image
-from racm3.retrieval.memory import (DEFAULT_WAIT, HNSW_EF_SEARCH, HNSW_M, IVF_NPROBE, Candidates, EncoderMismatch,
-                                    MemoryBase, MemoryBusy, MemoryFolderError, _check_new_memory, _short)
+from racm3.retrieval.memory import (DEFAULT_WAIT, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M, IVF_NPROBE,
+                                    Candidates, EncoderMismatch, MemoryBase, MemoryBusy, MemoryFolderError,
+                                    _check_new_memory, _short)
 
 FORMAT = "racm3-memory-1"  # the property that says a collection is a racm3 memory, and in which layout
 LITE_COLLECTION = "racm3_memory"  # a Milvus Lite folder holds one memory
@@ -57,7 +58,6 @@ BATCH_BYTES = 16 << 20  # one insert request at most: well under a Milvus server
 PAGE = 10_000  # rows per query when reading every document: Milvus returns at most 16,384 entities a query
 MAX_TOPK = 16_384  # Milvus's largest search limit
 IVF_NLIST = 1024  # Milvus builds an IVF index per sealed segment (~1 GB of vectors): lists sized for a segment
-HNSW_EF_CONSTRUCTION = 40  # FAISS's default, with which the folder memory builds its graphs
 PAYLOAD = ["row", "doc_id", "segments", "meta", "images"]
 
 _registry = threading.Lock()
