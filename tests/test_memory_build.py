@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from racm3.documents import Document
@@ -75,6 +76,14 @@ def test_two_embedding_processes_write_the_memory_one_would(tmp_path, encoder, e
     assert result.added == 30
     assert ids == reference[0]  # rows in data set order, whichever worker finished first
     assert np.allclose(vecs, reference[1], atol=1e-5)
+    from racm3.runtime import bf16_supported
+
+    if bf16_supported(torch.device("cpu")):  # bf16 embedding: the same documents, vectors within rounding
+        with Memory.create(tmp_path / "bf16", encoder.name, encoder.dim) as mem:
+            build_memory(mem, iter(docs), encoder, batch_size=8, precision="bf16")
+            ids, half = _state(mem)
+        assert ids == reference[0] and not np.array_equal(half, reference[1])
+        assert float((half * reference[1]).sum(1).min()) > 0.999
     # a repeated id in a later batch stops the build, but every batch read before it is written
     with Memory.create(tmp_path / "stopped", encoder.name, encoder.dim) as mem:
         with pytest.raises(KeyError, match="'d2' appears twice .* the 20 documents before its batch are in"):

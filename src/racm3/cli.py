@@ -188,6 +188,8 @@ def memory_build(
                                 "there are as many cores); this one reads and writes."),
     shard: Optional[str] = typer.Option(None, "--shard", help="I/N: only the documents whose id hashes to part I of "
                                         "N (build the parts on N machines, then `racm3 memory merge`)."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, or bf16 (about twice as fast where the CPU "
+                                  "has bf16 units; vectors within cosine 0.9999 of fp32's)."),
     strict: bool = typer.Option(False, "--strict", help="Stop at the first bad record instead of skipping it."),
     wait: float = typer.Option(MEMORY_WAIT_S, "--wait", min=0, help=WAIT_HELP),
 ) -> None:
@@ -206,6 +208,11 @@ def memory_build(
     report = ReadReport()
     with _user_errors():
         part = Shard.parse(shard) if shard else None
+        import torch
+
+        from racm3.runtime import resolve_precision
+
+        resolve_precision(precision, torch.device("cpu"))  # a bad --precision fails before anything is made
         enc = load_encoder(encoder)
         docs = read_documents(dataset_dir, strict=strict, report=report)  # a missing data set fails here
         first = next(docs, None)  # ...or here: before the memory exists
@@ -220,7 +227,8 @@ def memory_build(
             stream = _chain(first, docs)
             try:
                 with tqdm(desc="embedding", unit="doc", delay=0.5) as bar:
-                    result = build_memory(mem, stream, enc, batch_size, workers, encoder, part, bar.update)
+                    result = build_memory(mem, stream, enc, batch_size, workers, encoder, part, bar.update,
+                                          precision)
             except BadRecord as exc:
                 _fail(f"{exc} (--strict; the batches before it are in {memory_dir}: fix the record and run the "
                       "same command to continue)")

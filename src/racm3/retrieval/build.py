@@ -61,36 +61,53 @@ def batches(docs: Iterable[Document], size: int) -> Iterator[list[Document]]:
         yield chunk
 
 
-# The worker processes' encoder, loaded once per process by _init_worker.
-_ENCODER = None
+# The worker processes' encoder and precision, set once per process by _init_worker.
+_ENCODER, _AUTOCAST = None, None
 
 
-def _init_worker(encoder_path: str | None, threads: int) -> None:
-    global _ENCODER
+def _init_worker(encoder_path: str | None, threads: int, precision: str) -> None:
+    global _ENCODER, _AUTOCAST
     import torch
 
     from racm3.retrieval import load_encoder
 
     torch.set_num_threads(threads)
     _ENCODER = load_encoder(encoder_path)
+    _AUTOCAST = _autocast(precision)
 
 
 def _embed(docs: list[Document]) -> np.ndarray:
-    return np.asarray(_ENCODER.embed_documents(docs), dtype=np.float32)
+    return _embed_with(_ENCODER, docs, _AUTOCAST)
+
+
+def _autocast(precision: str):
+    """The runtime's autocast for the encoders on the CPU: fp32 (the default: vectors as the memory's other
+    writers make them) or bf16 (about twice as fast on AVX512-BF16, cosine >= 0.9999 to fp32's vectors)."""
+    import torch
+
+    from racm3.runtime import resolve_precision
+
+    return resolve_precision(precision, torch.device("cpu")).autocast
+
+
+def _embed_with(encoder, docs: list[Document], autocast) -> np.ndarray:
+    with autocast():
+        return np.asarray(encoder.embed_documents(docs), dtype=np.float32)
 
 
 def build_memory(memory, docs: Iterable[Document], encoder, batch_size: int = 512, workers: int = 1,
                  encoder_path: str | os.PathLike | None = None, shard: Shard | None = None,
-                 progress: Callable[[int], None] | None = None) -> BuildResult:
+                 progress: Callable[[int], None] | None = None, precision: str = "fp32") -> BuildResult:
     """Add every document of `docs` (an iterator: read as it goes) not yet in `memory`, batch by batch.
 
     encoder embeds in this process (workers=1); with workers > 1, encoder_path is what each worker loads (it
-    must be the same encoder). A document id given twice in `docs` is refused (KeyError) before its second batch
+    must be the same encoder). precision: "fp32" or "bf16" (_autocast). A document id given twice in `docs` is refused (KeyError) before its second batch
     is written; progress(n) is called with the documents each batch handled, written or skipped.
     """
     if batch_size < 1 or workers < 1:
         raise ValueError(f"batch_size and workers must be >= 1, got {batch_size} and {workers}")
     memory.require_encoder(encoder.name)
+    autocast = _autocast(precision)  # a bad --precision fails here, before anything is read
     result, seen = BuildResult(), set()
 
     def new_in(chunk: list[Document]) -> list[Document]:
@@ -114,7 +131,7 @@ def build_memory(memory, docs: Iterable[Document], encoder, batch_size: int = 51
         try:
             for chunk in batches(docs, batch_size):
                 todo = new_in(chunk)
-                write(todo, np.asarray(encoder.embed_documents(todo), np.float32) if todo else None, len(chunk))
+                write(todo, _embed_with(encoder, todo, autocast) if todo else None, len(chunk))
         except _Repeated as repeat:
             raise repeat.error(result.added) from None
         return result
@@ -124,7 +141,7 @@ def build_memory(memory, docs: Iterable[Document], encoder, batch_size: int = 51
     threads = max(1, (os.cpu_count() or 1) // workers)
     # spawn, not fork: torch and FAISS hold threads a forked child would inherit broken
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
-                             initargs=(path, threads)) as pool:
+                             initargs=(path, threads, precision)) as pool:
         pending: deque[tuple[list[Document], int, Future | None]] = deque()
         repeat = None
         try:
