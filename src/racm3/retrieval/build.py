@@ -101,8 +101,9 @@ def build_memory(memory, docs: Iterable[Document], encoder, batch_size: int = 51
     """Add every document of `docs` (an iterator: read as it goes) not yet in `memory`, batch by batch.
 
     encoder embeds in this process (workers=1); with workers > 1, encoder_path is what each worker loads (it
-    must be the same encoder). precision: "fp32" or "bf16" (_autocast). A document id given twice in `docs` is refused (KeyError) before its second batch
-    is written; progress(n) is called with the documents each batch handled, written or skipped.
+    must be the same encoder). precision: "fp32" or "bf16" (_autocast). A document id given twice in `docs` is
+    refused (KeyError) before its second batch is written; progress(n) is called with the documents each batch
+    handled, written or skipped.
     """
     if batch_size < 1 or workers < 1:
         raise ValueError(f"batch_size and workers must be >= 1, got {batch_size} and {workers}")
