@@ -64,3 +64,12 @@ def write_tiny_tokenizers(out: Path) -> Path:
         vq.train()(vq.to_tensor([d.image.resize((vq.image_size, vq.image_size)) for d in docs]))
     vq.save_pretrained(out / "image_tokenizer")
     return out
+
+
+def free_port() -> int:
+    """A TCP port free right now, for a torchrun rendezvous (a fixed one collides with anything else using it)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -22,7 +22,7 @@ from racm3.generator.train import train
 from racm3.runtime import load_checkpoint, save_checkpoint
 
 sys.path.insert(0, str(Path(__file__).parent))
-from generator_fixtures import shape_documents, write_shape_dataset, write_tiny_tokenizers  # noqa: E402
+from generator_fixtures import free_port, shape_documents, write_shape_dataset, write_tiny_tokenizers  # noqa: E402
 
 STEPS = 80
 
@@ -194,7 +194,7 @@ def test_one_and_two_processes_give_the_same_loss_curve(tmp_path):
         )
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         cmd = ([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(procs), "--master-port",
-                "29517", "--no-python", sys.executable, "-c", script] if procs > 1 else [sys.executable, "-c", script])
+                str(free_port()), "--no-python", sys.executable, "-c", script] if procs > 1 else [sys.executable, "-c", script])
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert json.loads((tmp_path / name / "train_config.json").read_text())["world_size"] == procs

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from generator_fixtures import shape_documents, write_shape_dataset, write_tiny_tokenizers  # noqa: E402
+from generator_fixtures import free_port, shape_documents, write_shape_dataset, write_tiny_tokenizers  # noqa: E402
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -105,7 +105,7 @@ def test_ddp_over_two_gpus(data, tmp_path):
         "eval_docs=4, progress=False, device='cuda'))"
     )
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                           "29531", "--no-python", sys.executable, "-c", script], capture_output=True, text=True,
+                           str(free_port()), "--no-python", sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=600, env={**os.environ})
     assert proc.returncode == 0, proc.stderr[-3000:]
     meta = json.loads((tmp_path / "run" / "train_config.json").read_text())

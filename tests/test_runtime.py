@@ -320,6 +320,9 @@ def test_encoder_and_image_tokenizer_train_under_torchrun(tmp_path):
     import json
     from pathlib import Path
 
+    sys.path.insert(0, str(Path(__file__).parent))
+    from generator_fixtures import free_port
+
     from safetensors.torch import load_file
 
     head = f"""
@@ -348,7 +351,7 @@ train_image_tokenizer(None, root / "vq", "tiny", ImageTrainConfig(steps=6, batch
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for name, script in scripts.items():
         proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                               "29523", "--no-python", sys.executable, "-c", script], capture_output=True, text=True,
+                               str(free_port()), "--no-python", sys.executable, "-c", script], capture_output=True, text=True,
                               timeout=300, env=env)
         assert proc.returncode == 0, (name, proc.stderr[-3000:])
     a, b = load_file(str(tmp_path / "enc-rank0.st")), load_file(str(tmp_path / "enc-rank1.st"))
