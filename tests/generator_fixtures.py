@@ -73,3 +73,11 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def parts(seq, vocab) -> tuple[list[list[int]], list[int]]:
+    """(the documents in context, the main document) of an unmasked sequence, without wrappers and <eos>."""
+    k = max(seq.doc_index)
+    ctx = [[t for t, d in zip(seq.ids, seq.doc_index) if d == j][1:-1] for j in range(k)]
+    main = [t for t, d in zip(seq.ids, seq.doc_index) if d == k]
+    return ctx, main[:-1] if main[-1] == vocab.eos_id else main

@@ -20,7 +20,7 @@ from racm3.retrieval.encoder import EmojiEncoder, ImageTowerConfig, l2_normalize
 from racm3.tokenizers.sequence import build_sequence
 
 sys.path.insert(0, str(Path(__file__).parent))
-from generator_fixtures import draw, shape_documents, write_tiny_tokenizers  # noqa: E402
+from generator_fixtures import draw, parts, shape_documents, write_tiny_tokenizers  # noqa: E402
 
 STEPS = 80
 PAIRS = [("red", "circle", "blue", "square"), ("green", "bar", "orange", "circle"), ("blue", "triangle", "red", "bar"),
@@ -42,14 +42,6 @@ def interleaved_documents() -> list[Document]:
 
 def kinds(segments) -> list[str]:
     return ["text" if isinstance(s, str) else "image" for s in segments]
-
-
-def parts(seq, vocab) -> tuple[list[list[int]], list[int]]:
-    """(the documents in context, the main document) of an unmasked sequence, without wrappers and <eos>."""
-    k = max(seq.doc_index)
-    ctx = [[t for t, d in zip(seq.ids, seq.doc_index) if d == j][1:-1] for j in range(k)]
-    main = [t for t, d in zip(seq.ids, seq.doc_index) if d == k]
-    return ctx, main[:-1] if main[-1] == vocab.eos_id else main
 
 
 @pytest.fixture(scope="module")

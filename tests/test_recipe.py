@@ -18,7 +18,7 @@ from racm3.generator.data import LESSONS, RECIPES, ExampleBank, Recipe, get_reci
 from racm3.generator.train import BENEFITS, benefit_probes
 
 sys.path.insert(0, str(Path(__file__).parent))
-from generator_fixtures import shape_documents  # noqa: E402
+from generator_fixtures import parts, shape_documents  # noqa: E402
 
 SAMPLES = 8  # sequences drawn per document where a test wants both orders, both styles, both tasks
 
@@ -26,14 +26,6 @@ SAMPLES = 8  # sequences drawn per document where a test wants both orders, both
 def only(lesson: str, **fields) -> Recipe:
     """A recipe of one lesson, unmasked (so the sequences can be read as documents)."""
     return Recipe(**{f"{n}_rate": float(n == lesson) for n in LESSONS}, mask_rate=0.0, **fields)
-
-
-def parts(seq, vocab) -> tuple[list[list[int]], list[int]]:
-    """(the documents in context, the main document) of an unmasked sequence, without wrappers and <eos>."""
-    k = max(seq.doc_index)
-    ctx = [[t for t, d in zip(seq.ids, seq.doc_index) if d == j][1:-1] for j in range(k)]
-    main = [t for t, d in zip(seq.ids, seq.doc_index) if d == k]
-    return ctx, main[:-1] if main[-1] == vocab.eos_id else main
 
 
 @pytest.fixture(scope="module")
