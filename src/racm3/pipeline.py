@@ -258,8 +258,7 @@ class RACM3:
         t0 = time.perf_counter()
         doc = _prompt_document(segments)
         v, n, tt = self.vocab, self.tokenizer.tokens_per_image, self.tokenizer.text
-        codes = iter(self.tokenizer.encode_images(doc.images).tolist() if doc.images else [])
-        runs = self.tokenizer.codes_document_runs([s if isinstance(s, str) else next(codes) for s in doc.segments])
+        runs = self.tokenizer.document_runs(doc)
         query = [t for run in runs for t in run] + ([v.img_id] if output == "image" else [])
         generate = n + 1 if output == "image" else max_new_tokens  # N codes and </img>, or the text
         if len(query) + generate + 2 > self.max_len:  # with <bos> and <eos>: task_prompt's rule, said for segments

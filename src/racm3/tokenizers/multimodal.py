@@ -64,17 +64,12 @@ class MultimodalTokenizer:
             return self.image.encode(images)
 
     def document_to_ids(self, doc: Document) -> list[int]:
-        images = doc.images
-        codes = self.encode_images(images) if images else None
-        segments: list[CodeSegment] = []
-        k = 0
-        for seg in doc.segments:
-            if isinstance(seg, str):
-                segments.append(seg)
-            else:
-                segments.append(codes[k])
-                k += 1
-        return self.codes_document_to_ids(segments)
+        return [t for run in self.document_runs(doc) for t in run]
+
+    def document_runs(self, doc: Document) -> list[list[int]]:
+        """codes_document_runs of a document, its images encoded in one batch."""
+        codes = iter(self.encode_images(doc.images).tolist() if doc.images else [])
+        return self.codes_document_runs([s if isinstance(s, str) else next(codes) for s in doc.segments])
 
     def codes_document_to_ids(self, segments: Seq[CodeSegment]) -> list[int]:
         """Same as document_to_ids, for segments whose images are precomputed codes (no VQ encoder run)."""
