@@ -83,6 +83,37 @@ def test_resume_continues_from_the_checkpoint_under_its_recipe(trained, tmp_path
     assert (run / "train_config.json").read_text() == started  # the configuration the run started with
 
 
+def test_init_from_starts_a_new_run_from_a_trained_generator(trained, tmp_path):
+    root, cfg, mt, _ = trained
+    fresh = train(replace(cfg, out=tmp_path / "fresh", steps=5, snapshot_every=0, eval_every=5))
+    tuned = train(replace(cfg, out=tmp_path / "tuned", steps=5, snapshot_every=0, eval_every=5, init_from=root / "run",
+                          lr=1e-4))
+    chance = math.log(mt.vocab.size)
+    assert fresh["main"] > 0.8 * chance  # 5 steps from scratch learn little
+    assert tuned["main"] < 0.6 * chance, (tuned["main"], chance)  # it starts where the trained generator ended
+    # another architecture is refused in one line, before anything trains
+    other = tmp_path / "wide.json"
+    other.write_text(json.dumps({"hidden_size": 64, "num_layers": 1, "num_heads": 2, "intermediate_size": 96,
+                                 "max_len": 512}))
+    with pytest.raises(ValueError, match=r"tensor .* preset .*wide.json") as refused:
+        train(replace(cfg, out=tmp_path / "wide", steps=5, init_from=root / "run", preset=str(other)))
+    assert "\n" not in str(refused.value) and not (tmp_path / "wide" / "checkpoint.safetensors").exists()
+
+
+def test_a_checkpoint_from_before_text_weight_resumes_as_text_weight_1(trained, tmp_path):
+    root, cfg, _, _ = trained
+    ckpt = load_checkpoint(root / "run" / "checkpoint.safetensors")
+    old = tmp_path / "old"
+    old.mkdir()
+    ckpt["recipe"] = {k: v for k, v in ckpt["recipe"].items() if k != "text_weight"}
+    save_checkpoint(ckpt, old / "checkpoint.safetensors")
+    (old / "train_config.json").write_text((root / "run" / "train_config.json").read_text())
+    step = ckpt["step"]  # the session's run, perhaps resumed by another test
+    assert train(replace(cfg, out=old, steps=step + 1, resume=True, snapshot_every=0))["step"] == step + 1
+    with pytest.raises(ValueError, match="text_weight 1.0"):
+        train(replace(cfg, out=old, steps=step + 2, resume=True, recipe=replace(cfg.recipe, text_weight=2.0)))
+
+
 def _prompts(mt, model, caption: str, context_docs=()):
     vocab = mt.vocab
     docs = {d.id: d for d in shape_documents()}

@@ -47,6 +47,20 @@ def test_weights_are_zero_alpha_one(main, retrieved, alpha):
     assert s.ids[t:-1] == main and set(s.weights[t:]) == {1.0} and set(s.doc_index[t:]) == {k}
 
 
+@settings(max_examples=40, deadline=None)
+@given(doc_ids(), st.lists(doc_ids(), max_size=2), st.sampled_from([0.5, 4.0]))
+def test_text_weight_weighs_only_the_main_documents_text(main, retrieved, text_weight):
+    plain = build_sequence(main, retrieved, V, alpha=0.1)
+    s = build_sequence(main, retrieved, V, alpha=0.1, text_weight=text_weight)
+    assert s.ids == plain.ids and s.doc_index == plain.doc_index
+    k = len(retrieved)
+    for t, w, d, w0 in zip(s.ids, s.weights, s.doc_index, plain.weights):
+        main_text = d == k and bool(V.is_text(t))
+        assert w == (text_weight if main_text else w0), (t, d)
+    with pytest.raises(ValueError, match="text_weight must be > 0"):
+        build_sequence(main, retrieved, V, text_weight=0.0)
+
+
 def test_max_len_drops_retrieved_last_first_then_truncates_main_outside_images():
     main = V.text_to_vocab([1, 2]) + [V.img_id, *V.image_to_vocab([0, 1, 2, 3]), V.img_end_id] + V.text_to_vocab([3])
     r1, r2 = V.text_to_vocab([5] * 4), V.text_to_vocab([6] * 4)

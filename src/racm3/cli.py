@@ -424,6 +424,8 @@ def train_generator_cmd(
     preset: str = typer.Option("emoji-small", help="Generator preset: tiny, emoji-small, medium (~27M, for GPUs), or a PRESET.json of GeneratorConfig fields."),
     k: int = typer.Option(2, "--k", help="At most k documents in context (0 = the no-retrieval CM3 baseline)."),
     alpha: float = typer.Option(0.1, help="Loss weight of retrieved documents' tokens."),
+    text_weight: Optional[float] = typer.Option(None, help="Loss weight of the main document's caption tokens (its "
+                                                "image codes: 1); default: the recipe's."),
     recipe: str = typer.Option("v2", help="Lesson shares to start from: v2, or v1 (the shipped emoji-small's, "
                                "which scripts/train_emoji_small.sh reproduces); the options below change single shares."),
     copy_rate: Optional[float] = typer.Option(None, help="Share of sequences whose context holds the document itself "
@@ -445,6 +447,8 @@ def train_generator_cmd(
     seed: int = typer.Option(0, help="Random seed."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's choice)."),
     resume: bool = typer.Option(False, "--resume", help=RESUME_HELP),
+    init_from: Optional[Path] = typer.Option(None, help="A generator folder of this preset and these tokenizers whose "
+                                             "weights start a new run (fine-tuning; a fresh optimizer and schedule)."),
     snapshot_every: int = typer.Option(0, help="Keep a generator folder OUT_DIR/step-N every N steps (0 = off)."),
     eval_every: int = typer.Option(10, help="Measure the context benefits on held-out lessons every N steps "
                                    "(~54 forward passes each; a multiple of the 10-step log interval)."),
@@ -461,12 +465,13 @@ def train_generator_cmd(
 
     given = {"copy_rate": copy_rate, "sibling_rate": sibling_rate, "cross_style_rate": cross_style_rate,
              "relabel_rate": relabel_rate, "distractor_rate": distractor_rate, "style_rate": style_rate,
-             "extra_distractor_rate": extra_distractor_rate, "mask_rate": mask_rate}
+             "extra_distractor_rate": extra_distractor_rate, "mask_rate": mask_rate, "text_weight": text_weight}
     with _user_errors():
         shares = replace(get_recipe(recipe), k=k, alpha=alpha, **{n: v for n, v in given.items() if v is not None})
         cfg = TrainConfig(dataset=dataset_dir, memory=memory_dir if k else None, out=out_dir, tokenizers=tokenizers, encoder=encoder,
                           preset=preset, steps=steps, batch_size=batch_size, lr=lr, seed=seed, threads=threads,
-                          resume=resume, snapshot_every=snapshot_every, eval_every=eval_every, recipe=shares,
+                          resume=resume, init_from=init_from, snapshot_every=snapshot_every, eval_every=eval_every,
+                          recipe=shares,
                           device=device,
                           precision=precision, loader_workers=loader_workers)
         last = train(cfg)

@@ -58,6 +58,7 @@ class Recipe:
 
     k: int = 2  # at most k documents in context (the paper's K)
     alpha: float = 0.1  # loss weight of retrieved tokens (L = L_main + alpha * L_retrieved)
+    text_weight: float = 1.0  # loss weight of the main document's caption tokens (its image codes: 1)
     copy_rate: float = 0.15  # context = the document itself; 0 = the paper's rule (never retrieve yourself)
     sibling_rate: float = 0.1  # a same-concept, same-style sibling (skin-tone variant)
     cross_style_rate: float = 0.15  # the other art style's drawing of the same concept
@@ -79,6 +80,8 @@ class Recipe:
             raise ValueError(f"the lesson shares {' + '.join(f'{n}_rate' for n in LESSONS)} = {total:.2f} > 1")
         if self.k < 0:
             raise ValueError(f"k must be >= 0, got {self.k}")
+        if self.text_weight <= 0:
+            raise ValueError(f"text_weight must be > 0, got {self.text_weight}")
 
     def lesson(self, r: float) -> str | None:
         """The lesson a uniform draw r in [0, 1) picks, shares taken in LESSONS order; None: the paper's retrieval."""
@@ -364,7 +367,8 @@ class ExampleBank:
         return build_sequence(*self._ids(doc_id, context, text_first), vocab, alpha=recipe.alpha, max_len=self.max_len)
 
     def sample(self, doc_id: str, vocab: Vocab, recipe: Recipe, rng: np.random.Generator) -> Sequence:
-        seq = build_sequence(*self.lesson(doc_id, recipe, rng), vocab, alpha=recipe.alpha, max_len=self.max_len)
+        seq = build_sequence(*self.lesson(doc_id, recipe, rng), vocab, alpha=recipe.alpha, max_len=self.max_len,
+                             text_weight=recipe.text_weight)
         return cm3_mask(seq, vocab, rng, mask_rate=recipe.mask_rate)
 
 

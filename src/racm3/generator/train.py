@@ -55,6 +55,7 @@ class TrainConfig:
     threads: int | None = None
     loader_workers: int | None = None  # processes building batches; None: 2 on CUDA, 0 (inline) on a CPU
     resume: bool = False
+    init_from: Path | None = None  # a generator folder of this preset whose weights start a fresh run (fine-tuning)
     save_dtype: str = "bfloat16"
     progress: bool = True
     recipe: Recipe = field(default_factory=Recipe)
@@ -295,6 +296,19 @@ def _check_architecture(state: dict, gen_cfg, vocab, n_img: int, fsq_levels, ckp
                          "the preset the run started with, or train into a new folder")
 
 
+def _initial_weights(cfg: TrainConfig, gen_cfg, mt: MultimodalTokenizer) -> dict:
+    """The weights of the generator folder cfg.init_from, refused in one line where its tokenizers (and their image
+    codes) or its architecture are not this run's."""
+    from racm3.generator.model import check_vocab, load_generator
+
+    start = load_generator(cfg.init_from)
+    check_vocab(start, mt.vocab, mt.tokens_per_image, f"{cfg.init_from} (--init-from)", mt.image_code_fingerprint())
+    state = start.state_dict()
+    _check_architecture(state, gen_cfg, mt.vocab, mt.tokens_per_image, mt.image.config.fsq_levels,
+                        Path(cfg.init_from), cfg.preset)
+    return state
+
+
 def check_recipe(trained: dict, recipe: Recipe, out: Path) -> None:
     """Refuse (ValueError) to resume a run under another recipe than the one its checkpoint was trained with."""
     asked = asdict(recipe)
@@ -310,12 +324,16 @@ def check_recipe(trained: dict, recipe: Recipe, out: Path) -> None:
                      f"{describe(asked)}; resume with the checkpoint's recipe, or train into another OUT_DIR")
 
 
+# Recipe fields added after checkpoints were first written, with the value every run before them trained with.
+_RECIPE_BEFORE = {"text_weight": 1.0}
+
+
 def _trained_recipe(ckpt: dict, out: Path) -> dict:
     """The recipe a checkpoint was trained with; for one saved before checkpoints held it, the one the run's
     train_config.json records (then rewritten at every start: the recipe of its latest start)."""
     if "recipe" in ckpt:
-        return ckpt["recipe"]
-    return json.loads((out / "train_config.json").read_text())["config"]["recipe"]
+        return {**_RECIPE_BEFORE, **ckpt["recipe"]}
+    return {**_RECIPE_BEFORE, **json.loads((out / "train_config.json").read_text())["config"]["recipe"]}
 
 
 def _last_record(log_path: Path) -> dict:
@@ -352,6 +370,8 @@ def train(cfg: TrainConfig) -> dict:
     gen_cfg = get_preset(cfg.preset)
     if ckpt is not None:  # also before the precomputation: the checkpoint must fit the model this run builds
         _check_architecture(ckpt["model"], gen_cfg, vocab, n_img, mt.image.config.fsq_levels, ckpt_path, cfg.preset)
+    # fine-tuning: the starting weights, checked before the precomputation too (a resumed run has its own)
+    start = _initial_weights(cfg, gen_cfg, mt) if cfg.init_from is not None and ckpt is None else None
 
     train_docs, heldout_docs = _load_split_documents(cfg.dataset)
     if not train_docs:
@@ -364,6 +384,9 @@ def train(cfg: TrainConfig) -> dict:
 
     model = build_model(gen_cfg, vocab, n_img, mt.image.config.fsq_levels).to(device)
     model.racm3["image_codes"] = cached["key"]["image_codes"]  # checked at load (check_vocab)
+    if start is not None:
+        model.load_state_dict(start)
+        del start
     opt = adamw(decay_groups(model, cfg.weight_decay), cfg.lr, (0.9, 0.95), device)
     scaler = precision.grad_scaler()
     step = 0
