@@ -86,6 +86,10 @@ def test_a_tiny_factorized_generator_learns_fsq_codes(tmp_path):
     assert log[0]["main"] > 0.8 * chance
     assert log[-1]["main"] < 0.6 * chance, (log[0]["main"], log[-1]["main"], chance)
     assert load_generator(tmp_path / "run").split == (12, 4)
+    # it resumes, and starts a fine-tuning run (both check the architecture on the meta device, FSQ levels included)
+    assert train(replace(cfg, steps=65, resume=True))["step"] == 65
+    tuned = train(replace(cfg, out=tmp_path / "tuned", steps=5, init_from=tmp_path / "run", lr=1e-4, eval_every=5))
+    assert tuned["main"] < 0.6 * chance, tuned["main"]
 
 
 def test_resuming_with_another_image_head_is_one_line_before_the_precomputation(tmp_path, monkeypatch):

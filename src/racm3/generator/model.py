@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -70,7 +71,7 @@ def code_split(image_size: int, fsq_levels: tuple[int, ...] | None = None) -> tu
     index), so each part is a group of the quantizer's own dimensions; otherwise any divisor.
     """
     if fsq_levels:
-        candidates = [int(torch.tensor(fsq_levels[:i]).prod()) for i in range(1, len(fsq_levels))]
+        candidates = [math.prod(fsq_levels[:i]) for i in range(1, len(fsq_levels))]  # plain ints: also under torch.device('meta')
     else:
         candidates = [d for d in range(2, image_size) if image_size % d == 0]
     if not candidates:
