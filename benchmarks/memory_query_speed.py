@@ -35,12 +35,14 @@ import numpy as np
 from PIL import Image
 
 from racm3.documents import Document
+from racm3.retrieval import memory as M
 from racm3.retrieval.memory import Memory
 from racm3.retrieval.retriever import Retriever
 
 RESULTS = Path(__file__).parent / "results"
 DIM = 384
 CACHE = Path(os.environ.get("RACM3_CACHE", Path.home() / ".cache" / "racm3"))
+INDEXES = getattr(M, "FOLDER_INDEX_TYPES", M.INDEX_TYPES)  # an older checkout (--before) has no ivf-ondisk
 
 
 class VectorsOnly:
@@ -131,7 +133,7 @@ def measure(folder: Path, queries: int, writes: int, seed: int = 0) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="*", default=[100_000], help="synthetic memories to build")
-    p.add_argument("--index", default="flat", choices=["flat", "hnsw", "ivfpq"], help="the synthetic memories' index")
+    p.add_argument("--index", default="flat", choices=INDEXES, help="the synthetic memories' index")
     p.add_argument("--emoji", type=Path, default=emoji_memory(), help="a built emoji memory (default: the cache's)")
     p.add_argument("--no-emoji", action="store_true")
     p.add_argument("--queries", type=int, default=200)

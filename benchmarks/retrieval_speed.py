@@ -180,7 +180,8 @@ def ondisk(n: int, n_queries: int, single: int, workdir: Path, nprobes: list[int
         Path(f).unlink()
     merge_s = time.perf_counter() - t0
     # the lists stay in lists.ivfdata, memory-mapped by OnDiskInvertedLists; the rest (centroids) loads to RAM
-    # (IO_FLAG_MMAP would also map the HNSW quantizer, which faiss 1.15 then crashes searching)
+    # (not IO_FLAG_MMAP: in faiss 1.15 it is 0x646f0008, which includes IO_FLAG_SKIP_IVF_DATA, so an on-disk
+    # index read with it never maps its lists)
     index = faiss.read_index(str(workdir / "populated.index"))
     vectors = np.memmap(workdir / "vectors.f32", dtype=np.float32, mode="r", shape=(n, DIM))
     rows = []

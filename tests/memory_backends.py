@@ -15,10 +15,10 @@ HAVE_MILVUS = all(importlib.util.find_spec(m) is not None for m in ("pymilvus", 
 MILVUS = pytest.param("milvus", marks=pytest.mark.skipif(
     not HAVE_MILVUS, reason='needs pymilvus and milvus-lite: pip install -e ".[milvus]"'))
 BACKENDS = ["folder", MILVUS]
-LITE_INDEXES = ("flat", "hnsw")  # Milvus Lite has no IVF-PQ index (a Milvus server has)
+LITE_INDEXES = ("flat", "hnsw")  # Milvus Lite has no IVF-PQ index (a Milvus server has; ivf-ondisk is a folder's)
 
 
-def backends_and_indexes(indexes=("flat", "hnsw", "ivfpq")) -> list:
+def backends_and_indexes(indexes=("flat", "hnsw", "ivfpq", "ivf-ondisk")) -> list:
     """(backend, index) cases: every index on the folder memory, those Milvus Lite has on it."""
     cases = [("folder", i) for i in indexes]
     return cases + [pytest.param("milvus", i, marks=MILVUS.marks) for i in indexes if i in LITE_INDEXES]

@@ -86,7 +86,7 @@ def test_removed_documents_are_never_returned(tmp_path, memories, backend, index
     consistent(memories.reopen(mem))
 
 
-@pytest.mark.parametrize("index", ["flat", "hnsw", "ivfpq"])
+@pytest.mark.parametrize("index", ["flat", "hnsw", "ivfpq", "ivf-ondisk"])
 def test_small_writes_leave_the_index_file_and_every_reader_replays_them(tmp_path, index):
     """A write of fewer changes than COMPACT of the saved index touches only the store (and the index in RAM);
     readers, open or new, bring the saved index up to date from the store; more changes rewrite it."""

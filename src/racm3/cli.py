@@ -182,7 +182,9 @@ def memory_build(
                                           "milvus: URI (the [milvus] extra): milvus:///path/to/memory.db (Milvus "
                                           "Lite), milvus://host:19530/collection (a Milvus server)."),
     encoder: Optional[Path] = typer.Option(None, "--encoder", help="Encoder or model folder; default: the shipped one."),
-    index: Optional[str] = typer.Option(None, "--index", help="flat (exact, the default), hnsw or ivfpq (approximate)."),
+    index: Optional[str] = typer.Option(None, "--index", help="flat (exact, the default), hnsw or ivfpq (approximate), "
+                                        "or ivf-ondisk (a folder memory's: approximate, its lists in a file "
+                                        "memory-mapped, so the memory need not fit in RAM)."),
     batch_size: int = typer.Option(512, "--batch-size", min=1, help="Documents per batch: each batch is one write."),
     workers: int = typer.Option(1, "--workers", min=1, help="Processes that embed (one torch thread each when "
                                 "there are as many cores); this one reads and writes."),

@@ -10,6 +10,9 @@ the removed table logs removals), rewritten only once the changes since it pass 
 One writer at a time, enforced: every write holds an OS lock (flock) on write.lock in the memory folder from
 before it reads the store's state until it is done (memory.json written, when the index file was). Readers
 never write: a reader that finds the index on disk unusable builds one in its own RAM.
+
+ivf-ondisk, a folder memory's only index type that need not fit in RAM (IVF whose lists live in a file beside
+index.faiss, memory-mapped read-only), is in ondisk.py, with its design; Memory calls it where the types differ.
 """
 
 from __future__ import annotations
@@ -33,11 +36,14 @@ from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 import numpy as np
 
 from racm3.documents import Document, image_to_png, load_image
+from racm3.retrieval import ondisk
 
 if TYPE_CHECKING:
     import faiss
 
-INDEX_TYPES = ("flat", "hnsw", "ivfpq")
+INDEX_TYPES = ("flat", "hnsw", "ivfpq")  # every backend's (a Milvus collection's too)
+ONDISK = "ivf-ondisk"  # a folder memory's: IVF whose lists live in a file beside index.faiss, memory-mapped
+FOLDER_INDEX_TYPES = INDEX_TYPES + (ONDISK,)
 STORE, INDEX, INFO, LOCK = "store.sqlite", "index.faiss", "memory.json", "write.lock"
 HNSW_M = 32  # graph degree: FAISS's usual default for recall above 0.95
 # build-time breadth: FAISS's default 40 left recall@10 at 0.889 at 1M (0.946 at efSearch 1,024); 200 gives 0.999
@@ -46,6 +52,8 @@ HNSW_EF_CONSTRUCTION = 200
 HNSW_EF_SEARCH = 128
 IVF_NPROBE = 16
 PQ_MIN_TRAIN = 256 * 39  # FAISS wants ~39 points per centroid, 256 centroids per PQ sub-quantizer
+ONDISK_RESCORE = 4  # ivf-ondisk is asked for this many candidates per result, re-scored from the stored vectors
+STREAM_ROWS = 8192  # rows read from the store per batch when streaming its vectors
 DEFAULT_WAIT = 300.0  # seconds a writer waits for another writer of the same memory before giving up
 WAIT_NOTICE = 0.5  # a waiting writer says so once it has waited this long
 READER_WAIT = 5.0  # seconds a reader waits for a live writer to save its index before building one in RAM
@@ -84,8 +92,8 @@ class Hit:
 @dataclass(frozen=True)
 class Candidates:
     """One query's nearest documents before any is decoded, best first: ids, store rows, exact cosines with the
-    query (from the stored vectors: IVF-PQ's own scores are approximate), the vectors (n, dim), and which hold
-    both text and an image. Memory.documents(rows) decodes the ones a caller keeps."""
+    query (from the stored vectors: IVF-PQ's and ivf-ondisk's own scores are approximate), the vectors (n, dim),
+    and which hold both text and an image. Memory.documents(rows) decodes the ones a caller keeps."""
 
     ids: list[str]
     rows: list[int]
@@ -94,8 +102,15 @@ class Candidates:
     multimodal: np.ndarray
 
 
+def _nlist(n_train: int) -> int:
+    """IVF lists for n_train training vectors: ~4 sqrt(n) with >= 39 training points per list (FAISS guidelines)."""
+    return max(1, min(65536, int(4 * math.sqrt(max(n_train, 1))), n_train // 39))
+
+
 def _new_index(kind: str, dim: int, n_train: int = 0) -> "faiss.Index":
-    """An empty inner-product index keyed by store row; ivfpq's shape depends on how many vectors it will be trained on."""
+    """An empty inner-product index keyed by store row; ivfpq's and ivf-ondisk's shapes depend on how many vectors
+    they will be trained on. (ivf-ondisk's is the IVF the memory keeps on disk, its lists here in RAM: see
+    ondisk.new_index.)"""
     import faiss
 
     if kind == "flat":
@@ -105,10 +120,9 @@ def _new_index(kind: str, dim: int, n_train: int = 0) -> "faiss.Index":
         base.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
         base.hnsw.efSearch = HNSW_EF_SEARCH
     elif kind == "ivfpq":
-        # nlist ~ 4 sqrt(n) with >= 39 training points per list (FAISS guidelines). PQ codes of dim/8 bytes
-        # need 256 centroids per sub-quantizer, so below PQ_MIN_TRAIN vectors the lists hold exact vectors
-        # (IVF-Flat); rebuild_index() retrains once the memory has grown.
-        nlist = max(1, min(65536, int(4 * math.sqrt(max(n_train, 1))), n_train // 39))
+        # PQ codes of dim/8 bytes need 256 centroids per sub-quantizer, so below PQ_MIN_TRAIN vectors the lists
+        # hold exact vectors (IVF-Flat); rebuild_index() retrains once the memory has grown.
+        nlist = _nlist(n_train)
         quantizer = faiss.IndexFlatIP(dim)
         if n_train >= PQ_MIN_TRAIN and dim % 8 == 0:
             base = faiss.IndexIVFPQ(quantizer, dim, nlist, dim // 8, 8, faiss.METRIC_INNER_PRODUCT)
@@ -116,8 +130,10 @@ def _new_index(kind: str, dim: int, n_train: int = 0) -> "faiss.Index":
             base = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
         base.nprobe = min(nlist, IVF_NPROBE)
         return base  # IVF lists store ids themselves (IndexIDMap's removal assumes a compacting index)
+    elif kind == ONDISK:
+        return ondisk.new_index(dim, _nlist(n_train), IVF_NPROBE, HNSW_M)
     else:
-        raise ValueError(f"index type {kind!r} is not one of {INDEX_TYPES}")
+        raise ValueError(f"index type {kind!r} is not one of {FOLDER_INDEX_TYPES}")
     return faiss.IndexIDMap2(base)
 
 
@@ -279,7 +295,7 @@ class Memory(MemoryBase):
     @classmethod
     def create(cls, path: str | os.PathLike, encoder_name: str, dim: int, index: str = "flat",
                wait: float = DEFAULT_WAIT) -> "Memory":
-        _check_new_memory(encoder_name, dim, index)
+        _check_new_memory(encoder_name, dim, index, FOLDER_INDEX_TYPES)
         path = Path(path)
         if (path / STORE).exists():
             raise _exists(path)
@@ -292,7 +308,9 @@ class Memory(MemoryBase):
             _create_store(path / STORE, [("encoder", encoder_name), ("dim", str(dim)), ("index", index),
                                          ("generation", "0")])
             mem = cls(path, _connect(path / STORE), encoder_name, dim, index, wait, lock)
-            mem.index, mem._index_generation = _new_index(index, dim), 0
+            empty = _new_index(index, dim)
+            mem.index = ondisk.OnDiskIVF(empty, 0, IVF_NPROBE) if index == ONDISK else empty
+            mem._index_generation = 0
             mem._write_index()
         finally:
             lock.release()
@@ -312,7 +330,7 @@ class Memory(MemoryBase):
             _configure(conn)
             info = dict(conn.execute("SELECT key, value FROM info").fetchall())
             missing = [k for k in ("encoder", "dim", "index", "generation") if k not in info]
-            if missing or info["index"] not in INDEX_TYPES or not info["dim"].isdigit():
+            if missing or info["index"] not in FOLDER_INDEX_TYPES or not info["dim"].isdigit():
                 raise _corrupt(path, f"its info table lacks or garbles {missing or 'dim or index'}")
             mem = cls(path, conn, info["encoder"], int(info["dim"]), info["index"], wait)
             mem._refresh()
@@ -406,12 +424,15 @@ class Memory(MemoryBase):
         """Each query row's (n, dim; L2-normalised) k nearest documents by exact cosine, leaving out that query's
         exclude_ids, before any document is decoded: fewer than k only when the memory holds no more.
 
-        The index is asked for k plus the query's exclusions; their rows, vectors and modality come from the store
-        in one SELECT per 500 rows. Sees every write committed before the call, from any process.
+        The index is asked for k plus the query's exclusions (ivf-ondisk: ONDISK_RESCORE x k, its 8-bit scores
+        being approximate); their rows, vectors and modality come from the store in one SELECT per 500 rows, and
+        the k best by the stored vectors' cosine are kept. Sees every write committed before the call, from any
+        process.
         """
         queries, excludes = self._query_args(queries, exclude_ids, encoder_name)
         self._refresh()
-        fetch = min(k + max((len(e) for e in excludes), default=0), self.index.ntotal)
+        wanted = k * ONDISK_RESCORE if self.index_type == ONDISK else k
+        fetch = min(wanted + max((len(e) for e in excludes), default=0), self.index.ntotal)
         if k <= 0 or fetch == 0:
             return [Candidates([], [], np.zeros(0, np.float32), np.zeros((0, self.dim), np.float32),
                                np.zeros(0, bool)) for _ in queries]
@@ -443,8 +464,9 @@ class Memory(MemoryBase):
             with self._conn:  # one transaction: all documents or none
                 rows = [self._insert(doc, vec) for doc, vec in zip(docs, emb)]
                 self._bump_generation()
-            if self.index_type == "ivfpq" and (not self.index.is_trained or len(self) >= 4 * max(self._trained_on, 1)):
-                # IVF-PQ trains on the stored vectors: first when there are some, again each time the memory has
+            if self.index_type in ("ivfpq", ONDISK) and \
+                    (not self.index.is_trained or len(self) >= 4 * max(self._trained_on, 1)):
+                # IVF trains on the stored vectors: first when there are some, again each time the memory has
                 # grown 4x since (lists and PQ codebooks sized for a tenth of the data serve it badly)
                 self._build_index()
                 self._write_index()
@@ -502,6 +524,8 @@ class Memory(MemoryBase):
         try:
             if first:
                 self._conn.execute(_REMOVED_TABLE)  # a store from before the removal log gets its table (no-op after)
+                if self.index_type == ONDISK:
+                    self._tidy_lists()
                 self._refresh()
             yield
         finally:
@@ -513,7 +537,8 @@ class Memory(MemoryBase):
         Inside one read transaction (so vectors, log and generation agree): an index in RAM replays the store's
         changes since it; else index.faiss is loaded and replays the changes since it was saved (when memory.json
         describes that very file: its checksum); else, after waiting a little for a writer still saving it, the
-        index is built in RAM from the store.
+        index is built in RAM from the store. (An ivf-ondisk index whose changes in RAM have passed COMPACT of its
+        lists loads the saved one first, where it can: a long-lived reader follows the writer's lists files.)
         """
         if self.index is not None and self._index_generation == self.generation:
             return
@@ -523,6 +548,9 @@ class Memory(MemoryBase):
             try:
                 generation = self.generation
                 if self.index is not None and self._index_generation <= generation:
+                    if isinstance(self.index, ondisk.OnDiskIVF) and self.index.changes > COMPACT * max(
+                            self.index.base.ntotal, 1) and self._load_index(generation):
+                        return  # its changes in RAM passed COMPACT: a writer has saved a newer lists file since
                     if self._replay(self.index, self._index_generation, self._rows_through):
                         self._index_generation, self._rows_through = generation, self._max_row()
                         return
@@ -611,7 +639,13 @@ class Memory(MemoryBase):
 
     def _build_index(self) -> None:
         """self.index built from the store's embeddings, in RAM, for the store's generation (a writer then saves
-        it with _write_index)."""
+        it with _write_index). ivf-ondisk's is streamed, its lists written to a new lists file under the lock."""
+        if self.index_type == ONDISK:
+            n = len(self)
+            self.index = ondisk.build(_new_index(ONDISK, self.dim, n_train=n), self._sample_vectors,
+                                      self._stream_vectors(), self.path, self.generation, self._lock.held, IVF_NPROBE)
+            self._trained_on, self._index_generation, self._rows_through = n, self.generation, self._max_row()
+            return
         rows, vecs = [], []
         for row, blob in self._conn.execute("SELECT row, embedding FROM documents ORDER BY row"):
             rows.append(row)
@@ -674,17 +708,28 @@ class Memory(MemoryBase):
 
         if not self._lock.held:
             raise RuntimeError("the index is only written under the write lock")
+        index, lists = self.index, {}
+        if self.index_type == ONDISK:
+            # the lists file first, complete and fsynced, under a new name; index.faiss names it by its base name
+            self.index = index = ondisk.consolidated(index, self.path, self.generation, self._rows_through)
+            mapped = index.lists
+            lists = {"lists": Path(mapped.filename).name if mapped else None,
+                     "lists_bytes": int(mapped.totsize) if mapped else 0}
+            index = index.base
         tmp = self.path / (INDEX + ".tmp")
         with open(tmp, "wb") as f:
             sink = _Checksummed(f)
-            faiss.write_index(self.index, faiss.PyCallbackIOWriter(sink.write))
+            with ondisk.lists_named(index, lists.get("lists")):
+                faiss.write_index(index, faiss.PyCallbackIOWriter(sink.write))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path / INDEX)
         info = {**self.info(), "count": self.index.ntotal, "generation": self._index_generation,
-                "rows_through": self._rows_through, "index_bytes": sink.size, "index_crc32": sink.crc}
+                "rows_through": self._rows_through, "index_bytes": sink.size, "index_crc32": sink.crc, **lists}
         _atomic_write(self.path / INFO, json.dumps(info, indent=2) + "\n")
         self._base_unusable = False
+        if self.index_type == ONDISK:
+            ondisk.remove_stale_lists(self.path, keep=lists["lists"])
 
     def _load_index(self, generation: int) -> bool:
         """Load index.faiss if memory.json describes this very file (its checksum) for this store generation or,
@@ -699,9 +744,15 @@ class Memory(MemoryBase):
                 return False
             with open(self.path / INDEX, "rb") as f:
                 source = _Checksummed(f)
-                index = faiss.read_index(faiss.PyCallbackIOReader(source.read))
+                if self.index_type == ONDISK:  # its header alone (centroids, list offsets): checked before parsed
+                    header = source.read(-1)
+                else:
+                    index = faiss.read_index(faiss.PyCallbackIOReader(source.read))
             if "index_crc32" in info and (source.crc, source.size) != (info["index_crc32"], info.get("index_bytes")):
                 return False  # another writer's file replaced the one memory.json describes
+            if self.index_type == ONDISK:  # the lists file is mapped from this folder by ondisk, not by FAISS
+                index = ondisk.mapped(header, self.path, info.get("lists"), info.get("lists_bytes"),
+                                      int(info.get("rows_through", 0)), IVF_NPROBE)
         except (OSError, ValueError, RuntimeError, TypeError):
             return False
         if "rows_through" in info:
@@ -718,7 +769,43 @@ class Memory(MemoryBase):
             ivf = faiss.extract_index_ivf(index)
             ivf.nprobe = min(ivf.nlist, IVF_NPROBE)
             self._trained_on = index.ntotal  # at least what it holds; a 4x growth from here retrains it
+        elif self.index_type == ONDISK:
+            self._trained_on = index.ntotal
         return True
+
+    # -- ivf-ondisk: what it needs of the folder and the store -------------------------------------
+
+    def _tidy_lists(self) -> None:
+        """At the start of a write: remove the lists files that memory.json does not name (a writer killed before
+        it removed the old one, or before it saved its new one), unless memory.json cannot be read."""
+        try:
+            keep = json.loads((self.path / INFO).read_text())["lists"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return
+        ondisk.remove_stale_lists(self.path, keep)
+
+    def _sample_vectors(self, m: int) -> np.ndarray:
+        """m stored vectors drawn at random (a fixed seed), all of them where there are no more; (m, dim)."""
+        rows = np.fromiter((r for (r,) in self._conn.execute("SELECT row FROM documents")), np.int64)
+        if len(rows) > m:
+            rows = np.sort(np.random.default_rng(0).choice(rows, m, replace=False))
+        out, n = np.empty((len(rows), self.dim), np.float32), 0
+        for s in range(0, len(rows), 500):
+            chunk = [int(r) for r in rows[s:s + 500]]
+            for (e,) in self._conn.execute(
+                    f"SELECT embedding FROM documents WHERE row IN ({','.join('?' * len(chunk))})", chunk):
+                out[n], n = np.frombuffer(e, np.float32), n + 1
+        return out[:n]
+
+    def _stream_vectors(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The store's (rows, vectors) in row order, STREAM_ROWS at a time."""
+        cursor = self._conn.execute("SELECT row, embedding FROM documents ORDER BY row")
+        while True:
+            batch = cursor.fetchmany(STREAM_ROWS)
+            if not batch:
+                return
+            yield (np.array([r for r, _ in batch], np.int64),
+                   np.frombuffer(b"".join(e for _, e in batch), np.float32).reshape(-1, self.dim))
 
 
 class _WriteLock:
@@ -837,10 +924,13 @@ def _refuse_repeats(ids: Sequence[str]) -> None:
         raise ValueError(f"the documents to add repeat the id {_short(repeated[0])!r}; give each document its own id")
 
 
-def _check_new_memory(encoder_name: str, dim: int, index: str) -> None:
-    """What creating any memory asks of its arguments."""
-    if index not in INDEX_TYPES:
-        raise ValueError(f"index type {index!r} is not one of {INDEX_TYPES}")
+def _check_new_memory(encoder_name: str, dim: int, index: str, kinds: tuple[str, ...] = INDEX_TYPES) -> None:
+    """What creating any memory asks of its arguments (kinds: the index types its backend has)."""
+    if index in FOLDER_INDEX_TYPES and index not in kinds:
+        raise ValueError(f"index type {index!r} is a folder memory's only (its lists in a file beside index.faiss); "
+                         f"this memory takes one of {kinds}")
+    if index not in kinds:
+        raise ValueError(f"index type {index!r} is not one of {kinds}")
     if dim <= 0 or not encoder_name:
         raise ValueError(f"a memory needs an encoder name and a positive dimension (got {encoder_name!r}, {dim})")
 
