@@ -144,6 +144,40 @@ def test_kv_cache_decoding_equals_full_recompute(trained):
     assert t_cached == t_full and all(len(t) >= 1 for t in t_cached)
 
 
+def test_decoding_puts_text_after_an_image_where_training_does(trained):
+    from racm3.generator.decode import allowed_ids
+    from racm3.generator.model import build_model, get_preset
+    from racm3.tokenizers.sequence import position_ids
+
+    _, _, mt, _ = trained
+    v, n = mt.vocab, mt.tokens_per_image
+    img = [v.img_id, *v.image_to_vocab([c % v.image_size for c in range(n)]), v.img_end_id]
+    ctx = [v.doc_id, *img, *v.text_to_vocab(mt.text.encode("red circle")), v.doc_end_id]
+    prompts = [[v.bos_id, *img], [v.bos_id, *ctx, *img]]
+    allowed = allowed_ids(v, "text", torch.device("cpu"))
+    for rule in ("plain", "aligned"):
+        torch.manual_seed(0)
+        model = build_model(replace(get_preset("tiny"), text_after_image=rule), v, n).eval()
+        with torch.no_grad():  # sharp attention, so what the model writes depends on the positions it is given
+            for name, w in model.named_parameters():
+                if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight")):
+                    w.mul_(30)
+        base = model.racm3["generator"]["image_base"]
+        for use_cache in (True, False):
+            out = generate_text_ids(model, v, prompts, n, base, Sampling(temperature=0), max_new_tokens=5,
+                                    use_cache=use_cache)
+            for prompt, written in zip(prompts, out):
+                full = prompt + written  # one forward pass at the positions training gives this sequence
+                pos = position_ids(full, v, base, n, rule)
+                with torch.no_grad():
+                    logits = model(input_ids=torch.tensor([full]), position_ids=pos[None]).logits[0]
+                for k, tok in enumerate(written):
+                    step = logits[len(prompt) - 1 + k].masked_fill(~allowed, float("-inf"))
+                    if k == 0:
+                        step[v.eos_id] = float("-inf")
+                    assert int(step.argmax()) == tok, (rule, use_cache, k)
+
+
 def test_image_spans_hold_exactly_n_image_codes(trained):
     _, _, mt, model = trained
     base, n, vocab = model.racm3["generator"]["image_base"], mt.tokens_per_image, mt.vocab

@@ -165,6 +165,35 @@ def test_image_aligned_positions_survive_masking_and_are_causal(seq, seed):
             assert position_ids(masked.ids[:p], V, image_base=BASE, tokens_per_image=N).tolist() == full[:p].tolist()
 
 
+@settings(max_examples=100, deadline=None)
+@given(sequences, st.integers(0, 2**32 - 1))
+def test_aligned_text_after_an_image_continues_its_cells_and_stays_causal(seq, seed):
+    plain = position_ids(seq.ids, V, image_base=BASE, tokens_per_image=N).tolist()
+    pos = position_ids(seq.ids, V, image_base=BASE, tokens_per_image=N, text_after_image="aligned").tolist()
+    after = None  # index of the last </img> when every token since it is text
+    for t, tok in enumerate(seq.ids):
+        if tok == V.img_end_id:
+            after = t
+            assert pos[t] == BASE + N
+        elif V.is_text(tok) and after is not None:
+            assert pos[t] == BASE + N + (t - after)  # caption token j of any image-first document: BASE + N + 1 + j
+        else:
+            after = None
+            assert pos[t] == plain[t]  # everything else: the plain rule (image cells, text before images)
+    masked = cm3_mask(seq, V, np.random.default_rng(seed))
+    full = position_ids(masked.ids, V, image_base=BASE, tokens_per_image=N, text_after_image="aligned")
+    inside, depth = [], 0
+    for tok in masked.ids:
+        depth = 1 if tok == V.img_id else 0 if tok == V.img_end_id else depth
+        inside.append(depth)
+    for p in range(1, len(masked) + 1):  # decoding with a KV cache sees the positions a full pass gives
+        if not inside[p - 1] or masked.ids[p - 1] == V.img_id:
+            prefix = position_ids(masked.ids[:p], V, image_base=BASE, tokens_per_image=N, text_after_image="aligned")
+            assert prefix.tolist() == full[:p].tolist()
+    with pytest.raises(ValueError, match="text_after_image must be one of"):
+        position_ids(seq.ids, V, image_base=BASE, text_after_image="caption")
+
+
 def test_collate_pads_right_with_zero_weight():
     a = build_sequence(V.text_to_vocab([1, 2]), [], V)
     b = build_sequence(V.text_to_vocab([1]), [V.text_to_vocab([4, 4, 4])], V)

@@ -372,9 +372,11 @@ class ExampleBank:
         return cm3_mask(seq, vocab, rng, mask_rate=recipe.mask_rate)
 
 
-def batch(seqs: list[Sequence], vocab: Vocab, image_base: int, tokens_per_image: int) -> dict[str, torch.Tensor]:
+def batch(seqs: list[Sequence], vocab: Vocab, image_base: int, tokens_per_image: int,
+          text_after_image: str = "plain") -> dict[str, torch.Tensor]:
     """collate + main_mask [B, T]: True on the main document's tokens (for L_main vs L_retrieved)."""
-    out = collate(seqs, vocab, image_base=image_base, tokens_per_image=tokens_per_image)
+    out = collate(seqs, vocab, image_base=image_base, tokens_per_image=tokens_per_image,
+                  text_after_image=text_after_image)
     main = torch.zeros_like(out["attention_mask"], dtype=torch.bool)
     for b, s in enumerate(seqs):
         k = max(s.doc_index)
@@ -394,10 +396,11 @@ class TrainingBatches(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, bank: ExampleBank, vocab: Vocab, recipe: Recipe, batch_size: int, image_base: int,
-                 tokens_per_image: int, seed: int | list[int]):
+                 tokens_per_image: int, seed: int | list[int], text_after_image: str = "plain"):
         super().__init__()
         self.bank, self.vocab, self.recipe, self.batch_size = bank, vocab, recipe, batch_size
         self.image_base, self.tokens_per_image, self.seed = image_base, tokens_per_image, seed
+        self.text_after_image = text_after_image
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -409,6 +412,6 @@ class TrainingBatches(torch.utils.data.IterableDataset):
                 order += rng.permutation(len(self.bank)).tolist()
             picks, order = order[:self.batch_size], order[self.batch_size:]
             seqs = [self.bank.sample(self.bank.ids[i], self.vocab, self.recipe, rng) for i in picks]
-            out = batch(seqs, self.vocab, self.image_base, self.tokens_per_image)
+            out = batch(seqs, self.vocab, self.image_base, self.tokens_per_image, self.text_after_image)
             out["tokens"] = torch.tensor(sum(len(s) for s in seqs))
             yield out

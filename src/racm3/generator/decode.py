@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from transformers import LlamaForCausalLM, StaticCache
 
+from racm3.generator.model import text_after_image
 from racm3.tokenizers.sequence import position_ids
 from racm3.tokenizers.vocab import Vocab
 
@@ -101,13 +102,18 @@ class Streams:
         ids = torch.full((B, total), vocab.pad_id, dtype=torch.long)  # [B, prompt + new], prompts left-padded
         mask = torch.ones((B, total), dtype=torch.long)  # a view [:, :length] is passed: new tokens count as filled
         pos = torch.zeros((B, total), dtype=torch.long)
+        rule = text_after_image(model)
+        next_text = []
         for b, p in enumerate(prompts):
             ids[b, T - len(p):T] = torch.tensor(p)
             mask[b, :T - len(p)] = 0
-            pos[b, T - len(p):T] = position_ids(p, vocab, image_base, tokens_per_image)
+            # the prompt and one text token more: where the first text token written after it sits (its plain
+            # index, or right after an image's cells where the model aligns text after images); each next +1
+            with_text = position_ids([*p, vocab.text_offset], vocab, image_base, tokens_per_image, rule)
+            pos[b, T - len(p):T] = with_text[:-1]
+            next_text.append(int(with_text[-1]))
         self.ids, self.mask, self.pos = ids.to(device), mask.to(device), pos.to(device)
-        # a text token's position is its plain index: the next one of each row sits right after its prompt
-        self.next_text = torch.tensor([len(p) for p in prompts], device=device)
+        self.next_text = torch.tensor(next_text, device=device)
         self.length, self.capacity = T, total
         self.cache = StaticCache(config=model.config, max_cache_len=total) if use_cache else None
         self.logits = self._forward(self.ids[:, :T], self.pos[:, :T])

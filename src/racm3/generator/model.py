@@ -13,7 +13,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from racm3.tokenizers.sequence import DEFAULT_IMAGE_BASE
+from racm3.tokenizers.sequence import DEFAULT_IMAGE_BASE, TEXT_AFTER_IMAGE
 from racm3.tokenizers.vocab import Vocab
 
 RACM3_FILE = "racm3.json"  # beside config.json: what the generator needs beyond the Llama config
@@ -33,6 +33,9 @@ class GeneratorConfig:
     # "full": one output row per image code; "factorized": a code is predicted in two parts (RACM3ForCausalLM),
     # so a 15,360-code FSQ tokenizer costs the output layer 240 + 64 rows instead of 15,360
     image_head: str = "full"
+    # "plain": text at its index; "aligned": the text right after an image continues its positions, so a
+    # retrieved caption is copied by the same lookup as its image (tokenizers.sequence.position_ids)
+    text_after_image: str = "plain"
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
@@ -41,6 +44,8 @@ class GeneratorConfig:
             raise ValueError(f"max_len {self.max_len} must not exceed image_base {self.image_base}")
         if self.image_head not in ("full", "factorized"):
             raise ValueError(f"image_head must be 'full' or 'factorized', got {self.image_head!r}")
+        if self.text_after_image not in TEXT_AFTER_IMAGE:
+            raise ValueError(f"text_after_image must be one of {TEXT_AFTER_IMAGE}, got {self.text_after_image!r}")
 
 
 PRESET_DIR = Path(__file__).with_name("presets")  # architectures as data: one JSON file per preset
@@ -183,7 +188,8 @@ def build_model(cfg: GeneratorConfig, vocab: Vocab, tokens_per_image: int,
         num_hidden_layers=cfg.num_layers,
         num_attention_heads=cfg.num_heads,
         num_key_value_heads=cfg.num_heads,
-        max_position_embeddings=cfg.image_base + tokens_per_image,
+        # aligned text after an image runs past its cells, at most a context's length
+        max_position_embeddings=cfg.image_base + tokens_per_image + (1 + cfg.max_len if cfg.text_after_image == "aligned" else 0),
         attention_dropout=cfg.dropout,
         tie_word_embeddings=True,  # input and output embeddings shared: a third fewer parameters at this size
         pad_token_id=vocab.pad_id,
@@ -269,6 +275,11 @@ def load_generator(path: str | Path) -> RACM3ForCausalLM:
     model.racm3["generator"] = {k: v for k, v in settings.items() if k in names}
     model.eval()
     return model
+
+
+def text_after_image(model) -> str:
+    """The position rule for text after an image that a generator was trained with ("plain" before the option)."""
+    return getattr(model, "racm3", {}).get("generator", {}).get("text_after_image", "plain")
 
 
 def check_vocab(model: RACM3ForCausalLM, vocab: Vocab, tokens_per_image: int, where: str = "",

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from racm3.documents import Document
 from racm3.generator.data import RECIPES, DocTokens, ExampleBank, Recipe, TrainingBatches, batch, tokenize_documents
 from racm3.generator.loss import ra_cm3_loss, token_nll
-from racm3.generator.model import build_model, get_preset, save_generator
+from racm3.generator.model import build_model, get_preset, save_generator, text_after_image
 from racm3.tokenizers.multimodal import MultimodalTokenizer
 from racm3.runtime import check_resume, init_distributed, load_checkpoint, resolve_precision, save_checkpoint
 from racm3.training import adamw, decay_groups, warmup_cosine
@@ -193,7 +193,7 @@ def main_nll(model, seqs, vocab, image_base: int, tokens_per_image: int, autocas
     """Mean NLL per token of the main documents' answers: the image codes after a caption, the caption after an
     image (unmasked sequences)."""
     device = next(model.parameters()).device
-    b = {k: t.to(device) for k, t in batch(seqs, vocab, image_base, tokens_per_image).items()}
+    b = {k: t.to(device) for k, t in batch(seqs, vocab, image_base, tokens_per_image, text_after_image(model)).items()}
     with autocast():
         ce = token_nll(model, b)
     targets, main = b["input_ids"][:, 1:], b["main_mask"][:, 1:]
@@ -398,7 +398,8 @@ def train(cfg: TrainConfig) -> dict:
     ddp = dist.wrap(model)
     # each rank its own stream of sequences; a resumed run draws a new stream from where it stopped
     stream = TrainingBatches(bank, vocab, recipe, cfg.batch_size, gen_cfg.image_base, n_img,
-                             seed=[cfg.seed, rank, step] if step else cfg.seed + 1000 * rank)
+                             seed=[cfg.seed, rank, step] if step else cfg.seed + 1000 * rank,
+                             text_after_image=gen_cfg.text_after_image)
     workers = cfg.loader_workers if cfg.loader_workers is not None else (2 if device.type == "cuda" else 0)
     batches = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
                                                pin_memory=device.type == "cuda",

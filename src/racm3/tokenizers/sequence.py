@@ -337,8 +337,11 @@ def cm3_unmask(ids: Seq[int] | torch.Tensor, vocab: Vocab) -> list[int]:
 # ---------------------------------------------------------------------------------------------
 
 
+TEXT_AFTER_IMAGE = ("plain", "aligned")  # the rules for the text that follows an image (position_ids)
+
+
 def position_ids(ids: Seq[int] | torch.Tensor, vocab: Vocab, image_base: int = DEFAULT_IMAGE_BASE,
-                 tokens_per_image: int | None = None) -> torch.Tensor:
+                 tokens_per_image: int | None = None, text_after_image: str = "plain") -> torch.Tensor:
     """RoPE positions [T] where the same image cell has the same position in every image.
 
     Rule: a non-image token (text, special, sentinel) at index t gets position t, its plain position.
@@ -353,7 +356,15 @@ def position_ids(ids: Seq[int] | torch.Tensor, vocab: Vocab, image_base: int = D
     With tokens_per_image given, positions of a prefix never depend on tokens past the end of the current
     image, so decoding with a KV cache sees the same positions as a full forward pass.
 
+    text_after_image="aligned" extends the image's rule to the text right after it (an image-first caption):
+    </img> gets image_base + N and the j-th token of the text run that follows (text tokens and in-text
+    sentinels, up to any other token) image_base + N + 1 + j, so copying a retrieved document's caption is the
+    same one-step lookup as copying its image; a masked span of that run re-emitted in the tail continues from
+    its sentinel's position. Text before an image (caption -> image) keeps its plain positions, which tell
+    the documents apart.
     """
+    if text_after_image not in TEXT_AFTER_IMAGE:
+        raise ValueError(f"text_after_image must be one of {TEXT_AFTER_IMAGE}, got {text_after_image!r}")
     ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
     if len(ids) > image_base:
         raise ValueError(f"sequence of {len(ids)} tokens is longer than image_base={image_base}: text positions "
@@ -387,11 +398,39 @@ def position_ids(ids: Seq[int] | torch.Tensor, vocab: Vocab, image_base: int = D
             for j, t in enumerate(range(s, e)):
                 if vocab.is_image(ids[t]):
                     pos[t] = image_base + start_cell[i] + j
+    if text_after_image == "aligned":
+        _align_text_after_images(ids, pos, vocab, image_base, tokens_per_image, tail_start, tail, images)
     return torch.tensor(pos, dtype=torch.long)
 
 
+def _align_text_after_images(ids: list[int], pos: list[int], vocab: Vocab, image_base: int,
+                             tokens_per_image: int | None, tail_start: int, tail: dict[int, tuple[int, int]],
+                             images: list[tuple[int, int]]) -> None:
+    """text_after_image="aligned", in place (see position_ids)."""
+    sentinel_at: dict[int, int] = {}  # sentinel i of an aligned text run: its position
+    for open_t, close_t in images:
+        if close_t >= tail_start:
+            continue  # an image still being written: no text after it yet
+        n = tokens_per_image if tokens_per_image is not None else sum(
+            1 for t in range(open_t + 1, close_t) if vocab.is_image(ids[t])) + sum(
+            tail[vocab.mask_index(ids[t])][1] - tail[vocab.mask_index(ids[t])][0]
+            for t in range(open_t + 1, close_t) if vocab.is_mask(ids[t]) and vocab.mask_index(ids[t]) in tail)
+        pos[close_t] = image_base + n
+        t = close_t + 1
+        while t < tail_start and (vocab.is_text(ids[t]) or vocab.is_mask(ids[t])):
+            pos[t] = image_base + n + 1 + (t - close_t - 1)
+            if vocab.is_mask(ids[t]):
+                sentinel_at[vocab.mask_index(ids[t])] = pos[t]
+            t += 1
+    for i, (s, e) in tail.items():
+        if i in sentinel_at:
+            for j, t in enumerate(range(s, e)):
+                if vocab.is_text(ids[t]):
+                    pos[t] = sentinel_at[i] + j
+
+
 def collate(seqs: list[Sequence], vocab: Vocab, image_base: int = DEFAULT_IMAGE_BASE,
-            tokens_per_image: int | None = None) -> dict[str, torch.Tensor]:
+            tokens_per_image: int | None = None, text_after_image: str = "plain") -> dict[str, torch.Tensor]:
     """Right-pad a batch: input_ids [B, T] (pad_id), attention_mask [B, T], loss_weights [B, T] (0 on pads),
     position_ids [B, T] (image-aligned; 0 on pads)."""
     if not seqs:
@@ -407,6 +446,6 @@ def collate(seqs: list[Sequence], vocab: Vocab, image_base: int = DEFAULT_IMAGE_
         input_ids[b, :n] = torch.tensor(s.ids, dtype=torch.long)
         attention_mask[b, :n] = 1
         loss_weights[b, :n] = torch.tensor(s.weights, dtype=torch.float32)
-        positions[b, :n] = position_ids(s.ids, vocab, image_base, tokens_per_image)
+        positions[b, :n] = position_ids(s.ids, vocab, image_base, tokens_per_image, text_after_image)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_weights": loss_weights,
             "position_ids": positions}
