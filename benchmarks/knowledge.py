@@ -2,8 +2,10 @@
 
 Usage:
   python benchmarks/knowledge.py [--model DIR] [--baseline DIR] [--memory DIR] [--dataset DIR] [--limit 100]
-                                 [--samples 4] [--threads 2] [--style-control] [--style-limit 50]
-Prints the table and writes benchmarks/results/knowledge.json (and style_control.json with --style-control).
+                                 [--samples 4] [--threads 2] [--style-control] [--style-limit 50] [--style-only]
+                                 [--tag TAG]
+Prints the table and writes benchmarks/results/knowledge.json (and style_control.json with --style-control;
+knowledge_TAG.json and style_control_TAG.json with --tag).
 Equivalent to `racm3 eval knowledge --json` for the main table.
 """
 
@@ -33,17 +35,22 @@ def main(argv: list[str]) -> None:
     p.add_argument("--no-fid", action="store_true")
     p.add_argument("--style-control", action="store_true", help="also run in-context style control (item 4)")
     p.add_argument("--style-limit", type=int, default=50)
+    p.add_argument("--style-only", action="store_true", help="run only the style control (the table: racm3 eval knowledge)")
+    p.add_argument("--tag", default="", help="results go to knowledge_TAG.json / style_control_TAG.json (another model's)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
 
-    cfg = KnowledgeConfig(limit=args.limit, samples=args.samples, fid=not args.no_fid)
-    result = knowledge(args.model, args.baseline, args.memory, args.dataset, cfg, log=log)
-    result["command"] = "python benchmarks/knowledge.py " + " ".join(argv)
+    suffix = f"_{args.tag}" if args.tag else ""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "knowledge.json").write_text(json.dumps(result, indent=2, ensure_ascii=False))
-    print(format_table(result))
-    print(f"{result['queries']} held-out queries, {result['elapsed_s']} s -> {RESULTS / 'knowledge.json'}")
+    if not args.style_only:
+        cfg = KnowledgeConfig(limit=args.limit, samples=args.samples, fid=not args.no_fid)
+        result = knowledge(args.model, args.baseline, args.memory, args.dataset, cfg, log=log)
+        result["command"] = "python benchmarks/knowledge.py " + " ".join(argv)
+        out = RESULTS / f"knowledge{suffix}.json"
+        out.write_text(json.dumps(result, indent=2, ensure_ascii=False))
+        print(format_table(result))
+        print(f"{result['queries']} held-out queries, {result['elapsed_s']} s -> {out}")
 
     if args.style_control:
         from racm3.embedded import ensure_emoji_dataset
@@ -56,7 +63,8 @@ def main(argv: list[str]) -> None:
         model, _ = load_models(args.model, args.baseline)
         res = style_control(model, list(read_documents(dataset)), clf, limit=args.style_limit,
                             samples=min(args.samples, 2), log=log)
-        (RESULTS / "style_control.json").write_text(json.dumps(res, indent=2))
+        res["command"] = "python benchmarks/knowledge.py " + " ".join(argv)
+        (RESULTS / f"style_control{suffix}.json").write_text(json.dumps(res, indent=2))
         print(f"style classifier held-out accuracy {clf.heldout_accuracy:.3f}")
         for s, v in res["styles"].items():
             print(f"{s:9s} share in style: {v['share_with_demos']:.2f} with {res['n_demos']} demos "

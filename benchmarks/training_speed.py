@@ -2,6 +2,8 @@
 
     python benchmarks/training_speed.py [--dataset DIR] [--preset emoji-small] [--steps 8] [--variants ...]
     python benchmarks/training_speed.py --device cuda --preset medium     # on a GPU: batch sizes, fused AdamW
+    python benchmarks/training_speed.py --preset v2-small --image-tokenizers src/racm3/pretrained/emoji-v2/image_tokenizer \
+        --variants "1 thread, batch 24, fused AdamW" --ceiling      # the MFU bound the model's matmul shapes set
     python benchmarks/training_speed.py --image-tokenizers shipped runs/tok/A runs/tok/B --max-len 1024 \
         --variants "2 threads, batch 24, fused AdamW"      # the generator's cost of each image tokenizer
 
@@ -67,6 +69,43 @@ def matmul_rate(dtype: torch.dtype, threads: int, device: torch.device, repeats:
     return best
 
 
+def linear_rate(model, tokens: int, threads: int, device: torch.device, repeats: int = 3) -> float:
+    """GFLOP/s of the model's own matrix multiplies at its training shapes, in bf16: each Linear's forward
+    (x W^T) and its two backward products (dY W, dY^T x) over `tokens` rows. No step can run its matmuls faster,
+    so this over the square-matmul rate bounds the MFU of that width on this machine."""
+    torch.set_num_threads(threads)
+    shapes = [(m.in_features, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    flops, seconds = 0.0, 0.0
+    for fan_in, fan_out in shapes:
+        x = torch.randn(tokens, fan_in, dtype=torch.bfloat16, device=device)
+        w = torch.randn(fan_out, fan_in, dtype=torch.bfloat16, device=device)
+        dy = torch.randn(tokens, fan_out, dtype=torch.bfloat16, device=device)
+        for timed in (False, True):
+            sync(device)
+            t = time.perf_counter()
+            for _ in range(repeats if timed else 1):
+                x @ w.T, dy @ w, dy.T @ x
+            sync(device)
+            if timed:
+                seconds += time.perf_counter() - t
+                flops += 3 * 2 * tokens * fan_in * fan_out * repeats
+    return flops / seconds / 1e9
+
+
+def profile_shares(prof) -> dict[str, float]:
+    """Each kind of work's share of a profiled step's self CPU time: matmuls, attention, the optimizer, the rest."""
+    kinds = {"matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::_weight_int8pack_mm"),
+             "attention": ("flash_attention", "scaled_dot_product", "efficient_attention"),
+             "optimizer": ("adam",)}
+    totals = dict.fromkeys([*kinds, "other"], 0.0)
+    for event in prof.key_averages():
+        name = event.key.lower()
+        kind = next((k for k, keys in kinds.items() if any(key.lower() in name for key in keys)), "other")
+        totals[kind] += event.self_cpu_time_total
+    whole = sum(totals.values()) or 1.0
+    return {k: round(v / whole, 3) for k, v in totals.items()}
+
+
 def flops_per_token(model, seq_len: float) -> float:
     cfg = model.config
     params = sum(p.numel() for p in model.parameters())  # tied embeddings counted once: the LM head's matmul
@@ -98,6 +137,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-len", type=int, default=None, help="the generator's context (default: the preset's)")
     p.add_argument("--image-heads", nargs="*", default=None, choices=["full", "factorized"],
                    help="time each output layer for the image codes (default: the preset's)")
+    p.add_argument("--ceiling", action="store_true",
+                   help="also measure each row's MFU bound: its model's matmuls at its shapes on its threads "
+                        "(linear_rate) over the square-matmul rate on the same threads")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile 2 more steps of each row: shares of CPU time in matmuls, attention, optimizer")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/training_speed.json"))
     args = p.parse_args(argv)
 
@@ -132,13 +176,8 @@ def main(argv: list[str] | None = None) -> dict:
         t_compile = time.perf_counter()
         step_fn = torch.compile(model) if compiled else model
         rng = np.random.default_rng(0)
-        build_s, step_s, tokens, lengths = 0.0, 0.0, 0, []
-        for i in range(args.steps + 2):
-            t0 = time.perf_counter()
-            seqs = [bank.sample(bank.ids[j], vocab, recipe, rng) for j in rng.integers(0, len(bank), batch_size)]
-            b = {k: t.to(device) for k, t in batch(seqs, vocab, gen_cfg.image_base, n_img).items()}
-            sync(device)
-            t1 = time.perf_counter()
+
+        def step(b):
             with precision.autocast():
                 nll = token_nll(step_fn, b)
             loss = ra_cm3_loss(nll, b["loss_weights"], b["main_mask"])["loss"]
@@ -147,6 +186,18 @@ def main(argv: list[str] | None = None) -> dict:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sync(device)
+
+        def next_batch():
+            seqs = [bank.sample(bank.ids[j], vocab, recipe, rng) for j in rng.integers(0, len(bank), batch_size)]
+            return seqs, {k: t.to(device) for k, t in batch(seqs, vocab, gen_cfg.image_base, n_img).items()}
+
+        build_s, step_s, tokens, lengths = 0.0, 0.0, 0, []
+        for i in range(args.steps + 2):
+            t0 = time.perf_counter()
+            seqs, b = next_batch()
+            sync(device)
+            t1 = time.perf_counter()
+            step(b)
             t2 = time.perf_counter()
             if i == 1:
                 warmup_s = time.perf_counter() - t_compile
@@ -165,6 +216,19 @@ def main(argv: list[str] | None = None) -> dict:
                "batch_build_share": round(build_s / (build_s + step_s), 3), "mean_seq_len": round(seq_len, 1),
                "model_gflops": round(achieved, 1), "mfu": round(achieved / peak, 4),
                "warmup_s": round(warmup_s, 1)}
+        if args.profile:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                for _ in range(2):
+                    step(next_batch()[1])
+            row["profile"] = profile_shares(prof)
+            print("  profile: " + ", ".join(f"{k} {v:.0%}" for k, v in row["profile"].items()), flush=True)
+        if args.ceiling:
+            same = matmul_rate(torch.bfloat16, threads, device)
+            shaped = linear_rate(model, batch_size * round(seq_len), threads, device)
+            row.update({"bf16_matmul_gflops_same_threads": round(same, 1), "linear_gflops": round(shaped, 1),
+                        "mfu_same_threads": round(achieved / same, 4), "mfu_ceiling": round(shaped / same, 4)})
+            print(f"  matmul {same:.0f} GFLOP/s on {threads} thread(s); its own matmul shapes {shaped:.0f} "
+                  f"(ceiling {shaped / same:.1%}); this step {achieved / same:.1%} of the same-threads rate", flush=True)
         print(f"{name:44s} {tok_name[-24:]:>24s} {head:10s} {row['mean_seq_len']:6.0f} {row['tokens_per_s']:7d} tok/s  (step only {row['tokens_per_s_step_only']:7d})  "
               f"build {row['batch_build_share']:.0%}  MFU {row['mfu']:.1%}", flush=True)
         return row
