@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -35,12 +36,15 @@ def main(argv: list[str]) -> None:
     p.add_argument("--no-fid", action="store_true")
     p.add_argument("--style-control", action="store_true", help="also run in-context style control (item 4)")
     p.add_argument("--style-limit", type=int, default=50)
-    p.add_argument("--style-only", action="store_true", help="run only the style control (the table: racm3 eval knowledge)")
+    p.add_argument("--style-only", action="store_true",
+                   help="run only the style control (implies --style-control; the table: racm3 eval knowledge)")
     p.add_argument("--tag", default="", help="results go to knowledge_TAG.json / style_control_TAG.json (another model's)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
 
+    if args.tag and not re.fullmatch(r"[\w.-]+", args.tag):
+        p.error(f"--tag {args.tag!r}: letters, digits, '_', '.' and '-' only (it names files in {RESULTS})")
     suffix = f"_{args.tag}" if args.tag else ""
     RESULTS.mkdir(parents=True, exist_ok=True)
     if not args.style_only:
@@ -52,7 +56,7 @@ def main(argv: list[str]) -> None:
         print(format_table(result))
         print(f"{result['queries']} held-out queries, {result['elapsed_s']} s -> {out}")
 
-    if args.style_control:
+    if args.style_control or args.style_only:
         from racm3.embedded import ensure_emoji_dataset
         from racm3.evaluation.incontext import style_control
         from racm3.evaluation.style import load_or_train_style_classifier

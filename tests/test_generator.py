@@ -17,7 +17,7 @@ import torch
 from racm3.generator.data import RECIPES, ExampleBank, Recipe, tokenize_documents
 from racm3.generator.decode import Sampling, generate_image_codes, generate_text_ids
 from racm3.generator.loss import ra_cm3_loss
-from racm3.generator.model import check_vocab, load_generator, save_generator
+from racm3.generator.model import check_vocab, get_preset, load_generator, save_generator
 from racm3.generator.train import train
 from racm3.runtime import load_checkpoint, save_checkpoint
 
@@ -98,6 +98,14 @@ def test_init_from_starts_a_new_run_from_a_trained_generator(trained, tmp_path):
     with pytest.raises(ValueError, match=r"tensor .* preset .*wide.json") as refused:
         train(replace(cfg, out=tmp_path / "wide", steps=5, init_from=root / "run", preset=str(other)))
     assert "\n" not in str(refused.value) and not (tmp_path / "wide" / "checkpoint.safetensors").exists()
+    # the same shapes under another position rule: refused too, for a fine-tuning run and for a resume
+    aligned = tmp_path / "aligned.json"
+    tiny = {k: v for k, v in asdict(get_preset("tiny")).items() if k != "image_base"}
+    aligned.write_text(json.dumps({**tiny, "text_after_image": "aligned"}))
+    with pytest.raises(ValueError, match=r"trained with text_after_image 'plain', but preset .*aligned.json has 'aligned'"):
+        train(replace(cfg, out=tmp_path / "aligned", steps=5, init_from=root / "run", preset=str(aligned)))
+    with pytest.raises(ValueError, match=r"checkpoint.safetensors: trained with text_after_image 'plain'"):
+        train(replace(cfg, out=tmp_path / "tuned", steps=10, resume=True, preset=str(aligned)))
 
 
 def test_a_checkpoint_from_before_text_weight_resumes_as_text_weight_1(trained, tmp_path):
@@ -146,7 +154,7 @@ def test_kv_cache_decoding_equals_full_recompute(trained):
 
 def test_decoding_puts_text_after_an_image_where_training_does(trained):
     from racm3.generator.decode import allowed_ids
-    from racm3.generator.model import build_model, get_preset
+    from racm3.generator.model import build_model
     from racm3.tokenizers.sequence import position_ids
 
     _, _, mt, _ = trained

@@ -40,6 +40,9 @@ def test_shares_are_validated_and_v1_stays_the_shipped_recipe():
     for name in ("style_rate", "extra_distractor_rate", "mask_rate"):
         with pytest.raises(ValueError, match=f"{name} must lie in"):
             Recipe(**{name: -0.1})
+    for bad in (0.0, float("nan"), float("inf")):  # refused when the recipe is made, before any precomputation
+        with pytest.raises(ValueError, match="text_weight must be a finite number > 0"):
+            Recipe(text_weight=bad)
     with pytest.raises(ValueError, match="unknown recipe 'v9'; choose one of v1, v2"):
         get_recipe("v9")
     v2 = get_recipe("v2")

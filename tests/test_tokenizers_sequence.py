@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from racm3.tokenizers import Vocab, build_sequence, cm3_mask, cm3_unmask, collate, position_ids
-from racm3.tokenizers.sequence import apply_spans, maskable_runs, sample_spans
+from racm3.tokenizers.sequence import apply_spans, maskable_runs, sample_spans, weigh_main_text
 
 V = Vocab(text_size=40, image_size=30)
 N = 4  # codes per image in these tests
@@ -48,17 +48,18 @@ def test_weights_are_zero_alpha_one(main, retrieved, alpha):
 
 
 @settings(max_examples=40, deadline=None)
-@given(doc_ids(), st.lists(doc_ids(), max_size=2), st.sampled_from([0.5, 4.0]))
-def test_text_weight_weighs_only_the_main_documents_text(main, retrieved, text_weight):
-    plain = build_sequence(main, retrieved, V, alpha=0.1)
-    s = build_sequence(main, retrieved, V, alpha=0.1, text_weight=text_weight)
-    assert s.ids == plain.ids and s.doc_index == plain.doc_index
+@given(doc_ids(), st.lists(doc_ids(), max_size=2), st.sampled_from([0.5, 4.0]), st.integers(0, 2**32 - 1))
+def test_text_weight_weighs_only_the_main_documents_text_after_masking(main, retrieved, text_weight, seed):
+    masked = cm3_mask(build_sequence(main, retrieved, V, alpha=0.1), V, np.random.default_rng(seed))
+    s = weigh_main_text(masked, V, text_weight)
+    assert s.ids == masked.ids and s.doc_index == masked.doc_index
     k = len(retrieved)
-    for t, w, d, w0 in zip(s.ids, s.weights, s.doc_index, plain.weights):
-        main_text = d == k and bool(V.is_text(t))
-        assert w == (text_weight if main_text else w0), (t, d)
-    with pytest.raises(ValueError, match="text_weight must be > 0"):
-        build_sequence(main, retrieved, V, text_weight=0.0)
+    for t, w, d, w0 in zip(s.ids, s.weights, s.doc_index, masked.weights):
+        main_text = d == k and bool(V.is_text(t))  # sentinels, specials and image codes keep their weight
+        assert w == (w0 * text_weight if main_text else w0), (t, d)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="text_weight must be a finite number > 0"):
+            weigh_main_text(masked, V, bad)
 
 
 def test_max_len_drops_retrieved_last_first_then_truncates_main_outside_images():

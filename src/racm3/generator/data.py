@@ -34,13 +34,14 @@ as another concept, a distractor or a demonstration).
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
 
-from racm3.tokenizers.sequence import Sequence, build_sequence, cm3_mask, collate, fit_documents
+from racm3.tokenizers.sequence import Sequence, build_sequence, cm3_mask, collate, fit_documents, weigh_main_text
 from racm3.tokenizers.vocab import Vocab
 
 # The lessons, in the order a sequence's uniform draw is matched against their shares (Recipe.lesson).
@@ -80,8 +81,8 @@ class Recipe:
             raise ValueError(f"the lesson shares {' + '.join(f'{n}_rate' for n in LESSONS)} = {total:.2f} > 1")
         if self.k < 0:
             raise ValueError(f"k must be >= 0, got {self.k}")
-        if self.text_weight <= 0:
-            raise ValueError(f"text_weight must be > 0, got {self.text_weight}")
+        if not (0 < self.text_weight < math.inf):
+            raise ValueError(f"text_weight must be a finite number > 0, got {self.text_weight}")
 
     def lesson(self, r: float) -> str | None:
         """The lesson a uniform draw r in [0, 1) picks, shares taken in LESSONS order; None: the paper's retrieval."""
@@ -367,9 +368,8 @@ class ExampleBank:
         return build_sequence(*self._ids(doc_id, context, text_first), vocab, alpha=recipe.alpha, max_len=self.max_len)
 
     def sample(self, doc_id: str, vocab: Vocab, recipe: Recipe, rng: np.random.Generator) -> Sequence:
-        seq = build_sequence(*self.lesson(doc_id, recipe, rng), vocab, alpha=recipe.alpha, max_len=self.max_len,
-                             text_weight=recipe.text_weight)
-        return cm3_mask(seq, vocab, rng, mask_rate=recipe.mask_rate)
+        seq = build_sequence(*self.lesson(doc_id, recipe, rng), vocab, alpha=recipe.alpha, max_len=self.max_len)
+        return weigh_main_text(cm3_mask(seq, vocab, rng, mask_rate=recipe.mask_rate), vocab, recipe.text_weight)
 
 
 def batch(seqs: list[Sequence], vocab: Vocab, image_base: int, tokens_per_image: int,

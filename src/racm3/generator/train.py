@@ -296,6 +296,38 @@ def _check_architecture(state: dict, gen_cfg, vocab, n_img: int, fsq_levels, ckp
                          "the preset the run started with, or train into a new folder")
 
 
+# GeneratorConfig fields that say what a position means: weights trained under other values have the same shapes
+# (the architecture check passes) but would read every position differently
+POSITION_FIELDS = ("image_base", "text_after_image")
+
+
+def _check_positions(trained: dict, gen_cfg, where: Path, preset: str) -> None:
+    """Refuse (ValueError, one line) weights trained under other position rules than preset's; a field the
+    trained settings lack is taken at its default (runs from before the field)."""
+    from racm3.generator.model import GeneratorConfig
+
+    defaults, asked = asdict(GeneratorConfig()), asdict(gen_cfg)
+    for name in POSITION_FIELDS:
+        had = trained.get(name, defaults[name])
+        if had != asked[name]:
+            raise ValueError(f"{where}: trained with {name} {had!r}, but preset {preset} has {asked[name]!r} (the same "
+                             "weights would read every position differently): use the preset it was trained with, "
+                             "or train into a new folder")
+
+
+def _trained_generator(ckpt: dict, out: Path) -> dict:
+    """The GeneratorConfig fields a checkpoint was trained with: its own, or (checkpoints from before they held
+    them) those of the generator saved beside it; {} where there is neither."""
+    from racm3.generator.model import RACM3_FILE
+
+    if "generator" in ckpt:
+        return ckpt["generator"]
+    try:
+        return json.loads((out / RACM3_FILE).read_text()).get("generator", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
 def _initial_weights(cfg: TrainConfig, gen_cfg, mt: MultimodalTokenizer) -> dict:
     """The weights of the generator folder cfg.init_from, refused in one line where its tokenizers (and their image
     codes) or its architecture are not this run's."""
@@ -303,6 +335,7 @@ def _initial_weights(cfg: TrainConfig, gen_cfg, mt: MultimodalTokenizer) -> dict
 
     start = load_generator(cfg.init_from)
     check_vocab(start, mt.vocab, mt.tokens_per_image, f"{cfg.init_from} (--init-from)", mt.image_code_fingerprint())
+    _check_positions(start.racm3["generator"], gen_cfg, Path(cfg.init_from), cfg.preset)
     state = start.state_dict()
     _check_architecture(state, gen_cfg, mt.vocab, mt.tokens_per_image, mt.image.config.fsq_levels,
                         Path(cfg.init_from), cfg.preset)
@@ -370,6 +403,7 @@ def train(cfg: TrainConfig) -> dict:
     gen_cfg = get_preset(cfg.preset)
     if ckpt is not None:  # also before the precomputation: the checkpoint must fit the model this run builds
         _check_architecture(ckpt["model"], gen_cfg, vocab, n_img, mt.image.config.fsq_levels, ckpt_path, cfg.preset)
+        _check_positions(_trained_generator(ckpt, out), gen_cfg, ckpt_path, cfg.preset)
     # fine-tuning: the starting weights, checked before the precomputation too (a resumed run has its own)
     start = _initial_weights(cfg, gen_cfg, mt) if cfg.init_from is not None and ckpt is None else None
 
@@ -450,7 +484,7 @@ def train(cfg: TrainConfig) -> dict:
                             **{name.split("_")[0]: f"{last[name]:.2f}" for name in BENEFITS if name in last})
         if step % cfg.save_every == 0 or step == cfg.steps:
             save_checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                             "recipe": asdict(recipe)}, ckpt_path)
+                             "recipe": asdict(recipe), "generator": asdict(gen_cfg)}, ckpt_path)
             save_generator(model, out, dtype=getattr(torch, cfg.save_dtype))
         if cfg.snapshot_every and step % cfg.snapshot_every == 0:
             save_generator(model, out / f"step-{step}", dtype=getattr(torch, cfg.save_dtype))

@@ -17,6 +17,8 @@ included) and k for the main document and <eos>.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Sequence as Seq
 
@@ -97,11 +99,8 @@ def context_ids(documents: Seq[Seq[int]], vocab: Vocab) -> list[int]:
 
 
 def build_sequence(main: list[int], retrieved: list[list[int]], vocab: Vocab, alpha: float = 0.1,
-                   max_len: int | None = None, text_weight: float = 1.0) -> Sequence:
+                   max_len: int | None = None) -> Sequence:
     """<bos> [<doc> r1 </doc>] ... main <eos>, with weights (0 / alpha / 1) and doc_index.
-
-    text_weight is the loss weight of the main document's text tokens (its image codes and specials keep 1):
-    a caption is ~10 tokens beside an image's 256 codes, so at 1 captions carry ~4% of the main loss.
 
     Over max_len, retrieved documents are dropped, the last first (the retriever ranks best first), until
     the sequence fits. Only when no retrieved document is left is the main document truncated: at the end,
@@ -111,8 +110,6 @@ def build_sequence(main: list[int], retrieved: list[list[int]], vocab: Vocab, al
         raise ValueError("the main document has no tokens")
     if not 0.0 <= alpha:
         raise ValueError(f"alpha must be >= 0, got {alpha}")
-    if not 0.0 < text_weight:
-        raise ValueError(f"text_weight must be > 0, got {text_weight}")
     main = list(main)
     retrieved = [list(r) for r in retrieved[:fit_documents([len(r) for r in retrieved], len(main) + 1, max_len)]]
     eos = True
@@ -127,13 +124,27 @@ def build_sequence(main: list[int], retrieved: list[list[int]], vocab: Vocab, al
         weights += [alpha] * (len(r) + 2)  # the <doc> wrappers belong to their document
         doc_index += [j] * (len(r) + 2)
     ids += main
-    weights += [text_weight if vocab.is_text(t) else 1.0 for t in main]
+    weights += [1.0] * len(main)
     doc_index += [k] * len(main)
     if eos:
         ids.append(vocab.eos_id)
         weights.append(1.0)
         doc_index.append(k)
     return Sequence(ids, weights, doc_index)
+
+
+def weigh_main_text(seq: Sequence, vocab: Vocab, text_weight: float) -> Sequence:
+    """seq with the main document's text tokens weighing text_weight in the loss (its image codes, specials and
+    mask sentinels keep theirs). A caption is ~10 tokens beside an image's 256 codes, so at 1 captions carry ~4%
+    of the main loss. Applied after CM3 masking, so a masked caption span's tokens are weighed wherever they sit."""
+    if not (0.0 < text_weight < math.inf):
+        raise ValueError(f"text_weight must be a finite number > 0, got {text_weight}")
+    if text_weight == 1.0:
+        return seq
+    main = max(seq.doc_index)
+    weights = [w * text_weight if d == main and vocab.is_text(t) else w
+               for t, w, d in zip(seq.ids, seq.weights, seq.doc_index)]
+    return Sequence(seq.ids, weights, seq.doc_index)
 
 
 @dataclass(frozen=True)
@@ -360,7 +371,8 @@ def position_ids(ids: Seq[int] | torch.Tensor, vocab: Vocab, image_base: int = D
     </img> gets image_base + N and the j-th token of the text run that follows (text tokens and in-text
     sentinels, up to any other token) image_base + N + 1 + j, so copying a retrieved document's caption is the
     same one-step lookup as copying its image; a masked span of that run re-emitted in the tail continues from
-    its sentinel's position. Text before an image (caption -> image) keeps its plain positions, which tell
+    its sentinel's position, and the text after the hole from the sentinel's + 1 (unlike an image's, a text
+    span's length is not known while decoding, so it cannot be skipped). Text before an image (caption -> image) keeps its plain positions, which tell
     the documents apart.
     """
     if text_after_image not in TEXT_AFTER_IMAGE:
