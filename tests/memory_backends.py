@@ -61,3 +61,19 @@ def memories():
     yield Factory
     for memory in reversed(opened):
         memory.close()
+
+
+def write_cli_set(root) -> tuple:
+    """(encoder folder, dataset folder) under root: an untrained 16-px emoji tower and five one-colour captioned
+    documents, what the memory CLI tests build memories of."""
+    from PIL import Image
+
+    from racm3.documents import Document, write_jsonl_dataset
+    from racm3.retrieval.encoder import EmojiEncoder, ImageTowerConfig
+
+    EmojiEncoder.untrained(ImageTowerConfig(image_size=16, widths=(8, 16))).save_pretrained(root / "enc")
+    captions = ["flag: France", "pizza", "thumbs up", "red apple", "sun with face"]
+    docs = [Document(f"e{i}", (Image.new("RGB", (16, 16), (40 * i, 80, 200)), c), {"split": "train"})
+            for i, c in enumerate(captions)]
+    write_jsonl_dataset(docs, root / "data")
+    return root / "enc", root / "data"

@@ -21,8 +21,20 @@ from PIL import Image
 
 from racm3.documents import Document
 from racm3.retrieval.backends import open_memory, open_or_create_memory
-from racm3.retrieval.memory import INDEX, INFO, EncoderMismatch, Memory, MemoryFolderError
-from tests.memory_backends import BACKENDS, backends_and_indexes, loads_images, location
+from racm3.retrieval.memory import (
+    INDEX,
+    INFO,
+    EncoderMismatch,
+    Memory,
+    MemoryFolderError,
+)
+from tests.memory_backends import (
+    BACKENDS,
+    backends_and_indexes,
+    loads_images,
+    location,
+    write_cli_set,
+)
 
 DIM = 8
 
@@ -424,15 +436,9 @@ def test_memory_cli_build_info_search_remove(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     from racm3.cli import app
-    from racm3.documents import write_jsonl_dataset
     from racm3.retrieval.encoder import EmojiEncoder, ImageTowerConfig
 
-    enc_dir = tmp_path / "enc"
-    EmojiEncoder.untrained(ImageTowerConfig(image_size=16, widths=(8, 16))).save_pretrained(enc_dir)
-    captions = ["flag: France", "pizza", "thumbs up", "red apple", "sun with face"]
-    docs = [Document(f"e{i}", (Image.new("RGB", (16, 16), (40 * i, 80, 200)), c), {"split": "train"})
-            for i, c in enumerate(captions)]
-    write_jsonl_dataset(docs, tmp_path / "data")
+    enc_dir, _ = write_cli_set(tmp_path)
     monkeypatch.setenv("RACM3_CACHE", str(tmp_path / "cache"))  # the hits' images go to $RACM3_CACHE/hits
     run = CliRunner().invoke
     mem = str(tmp_path / "mem")
@@ -464,14 +470,9 @@ def cli(tmp_path_factory):
     from typer.testing import CliRunner
 
     from racm3.cli import app
-    from racm3.documents import write_jsonl_dataset
-    from racm3.retrieval.encoder import EmojiEncoder, ImageTowerConfig
 
     root = tmp_path_factory.mktemp("cli")
-    EmojiEncoder.untrained(ImageTowerConfig(image_size=16, widths=(8, 16))).save_pretrained(root / "enc")
-    docs = [Document(f"e{i}", (Image.new("RGB", (16, 16), (40 * i, 80, 200)), c), {"split": "train"})
-            for i, c in enumerate(["flag: France", "pizza", "thumbs up", "red apple", "sun with face"])]
-    write_jsonl_dataset(docs, root / "data")
+    write_cli_set(root)
     runner = CliRunner()
 
     def run(*args: str):

@@ -18,7 +18,16 @@ import numpy as np
 import pytest
 
 from racm3.documents import Document
-from racm3.retrieval.memory import COMPACT, INDEX, INFO, LOCK, ONDISK, Memory, _check_new_memory
+from racm3.retrieval.memory import (
+    COMPACT,
+    INDEX,
+    INFO,
+    LOCK,
+    ONDISK,
+    Memory,
+    _check_new_memory,
+)
+from tests.memory_backends import write_cli_set
 
 DIM = 32
 ROOT = Path(__file__).resolve().parent.parent
@@ -390,18 +399,11 @@ def test_milvus_memories_refuse_it_before_connecting():
 
 
 def test_memory_cli_builds_and_searches_an_ivf_ondisk_memory(tmp_path, monkeypatch):
-    from PIL import Image
     from typer.testing import CliRunner
 
     from racm3.cli import app
-    from racm3.documents import write_jsonl_dataset
-    from racm3.retrieval.encoder import EmojiEncoder, ImageTowerConfig
 
-    EmojiEncoder.untrained(ImageTowerConfig(image_size=16, widths=(8, 16))).save_pretrained(tmp_path / "enc")
-    captions = ["flag: France", "pizza", "thumbs up", "red apple", "sun with face"]
-    docs = [Document(f"e{i}", (Image.new("RGB", (16, 16), (40 * i, 80, 200)), c), {"split": "train"})
-            for i, c in enumerate(captions)]
-    write_jsonl_dataset(docs, tmp_path / "data")
+    write_cli_set(tmp_path)
     monkeypatch.setenv("RACM3_CACHE", str(tmp_path / "cache"))  # the hits' images go to $RACM3_CACHE/hits
     run = CliRunner().invoke
     mem = tmp_path / "mem"
