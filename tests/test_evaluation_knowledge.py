@@ -57,7 +57,8 @@ class CopyingModel:
         q = self.encoder.embed_text([query]) if isinstance(query, str) else self.encoder.embed_image([query])
         return memory.search(q, k, exclude_ids=[exclude_ids])[0]
 
-    def generate_image(self, text, memory=None, k=2, num_samples=4, guidance=3.0, seed=0, demos=None, exclude_ids=()):
+    def generate_image(self, text, memory=None, k=2, num_samples=4, guidance=3.0, temperature=1.0, seed=0, demos=None,
+                       exclude_ids=()):
         hits = self.retrieve(text, memory, k, exclude_ids) if memory is not None and k > 0 else []
         image = hits[0].document.image if hits else drawing("black", "twemoji")
         return Output(image=image, samples=[image], scores=[1.0], sources=hits, seconds=0.01)

@@ -869,6 +869,7 @@ def eval_knowledge_cmd(
     limit: int = typer.Option(100, help="Held-out query documents (one per concept first)."),
     samples: int = typer.Option(4, help="Samples per output, reranked by the encoder."),
     guidance: float = typer.Option(3.0, help="Classifier-free guidance for caption->image."),
+    temperature: float = typer.Option(1.0, help="Sampling temperature of caption->image's codes."),
     caption_rerank: str = typer.Option("image", help="How image->caption keeps one sample: image (the paper's "
                                        "caption-image score) or source (similarity to the best-matching source's caption)."),
     rows: Optional[str] = typer.Option(None, help="Comma-separated rows to run; default: all seven."),
@@ -888,7 +889,7 @@ def eval_knowledge_cmd(
         torch.set_num_threads(threads)
     log = lambda m: typer.echo(m, err=True)  # noqa: E731  progress on stderr keeps --json clean
     with _user_errors():
-        cfg = KnowledgeConfig(limit=limit, samples=samples, guidance=guidance, seed=seed, fid=fid,
+        cfg = KnowledgeConfig(limit=limit, samples=samples, guidance=guidance, temperature=temperature, seed=seed, fid=fid,
                               caption_rerank=caption_rerank,
                               rows=tuple(r.strip() for r in rows.split(",")) if rows else ROWS)
         result = knowledge(model, baseline, memory, dataset, cfg, log=log, judge_encoder_dir=judge_encoder)

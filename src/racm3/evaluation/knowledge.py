@@ -35,6 +35,7 @@ class KnowledgeConfig:
     limit: int = 100  # held-out query documents (one concept each while concepts last)
     samples: int = 4  # samples per output, reranked by the encoder (the CLI's default is 8; 4 keeps --limit 100 short)
     guidance: float = 3.0  # classifier-free guidance for caption->image
+    temperature: float = 1.0  # sampling temperature of caption->image's codes (generate_image's default)
     seed: int = 0
     rows: tuple[str, ...] = ROWS
     directions: tuple[str, ...] = DIRECTIONS
@@ -44,6 +45,8 @@ class KnowledgeConfig:
     def __post_init__(self) -> None:
         if self.caption_rerank not in ("image", "source"):
             raise ValueError(f"caption_rerank must be 'image' or 'source', got {self.caption_rerank!r}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.limit < 1 or self.samples < 1:
             raise ValueError(f"limit and samples must be >= 1 (got {self.limit}, {self.samples})")
         self.rows, self.directions = tuple(self.rows), tuple(self.directions)
@@ -132,7 +135,8 @@ def run_row(row: str, model, baseline, memory, queries: Sequence[Document], meta
                 image, hits, secs = _retrieval_answer(model, q.text, memory, "image", hidden)
             else:
                 out = gen.generate_image(q.text, memory=mem, k=k, num_samples=config.samples,
-                                         guidance=config.guidance, seed=config.seed + n, exclude_ids=hidden)
+                                         guidance=config.guidance, temperature=config.temperature,
+                                         seed=config.seed + n, exclude_ids=hidden)
                 image, hits, secs = out.image, out.sources, out.seconds
             images.append(image)
             t_img.append(secs)
