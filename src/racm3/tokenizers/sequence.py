@@ -372,8 +372,8 @@ def position_ids(ids: Seq[int] | torch.Tensor, vocab: Vocab, image_base: int = D
     sentinels, up to any other token) image_base + N + 1 + j, so copying a retrieved document's caption is the
     same one-step lookup as copying its image; a masked span of that run re-emitted in the tail continues from
     its sentinel's position, and the text after the hole from the sentinel's + 1 (unlike an image's, a text
-    span's length is not known while decoding, so it cannot be skipped). Text before an image (caption -> image) keeps its plain positions, which tell
-    the documents apart.
+    span's length is not known while decoding, so it cannot be skipped). Text before an image (caption ->
+    image) keeps its plain positions, which tell the documents apart.
     """
     if text_after_image not in TEXT_AFTER_IMAGE:
         raise ValueError(f"text_after_image must be one of {TEXT_AFTER_IMAGE}, got {text_after_image!r}")
@@ -384,6 +384,7 @@ def position_ids(ids: Seq[int] | torch.Tensor, vocab: Vocab, image_base: int = D
     first, tail_start, tail = _parse_tail(ids, vocab)
     pos = list(range(len(ids)))
     start_cell: dict[int, int] = {}
+    cells: dict[int, int] = {}  # each image's cell count, by the index of its </img>
     images = _image_spans(ids[:tail_start], vocab)
     for open_t, close_t in images:
         inner = range(open_t + 1, close_t)
@@ -405,28 +406,26 @@ def position_ids(ids: Seq[int] | torch.Tensor, vocab: Vocab, image_base: int = D
                     c += tail[i][1] - tail[i][0]
                 else:
                     raise ValueError(f"<mask:{i}> inside an image: pass tokens_per_image to place the codes after it")
+        cells[close_t] = c
     for i, (s, e) in tail.items():
         if i in start_cell:
             for j, t in enumerate(range(s, e)):
                 if vocab.is_image(ids[t]):
                     pos[t] = image_base + start_cell[i] + j
     if text_after_image == "aligned":
-        _align_text_after_images(ids, pos, vocab, image_base, tokens_per_image, tail_start, tail, images)
+        _align_text_after_images(ids, pos, vocab, image_base, tokens_per_image, tail_start, tail, cells)
     return torch.tensor(pos, dtype=torch.long)
 
 
 def _align_text_after_images(ids: list[int], pos: list[int], vocab: Vocab, image_base: int,
                              tokens_per_image: int | None, tail_start: int, tail: dict[int, tuple[int, int]],
-                             images: list[tuple[int, int]]) -> None:
-    """text_after_image="aligned", in place (see position_ids)."""
+                             cells: dict[int, int]) -> None:
+    """text_after_image="aligned", in place (see position_ids); cells: each image's cell count by its </img>."""
     sentinel_at: dict[int, int] = {}  # sentinel i of an aligned text run: its position
-    for open_t, close_t in images:
+    for close_t, counted in cells.items():
         if close_t >= tail_start:
             continue  # an image still being written: no text after it yet
-        n = tokens_per_image if tokens_per_image is not None else sum(
-            1 for t in range(open_t + 1, close_t) if vocab.is_image(ids[t])) + sum(
-            tail[vocab.mask_index(ids[t])][1] - tail[vocab.mask_index(ids[t])][0]
-            for t in range(open_t + 1, close_t) if vocab.is_mask(ids[t]) and vocab.mask_index(ids[t]) in tail)
+        n = tokens_per_image if tokens_per_image is not None else counted
         pos[close_t] = image_base + n
         t = close_t + 1
         while t < tail_start and (vocab.is_text(ids[t]) or vocab.is_mask(ids[t])):
