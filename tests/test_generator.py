@@ -43,6 +43,27 @@ def test_loss_is_main_plus_alpha_retrieved():
     assert math.isclose(float(parts["retrieved"]), (nll[0] + nll[1]) / 2, rel_tol=1e-5)
 
 
+def test_a_padded_batch_scores_each_sequence_as_it_scores_alone(trained):
+    """token_nll passes no padding mask (collate pads on the right; causal attention keeps real tokens off the
+    pads): every real token's NLL in a batch of different lengths equals that sequence's NLL on its own."""
+    from racm3.generator.data import batch
+    from racm3.generator.loss import token_nll
+
+    root, _, mt, model = trained
+    docs = tokenize_documents(shape_documents(), mt)
+    bank = ExampleBank(docs, max_len=model.racm3["generator"]["max_len"])
+    rng = np.random.default_rng(0)
+    seqs = [bank.sample(bank.ids[i], mt.vocab, RECIPES["v1"], rng) for i in (0, 3, 5)]
+    lengths = [len(s) for s in seqs]
+    assert len(set(lengths)) > 1, lengths  # the batch really is padded
+    args = (mt.vocab, model.racm3["generator"]["image_base"], mt.tokens_per_image)
+    with torch.no_grad():
+        together = token_nll(model, batch(seqs, *args))
+        for b, s in enumerate(seqs):
+            alone = token_nll(model, batch([s], *args))[0]
+            torch.testing.assert_close(together[b, : len(s) - 1], alone, rtol=1e-4, atol=1e-4)
+
+
 def test_training_lowers_the_loss_well_below_chance(trained):
     root, cfg, mt, _ = trained
     log = [json.loads(line) for line in (root / "run" / "train_log.jsonl").read_text().splitlines()]
