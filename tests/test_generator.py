@@ -64,6 +64,25 @@ def test_a_padded_batch_scores_each_sequence_as_it_scores_alone(trained):
             torch.testing.assert_close(together[b, : len(s) - 1], alone, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("temperature", [0.3, 0.6, 4.0])  # nuclei of a few ids to thousands (the full sort)
+def test_top_p_keeps_the_smallest_set_whose_mass_reaches_p(temperature):
+    from racm3.generator.decode import NUCLEUS_FIRST_TRY, filter_top
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 5000, generator=g) * 3 / temperature
+    logits[:, :500] = float("-inf")  # disallowed ids (another modality) never enter the nucleus
+    logp = torch.log_softmax(logits, -1)
+    kept = ~torch.isinf(filter_top(logp, 0, 0.9))
+    probs = logp.exp()
+    for b in range(6):  # the reference: sort everything, keep ids while the mass before them is below p
+        p, order = torch.sort(probs[b], descending=True)
+        n = int(((p.cumsum(0) - p) < 0.9).sum())
+        assert set(order[:n].tolist()) == set(kept[b].nonzero().flatten().tolist())
+        assert probs[b][kept[b]].sum() >= 0.9 - 1e-5 and not kept[b, :500].any()
+    sizes = kept.sum(-1)
+    assert (sizes.max() > NUCLEUS_FIRST_TRY) == (temperature == 4.0), sizes  # both paths are exercised
+
+
 def test_training_lowers_the_loss_well_below_chance(trained):
     root, cfg, mt, _ = trained
     log = [json.loads(line) for line in (root / "run" / "train_log.jsonl").read_text().splitlines()]
@@ -158,11 +177,12 @@ def test_kv_cache_decoding_equals_full_recompute(trained):
     _, _, mt, model = trained
     base = model.racm3["generator"]["image_base"]
     n = mt.tokens_per_image
-    prompts = [_prompts(mt, model, "red circle", ["filled-red-circle"]), _prompts(mt, model, "blue bar")]
+    one, other = _prompts(mt, model, "red circle", ["filled-red-circle"]), _prompts(mt, model, "blue bar")
+    prompts = [one, other, one]  # a repeated prompt is prefilled once and its cache rows copied: same codes
     greedy = Sampling(temperature=0)
     cached = generate_image_codes(model, mt.vocab, prompts, n, base, greedy, use_cache=True)
     full = generate_image_codes(model, mt.vocab, prompts, n, base, greedy, use_cache=False)
-    assert torch.equal(cached, full)
+    assert torch.equal(cached, full) and torch.equal(cached[0], cached[2])
     # and for text, after an image, with a retrieved document before it (two prompts of different lengths)
     v = mt.vocab
     img = [v.img_id, *v.image_to_vocab(cached[0].tolist()), v.img_end_id]

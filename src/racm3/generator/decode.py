@@ -60,18 +60,27 @@ def guide(cond: torch.Tensor, uncond: torch.Tensor | None, scale: float) -> torc
     return mixed.masked_fill(torch.isinf(cond), float("-inf"))
 
 
+NUCLEUS_FIRST_TRY = 256  # ids searched for the top-p nucleus before a full sort
+
+
 def filter_top(logp: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """Keep the top_k ids and the smallest set whose probability reaches top_p; others get -inf."""
     if top_k > 0:
         kth = torch.topk(logp, min(top_k, logp.shape[-1]), dim=-1).values[..., -1:]
         logp = logp.masked_fill(logp < kth, float("-inf"))
     if top_p < 1.0:
-        sorted_lp, order = torch.sort(logp, descending=True, dim=-1)
-        probs = torch.softmax(sorted_lp, dim=-1)
-        # drop an id when the mass before it already reaches top_p (the first id is always kept)
-        drop_sorted = probs.cumsum(-1) - probs >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logp = logp.masked_fill(drop, float("-inf"))
+        # The nucleus is rarely more than a few hundred ids: look for it among the top 256 (a partial sort,
+        # ~8x cheaper than sorting 17k ids) and sort everything only when some row's top 256 fall short of top_p.
+        V = logp.shape[-1]
+        for m in (min(NUCLEUS_FIRST_TRY, V), V):
+            top, order = torch.topk(logp, m, dim=-1)  # descending
+            probs = torch.softmax(top, dim=-1) if m == V else torch.softmax(logp, dim=-1).gather(-1, order)
+            cum = probs.cumsum(-1)
+            if m == V or bool((cum[..., -1] >= top_p).all()):  # one host sync per decoding step
+                break
+        # keep an id while the mass before it is below top_p (the first id is always kept); past the top m, none
+        keep = torch.zeros_like(logp, dtype=torch.bool).scatter(-1, order, cum - probs < top_p)
+        logp = logp.masked_fill(~keep, float("-inf"))
     return logp
 
 
@@ -116,12 +125,23 @@ class Streams:
         self.next_text = torch.tensor(next_text, device=device)
         self.length, self.capacity = T, total
         self.cache = StaticCache(config=model.config, max_cache_len=total) if use_cache else None
-        self.logits = self._forward(self.ids[:, :T], self.pos[:, :T])
+        if use_cache:
+            # samples share their prompt (and guidance's copies theirs): each distinct prompt is prefilled once
+            # and its cache rows copied to every stream that starts from it (8 samples: an 8x smaller prefill)
+            index: dict[tuple[int, ...], int] = {}
+            inverse = [index.setdefault(tuple(p), len(index)) for p in prompts]
+            first = [inverse.index(u) for u in range(len(index))]
+            logits = self._forward(self.ids[first, :T], self.pos[first, :T], rows=first)
+            rows = torch.tensor(inverse, device=device)
+            self.cache.reorder_cache(rows)  # the cache's public row gather (beam search's)
+            self.logits = logits[rows]
+        else:
+            self.logits = self._forward(self.ids[:, :T], self.pos[:, :T])
 
     @torch.no_grad()
-    def _forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, rows: list[int] | None = None) -> torch.Tensor:
         n, start = ids.shape[1], self.length - ids.shape[1]
-        mask = self.mask[:, :self.length]
+        mask = self.mask[:, :self.length] if rows is None else self.mask[rows, :self.length]
         if self.use_cache:
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
                              cache_position=torch.arange(start, start + n, device=ids.device), **{_CACHE_ARG: self.cache})
