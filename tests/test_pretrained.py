@@ -40,3 +40,35 @@ def test_shipped_folder_is_small_and_complete():
     fingerprint = ImageTokenizer.from_pretrained(root / "image_tokenizer").code_fingerprint()
     for name in ("generator", "generator_k0"):
         assert json.loads((root / name / "racm3.json").read_text())["image_codes"] == fingerprint
+
+
+def test_a_model_folder_carries_its_default_temperatures(tiny_model_dir, tmp_path):
+    """sampling.json (written by assemble) sets what generate_image and generate_text sample at unless told."""
+    import json
+
+    from racm3.errors import ModelFolderError
+    from racm3.retrieval.memory import Memory
+
+    src, memory_dir = tiny_model_dir
+    out = assemble(tmp_path / "m", text_tokenizer=src / "text_tokenizer", image_tokenizer=src / "image_tokenizer",
+                   encoder=src / "encoder", generator=src / "generator")
+    assert RACM3.from_pretrained(out).sampling == {"image_temperature": 1.0, "text_temperature": 0.7}  # no file
+    assemble(out, sampling={"image_temperature": 0.3})
+    assemble(out, sampling={"text_temperature": 0.2})  # merged with what is there
+    assert json.loads((out / "sampling.json").read_text()) == {"image_temperature": 0.3, "text_temperature": 0.2}
+    model = RACM3.from_pretrained(out)
+    with Memory.open(memory_dir) as memory:
+        run = dict(memory=memory, k=1, num_samples=3, seed=5)
+        default = model.generate_image("red circle", **run).codes
+        assert torch.equal(default, model.generate_image("red circle", temperature=0.3, **run).codes)
+        assert not torch.equal(default, model.generate_image("red circle", temperature=3.0, **run).codes)
+        picture = model.generate_image("red circle", **run).image
+        captions = model.generate_text(picture, **run).samples
+        assert captions == model.generate_text(picture, temperature=0.2, **run).samples
+    # a bad value is refused before anything is written, and a broken file when the folder loads
+    with pytest.raises(ValueError, match="image_temperature"):
+        assemble(out, sampling={"image_temperature": -1.0})
+    assert json.loads((out / "sampling.json").read_text())["image_temperature"] == 0.3
+    (out / "sampling.json").write_text('{"image_temperature": "hot"}')
+    with pytest.raises(ModelFolderError, match="sampling.json.*image_temperature"):
+        RACM3.from_pretrained(out)

@@ -490,13 +490,18 @@ def train_assemble_cmd(
     encoder: Optional[Path] = typer.Option(None, help="Trained encoder folder."),
     generator: Optional[Path] = typer.Option(None, help="Trained RA-CM3 generator folder."),
     baseline: Optional[Path] = typer.Option(None, help="Trained no-retrieval (--k 0) generator folder."),
+    image_temperature: Optional[float] = typer.Option(None, help="The folder's default sampling temperature for "
+                                                      "images (sampling.json; 1.0 without one)."),
+    text_temperature: Optional[float] = typer.Option(None, help="The same for text (0.7 without one)."),
 ) -> None:
     """Put trained components into one model folder (weights and configs only); others already there stay."""
     from racm3.pretrained import assemble
 
+    sampling = {k_: v for k_, v in (("image_temperature", image_temperature), ("text_temperature", text_temperature))
+                if v is not None}
     with _user_errors():
-        path = assemble(out_dir, text_tokenizer=text_tokenizer, image_tokenizer=image_tokenizer, encoder=encoder,
-                        generator=generator, generator_k0=baseline)
+        path = assemble(out_dir, sampling=sampling, text_tokenizer=text_tokenizer, image_tokenizer=image_tokenizer,
+                        encoder=encoder, generator=generator, generator_k0=baseline)
     typer.echo(f"assembled {path}")
 
 
@@ -623,7 +628,7 @@ def _slug(text: str) -> str:
 
 
 
-def check_generate_options(*, samples: int, temperature: float, k: int, seed: int, guidance: float | None = None,
+def check_generate_options(*, samples: int, temperature: float | None, k: int, seed: int, guidance: float | None = None,
                            top_p: float | None = None, caption: str | None = None) -> None:
     """Refuse option values the generate commands cannot use, one line naming the option (exit 1).
 
@@ -637,7 +642,7 @@ def check_generate_options(*, samples: int, temperature: float, k: int, seed: in
         _fail(f"-k must be 0 (no retrieval) or more documents, got {k}")
     if not 0 <= seed <= MAX_SEED:
         _fail(f"--seed must be between 0 and {MAX_SEED}, got {seed}")
-    if not temperature_ok(temperature):
+    if temperature is not None and not temperature_ok(temperature):
         _fail(f"--temperature must be {TEMPERATURE_RULE}, "
               f"got {temperature}")
     if guidance is not None and not (math.isfinite(guidance) and 0 <= guidance <= MAX_GUIDANCE):
@@ -728,6 +733,10 @@ def save_output_image(image, path: Path, replace: bool) -> Path:
         Path(tmp_name).unlink(missing_ok=True)
 
 
+TEMPERATURE_HELP = ("Sampling temperature (0 = greedy); default: the model folder's (its sampling.json; else 1.0 for "
+                    "an image, 0.7 for text).")
+
+
 @generate_app.command("image")
 def generate_image_cmd(
     caption: str = typer.Argument(..., help="What to draw, e.g. 'flag: France'."),
@@ -736,7 +745,7 @@ def generate_image_cmd(
     k: int = typer.Option(2, "-k", "--k", help="Documents retrieved into the context (0 = no retrieval)."),
     samples: int = typer.Option(8, help=f"Images sampled (1-{MAX_SAMPLES}); the best by the encoder's score is kept."),
     guidance: float = typer.Option(3.0, help="Classifier-free guidance scale (1 = off)."),
-    temperature: float = typer.Option(1.0, help="Sampling temperature (0 = greedy)."),
+    temperature: Optional[float] = typer.Option(None, help=TEMPERATURE_HELP),
     top_p: float = typer.Option(0.9, help="Nucleus sampling mass."),
     seed: int = typer.Option(0, help="Random seed."),
     out: Optional[Path] = typer.Option(None, help="Image to write (replaced if present); default "
@@ -775,7 +784,7 @@ def generate_text_cmd(
     k: int = typer.Option(2, "-k", "--k", help="Documents retrieved into the context (0 = no retrieval)."),
     samples: int = typer.Option(4, help=f"Captions sampled (1-{MAX_SAMPLES}); the best by the encoder's score is "
                                         "kept."),
-    temperature: float = typer.Option(0.7, help="Sampling temperature (0 = greedy)."),
+    temperature: Optional[float] = typer.Option(None, help=TEMPERATURE_HELP),
     seed: int = typer.Option(0, help="Random seed."),
     as_json: bool = typer.Option(False, "--json", help="Print {text, sources, seconds} as JSON."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
@@ -869,7 +878,8 @@ def eval_knowledge_cmd(
     limit: int = typer.Option(100, help="Held-out query documents (one per concept first)."),
     samples: int = typer.Option(4, help="Samples per output, reranked by the encoder."),
     guidance: float = typer.Option(3.0, help="Classifier-free guidance for caption->image."),
-    temperature: float = typer.Option(1.0, help="Sampling temperature of caption->image's codes."),
+    temperature: Optional[float] = typer.Option(None, help="Sampling temperature of caption->image's codes; "
+                                                "default: the model's (sampling.json, else 1.0)."),
     caption_rerank: str = typer.Option("image", help="How image->caption keeps one sample: image (the paper's "
                                        "caption-image score) or source (similarity to the best-matching source's caption)."),
     rows: Optional[str] = typer.Option(None, help="Comma-separated rows to run; default: all seven."),

@@ -66,8 +66,12 @@ class RACM3:
     the output lists those that were used.
     """
 
-    def __init__(self, tokenizer: MultimodalTokenizer, generator, encoder):
+    def __init__(self, tokenizer: MultimodalTokenizer, generator, encoder, sampling: dict[str, float] | None = None):
+        from racm3.pretrained import SAMPLING_DEFAULTS
+
         self.tokenizer, self.generator, self.encoder = tokenizer, generator, encoder
+        # default temperatures (image_temperature, text_temperature): the model folder's sampling.json
+        self.sampling = {**SAMPLING_DEFAULTS, **(sampling or {})}
         self.vocab = tokenizer.vocab
         check_vocab(generator, self.vocab, tokenizer.tokens_per_image, image_codes=tokenizer.image_code_fingerprint())
         self.image_base = int(generator.racm3["generator"]["image_base"])
@@ -85,7 +89,7 @@ class RACM3:
         decoding disagree on some tokens).
         """
         from racm3.generator.train import load_tokenizers
-        from racm3.pretrained import shipped_model_dir
+        from racm3.pretrained import read_sampling, shipped_model_dir
         from racm3.retrieval.encoder import load_encoder
         from racm3.runtime import resolve_device
 
@@ -94,7 +98,11 @@ class RACM3:
         if not root.is_dir():
             raise FileNotFoundError(f"{root}: no model folder here")
         gen = load_generator(root / generator).to(device=dev, dtype=dtype)
-        return cls(load_tokenizers(root), gen, load_encoder(root / "encoder").to(dev))
+        return cls(load_tokenizers(root), gen, load_encoder(root / "encoder").to(dev), read_sampling(root))
+
+    def _temperature(self, given: float | None, output: str) -> float:
+        """The temperature asked for, or the model's default for that output ("image" or "text")."""
+        return self.sampling[f"{output}_temperature"] if given is None else given
 
     def _random(self, seed: int) -> torch.Generator:
         """Sampling's random generator, on the device the logits are on (torch refuses a CPU one for CUDA)."""
@@ -153,11 +161,11 @@ class RACM3:
 
     # --- caption -> image ----------------------------------------------------------------------------
     def generate_image(self, text: str, memory: Memory | None = None, k: int = 2, num_samples: int = 8,
-                       guidance: float = 3.0, temperature: float = 1.0, top_k: int = 0, top_p: float = 0.9,
+                       guidance: float = 3.0, temperature: float | None = None, top_k: int = 0, top_p: float = 0.9,
                        seed: int = 0, demos: Sequence[Document] | None = None, rerank: str = "source",
                        exclude_ids: Iterable[str] = ()) -> Output:
         """Sample num_samples images for the caption and keep the best by the encoder's score; exclude_ids are
-        memory documents retrieval must not return.
+        memory documents retrieval must not return. temperature None: the model's (self.sampling).
 
         rerank="caption" is the paper's rule: the text-image score with the caption. rerank="source" (default)
         scores each sample by image similarity to the source whose caption matches the prompt best (the text
@@ -174,7 +182,7 @@ class RACM3:
                                                 v.text_to_vocab(self.tokenizer.text.encode(text)) + [v.img_id], n + 1,
                                                 uncond_query=[v.mask_id(0), v.img_id])
         codes = generate_image_codes(self.generator, v, [prompt.ids] * num_samples, n, self.image_base,
-                                     Sampling(temperature, top_k, top_p, guidance),
+                                     Sampling(self._temperature(temperature, "image"), top_k, top_p, guidance),
                                      uncond_prompts=[uncond.ids] * num_samples, generator=self._random(seed))
         with torch.no_grad():
             images = self.tokenizer.image.to_pil(self.tokenizer.image.decode(codes))
@@ -203,11 +211,11 @@ class RACM3:
 
     # --- image -> caption ----------------------------------------------------------------------------
     def generate_text(self, image: Image.Image, memory: Memory | None = None, k: int = 2, num_samples: int = 4,
-                      guidance: float = 1.0, temperature: float = 0.7, top_k: int = 0, top_p: float = 0.9,
+                      guidance: float = 1.0, temperature: float | None = None, top_k: int = 0, top_p: float = 0.9,
                       max_new_tokens: int = 32, seed: int = 0, demos: Sequence[Document] | None = None,
                       rerank: str = "image", exclude_ids: Iterable[str] = ()) -> Output:
         """Sample num_samples captions for the image and keep the best by the encoder's score; exclude_ids are
-        memory documents retrieval must not return.
+        memory documents retrieval must not return. temperature None: the model's (self.sampling).
 
         rerank="image" is the paper's rule: the text-image score of each caption with the query image.
         rerank="source" scores each caption by text similarity to the caption of the source whose image matches
@@ -226,7 +234,7 @@ class RACM3:
                                                 [v.img_id, *v.image_to_vocab(codes), v.img_end_id], max_new_tokens,
                                                 uncond_query=[v.img_id, v.mask_id(0), v.img_end_id])
         ids = generate_text_ids(self.generator, v, [prompt.ids] * num_samples, self.tokenizer.tokens_per_image,
-                                self.image_base, Sampling(temperature, top_k, top_p, guidance),
+                                self.image_base, Sampling(self._temperature(temperature, "text"), top_k, top_p, guidance),
                                 max_new_tokens=max_new_tokens, uncond_prompts=[uncond.ids] * num_samples,
                                 generator=self._random(seed))
         captions = [self.tokenizer.text.decode(v.vocab_to_text(t)).strip() or "?" for t in ids]
@@ -249,8 +257,8 @@ class RACM3:
         then `<img>` and N codes (an image), or text until `<eos>`: after an image a new text, after text its
         continuation (.text holds what follows the prompt's last text). The retrieval query is the prompt as a
         document, its vector the renormalised mean of its segments' vectors (the memory's rule); each sample is
-        scored by the encoder's cosine with that vector. temperature None: 1.0 for an image, 0.7 for text (the
-        defaults of generate_image and generate_text). No guidance: its unconditional stream masks the prompt in
+        scored by the encoder's cosine with that vector. temperature None: the model's for that output (as
+        generate_image and generate_text). No guidance: its unconditional stream masks the prompt in
         one span, and a training span never crosses a text/image boundary, so no such stream was ever trained.
         """
         if output not in ("image", "text"):
@@ -267,7 +275,7 @@ class RACM3:
         prompt, _, sources = self._prompts(self._context(doc, memory, k, demos, exclude_ids),
                                            isinstance(doc.segments[0], str), query, generate)
         target = self.encoder.embed_documents([doc])[0]
-        sampling = Sampling(temperature if temperature is not None else 1.0 if output == "image" else 0.7, top_k, top_p)
+        sampling = Sampling(self._temperature(temperature, output), top_k, top_p)
         made = None
         if output == "image":
             made = generate_image_codes(self.generator, v, [prompt.ids] * num_samples, n, self.image_base, sampling,
@@ -292,7 +300,7 @@ class RACM3:
 
     # --- infilling (CM3: the hole is a <mask:0> in place, its content generated after a trailing <mask:0>) -----
     def infill_image(self, image: Image.Image, rows: tuple[int, int], caption: str | None = None,
-                     memory: Memory | None = None, k: int = 2, num_samples: int = 4, temperature: float = 1.0,
+                     memory: Memory | None = None, k: int = 2, num_samples: int = 4, temperature: float | None = None,
                      top_p: float = 0.9, seed: int = 0, demos: Sequence[Document] | None = None) -> Output:
         """Redraw code-grid rows [r0, r1) of an image, given the rest of it (and its caption, if any).
 
@@ -315,7 +323,8 @@ class RACM3:
         prompt, _, sources = self._prompts(self._context(caption if caption is not None else image, memory, k, demos),
                                            True, text + hole + [v.mask_id(0)], count)
         new = generate_image_codes(self.generator, v, [prompt.ids] * num_samples, self.tokenizer.tokens_per_image,
-                                   self.image_base, Sampling(temperature, 0, top_p), generator=self._random(seed),
+                                   self.image_base, Sampling(self._temperature(temperature, "image"), 0, top_p),
+                                   generator=self._random(seed),
                                    n_codes=count, first_cell=first)
         full = codes.to(new.device).repeat(num_samples, 1)
         full[:, first:first + count] = new
@@ -328,7 +337,7 @@ class RACM3:
                       sources=sources, seconds=time.perf_counter() - t0, codes=full[order])
 
     def infill_text(self, image: Image.Image, before: str, after: str = "", memory: Memory | None = None, k: int = 2,
-                    num_samples: int = 4, temperature: float = 0.7, max_new_tokens: int = 16, seed: int = 0,
+                    num_samples: int = 4, temperature: float | None = None, max_new_tokens: int = 16, seed: int = 0,
                     demos: Sequence[Document] | None = None) -> Output:
         """Fill the blank between `before` and `after` in an image's caption ("flag: ___"); .text is the full caption."""
         t0 = time.perf_counter()
@@ -341,7 +350,8 @@ class RACM3:
         prompt, _, sources = self._prompts(self._context(image, memory, k, demos), False, img + hole + [v.mask_id(0)],
                                            max_new_tokens)
         ids = generate_text_ids(self.generator, v, [prompt.ids] * num_samples, self.tokenizer.tokens_per_image,
-                                self.image_base, Sampling(temperature, 0, 0.9), max_new_tokens=max_new_tokens,
+                                self.image_base, Sampling(self._temperature(temperature, "text"), 0, 0.9),
+                                max_new_tokens=max_new_tokens,
                                 generator=self._random(seed))
         # decode the whole caption at once: byte-level BPE pieces only join correctly in one sequence
         fills = [tt.decode(tt.encode(before) + v.vocab_to_text(t) + tt.encode(after)).strip() if before or after

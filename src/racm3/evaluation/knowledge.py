@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -35,7 +35,8 @@ class KnowledgeConfig:
     limit: int = 100  # held-out query documents (one concept each while concepts last)
     samples: int = 4  # samples per output, reranked by the encoder (the CLI's default is 8; 4 keeps --limit 100 short)
     guidance: float = 3.0  # classifier-free guidance for caption->image
-    temperature: float = 1.0  # sampling temperature of caption->image's codes (generate_image's default)
+    # sampling temperature of caption->image's codes, for every row alike; None: the RA model's (its sampling.json)
+    temperature: float | None = None
     seed: int = 0
     rows: tuple[str, ...] = ROWS
     directions: tuple[str, ...] = DIRECTIONS
@@ -45,7 +46,7 @@ class KnowledgeConfig:
     def __post_init__(self) -> None:
         if self.caption_rerank not in ("image", "source"):
             raise ValueError(f"caption_rerank must be 'image' or 'source', got {self.caption_rerank!r}")
-        if not self.temperature > 0:
+        if self.temperature is not None and not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.limit < 1 or self.samples < 1:
             raise ValueError(f"limit and samples must be >= 1 (got {self.limit}, {self.samples})")
@@ -199,6 +200,8 @@ def run_knowledge_benchmark(model, memory_dir: str | Path, docs: Sequence[Docume
     from racm3.retrieval.memory import Memory
 
     t_start = time.perf_counter()
+    if config.temperature is None:  # the RA model's default, given to the baseline too: one temperature per table
+        config = replace(config, temperature=getattr(model, "sampling", {}).get("image_temperature", 1.0))
     features_fn = features_fn or inception_features
     queries = select_queries(docs, config.limit, config.seed)
     concept_names = sorted({d.meta["concept"] for d in docs if d.meta.get("concept")})

@@ -39,8 +39,8 @@ MAX_K = 16  # documents per request; the generator's context refuses more than i
 PAGE_SIZE_MAX = 200
 
 
-def _check_temperature(value: float) -> float:
-    if not temperature_ok(value):
+def _check_temperature(value: float | None) -> float | None:
+    if value is not None and not temperature_ok(value):
         raise ValueError(f"must be {TEMPERATURE_RULE}")
     return value
 
@@ -52,7 +52,7 @@ class GenerateImageRequest(BaseModel):
     k: int = Field(2, ge=0, le=MAX_K, description="documents retrieved into the context (0: none)")
     samples: int = Field(4, ge=1, le=MAX_SAMPLES, description="images sampled; the best by the encoder's score first")
     guidance: float = Field(3.0, ge=0, le=MAX_GUIDANCE, description="classifier-free guidance scale (1: off)")
-    temperature: float = Field(1.0, description="0 (greedy) or 0.01-100")
+    temperature: float | None = Field(None, description="0 (greedy) or 0.01-100; default: the model's (sampling.json)")
     top_p: float = Field(0.9, gt=0, le=1)
     seed: int = Field(0, ge=0, le=MAX_SEED)
     demos: list[str] | None = Field(None, max_length=MAX_DEMOS,
@@ -237,7 +237,8 @@ def create_app(model, memory_path: str | Path, *, token: str | None = None, limi
     @app.post("/v1/generate/text", tags=["generate"])
     async def generate_text(image: UploadFile = File(..., description="the image to caption (PNG, JPEG, ...)"),
                             k: int = Form(2, ge=0, le=MAX_K), samples: int = Form(4, ge=1, le=MAX_SAMPLES),
-                            guidance: float = Form(1.0, ge=0, le=MAX_GUIDANCE), temperature: float = Form(0.7),
+                            guidance: float = Form(1.0, ge=0, le=MAX_GUIDANCE),
+                            temperature: float | None = Form(None, description="default: the model's (sampling.json)"),
                             top_p: float = Form(0.9, gt=0, le=1), seed: int = Form(0, ge=0, le=MAX_SEED),
                             max_new_tokens: int = Form(32, ge=1, le=64),
                             demos: list[str] = Form([], description="memory document ids: in-context examples")):
