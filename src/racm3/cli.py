@@ -883,6 +883,8 @@ def eval_knowledge_cmd(
     caption_rerank: str = typer.Option("image", help="How image->caption keeps one sample: image (the paper's "
                                        "caption-image score) or source (similarity to the best-matching source's caption)."),
     rows: Optional[str] = typer.Option(None, help="Comma-separated rows to run; default: all seven."),
+    directions: Optional[str] = typer.Option(None, help="caption_to_image, image_to_caption or both (comma-"
+                                             "separated); default: both."),
     fid: bool = typer.Option(True, "--fid/--no-fid", help="Inception FID of each row's images."),
     seed: int = typer.Option(0, help="Random seed (query choice and sampling)."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's)."),
@@ -893,7 +895,7 @@ def eval_knowledge_cmd(
 
     import torch
 
-    from racm3.evaluation.knowledge import ROWS, KnowledgeConfig, format_table, knowledge
+    from racm3.evaluation.knowledge import DIRECTIONS, ROWS, KnowledgeConfig, format_table, knowledge
 
     if threads is not None:
         torch.set_num_threads(threads)
@@ -901,7 +903,8 @@ def eval_knowledge_cmd(
     with _user_errors():
         cfg = KnowledgeConfig(limit=limit, samples=samples, guidance=guidance, temperature=temperature, seed=seed, fid=fid,
                               caption_rerank=caption_rerank,
-                              rows=tuple(r.strip() for r in rows.split(",")) if rows else ROWS)
+                              rows=tuple(r.strip() for r in rows.split(",")) if rows else ROWS,
+                              directions=tuple(d.strip() for d in directions.split(",")) if directions else DIRECTIONS)
         result = knowledge(model, baseline, memory, dataset, cfg, log=log, judge_encoder_dir=judge_encoder)
     if as_json:
         typer.echo(json.dumps(result, indent=2, ensure_ascii=False))
