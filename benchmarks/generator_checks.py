@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"caption_k{k:<10d} {rows[f'caption_k{k}']['name_accuracy']}", file=sys.stderr, flush=True)
     memory.close()
     result = {"rows": rows, "samples": args.samples, "rerank": args.rerank, "model": str(args.model or "shipped"),
-              "judge_encoder": judge_encoder.name}
+              "sampling": model.sampling, "judge_encoder": judge_encoder.name}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2, ensure_ascii=False))
     print(f"{'row':18s} {'judge':>6s} {'drawing judge':>14s} {'name':>6s} {'copied distractor':>18s} {'n':>4s}")

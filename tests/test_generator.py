@@ -45,7 +45,8 @@ def test_loss_is_main_plus_alpha_retrieved():
 
 def test_a_padded_batch_scores_each_sequence_as_it_scores_alone(trained):
     """token_nll passes no padding mask (collate pads on the right; causal attention keeps real tokens off the
-    pads): every real token's NLL in a batch of different lengths equals that sequence's NLL on its own."""
+    pads): every real token's NLL in a batch of different lengths equals that sequence's NLL on its own, and
+    the NLL the model gives with the batch's real padding mask."""
     from racm3.generator.data import batch
     from racm3.generator.loss import token_nll
 
@@ -58,7 +59,12 @@ def test_a_padded_batch_scores_each_sequence_as_it_scores_alone(trained):
     assert len(set(lengths)) > 1, lengths  # the batch really is padded
     args = (mt.vocab, model.racm3["generator"]["image_base"], mt.tokens_per_image)
     with torch.no_grad():
-        together = token_nll(model, batch(seqs, *args))
+        b_all = batch(seqs, *args)
+        together = token_nll(model, b_all)
+        masked = model(input_ids=b_all["input_ids"], attention_mask=b_all["attention_mask"],
+                       position_ids=b_all["position_ids"], use_cache=False, per_token_nll=True).loss
+        real = b_all["attention_mask"][:, 1:].bool()
+        torch.testing.assert_close(together[real], masked[real], rtol=1e-4, atol=1e-4)
         for b, s in enumerate(seqs):
             alone = token_nll(model, batch([s], *args))[0]
             torch.testing.assert_close(together[b, : len(s) - 1], alone, rtol=1e-4, atol=1e-4)

@@ -42,7 +42,7 @@ def test_shipped_folder_is_small_and_complete():
         assert json.loads((root / name / "racm3.json").read_text())["image_codes"] == fingerprint
 
 
-def test_a_model_folder_carries_its_default_temperatures(tiny_model_dir, tmp_path):
+def test_a_model_folder_carries_its_default_temperatures(tiny_model_dir, tmp_path, monkeypatch):
     """sampling.json (written by assemble) sets what generate_image and generate_text sample at unless told."""
     import json
 
@@ -63,11 +63,16 @@ def test_a_model_folder_carries_its_default_temperatures(tiny_model_dir, tmp_pat
         assert torch.equal(default, model.generate_image("red circle", temperature=0.3, **run).codes)
         assert not torch.equal(default, model.generate_image("red circle", temperature=3.0, **run).codes)
         picture = model.generate_image("red circle", **run).image
-        captions = model.generate_text(picture, **run).samples
-        assert captions == model.generate_text(picture, temperature=0.2, **run).samples
+        import racm3.pipeline
+
+        seen, decode = [], racm3.pipeline.generate_text_ids  # the Sampling text decoding is handed
+        monkeypatch.setattr(racm3.pipeline, "generate_text_ids", lambda *a, **kw: seen.append(a[5]) or decode(*a, **kw))
+        model.generate_text(picture, **run)
+        model.generate_text(picture, temperature=0.9, **run)
+        assert [s.temperature for s in seen] == [0.2, 0.9]
     # a bad value is refused before anything is written, and a broken file when the folder loads
-    with pytest.raises(ValueError, match="image_temperature"):
-        assemble(out, sampling={"image_temperature": -1.0})
+    with pytest.raises(ValueError, match="image_temperature must be .* got -1.0"):
+        assemble(out, sampling={"image_temperature": -1.0}, generator=src / "broken-on-purpose")
     assert json.loads((out / "sampling.json").read_text())["image_temperature"] == 0.3
     (out / "sampling.json").write_text('{"image_temperature": "hot"}')
     with pytest.raises(ModelFolderError, match="sampling.json.*image_temperature"):

@@ -100,6 +100,7 @@ def test_page_and_docs_load_nothing_from_elsewhere(client):
 def test_health_and_memory_info(client, tiny_model_dir):
     health = client.get("/healthz").json()
     assert health["status"] == "ok" and health["generation"] == {"pending": 0, "workers": 1, "capacity": 5}
+    assert health["sampling"] == {"image_temperature": 1.0, "text_temperature": 0.7}  # no sampling.json there
     info = client.get("/v1/memory").json()
     assert info["count"] == 48 and info["writes"] == "off" and info["index_name"] == tiny_model_dir[1].name
 

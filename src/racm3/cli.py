@@ -497,8 +497,13 @@ def train_assemble_cmd(
     """Put trained components into one model folder (weights and configs only); others already there stay."""
     from racm3.pretrained import assemble
 
-    sampling = {k_: v for k_, v in (("image_temperature", image_temperature), ("text_temperature", text_temperature))
-                if v is not None}
+    sampling = {}
+    for option, key, value in (("--image-temperature", "image_temperature", image_temperature),
+                               ("--text-temperature", "text_temperature", text_temperature)):
+        if value is not None:
+            if not temperature_ok(value):
+                _fail(f"{option} must be {TEMPERATURE_RULE}, got {value}; nothing was written")
+            sampling[key] = value
     with _user_errors():
         path = assemble(out_dir, sampling=sampling, text_tokenizer=text_tokenizer, image_tokenizer=image_tokenizer,
                         encoder=encoder, generator=generator, generator_k0=baseline)
@@ -900,11 +905,14 @@ def eval_knowledge_cmd(
     if threads is not None:
         torch.set_num_threads(threads)
     log = lambda m: typer.echo(m, err=True)  # noqa: E731  progress on stderr keeps --json clean
+    chosen = tuple(d.strip() for d in directions.split(",")) if directions else DIRECTIONS
+    if set(chosen) - set(DIRECTIONS) or not chosen:
+        _fail(f"--directions {directions!r}: choose from {', '.join(DIRECTIONS)} (comma-separated)")
     with _user_errors():
         cfg = KnowledgeConfig(limit=limit, samples=samples, guidance=guidance, temperature=temperature, seed=seed, fid=fid,
                               caption_rerank=caption_rerank,
                               rows=tuple(r.strip() for r in rows.split(",")) if rows else ROWS,
-                              directions=tuple(d.strip() for d in directions.split(",")) if directions else DIRECTIONS)
+                              directions=chosen)
         result = knowledge(model, baseline, memory, dataset, cfg, log=log, judge_encoder_dir=judge_encoder)
     if as_json:
         typer.echo(json.dumps(result, indent=2, ensure_ascii=False))

@@ -13,6 +13,7 @@ import numpy as np
 from racm3.documents import Document
 from racm3.evaluation.cider import cider_scores
 from racm3.evaluation.judge import drawing_judge, image_judge, name_match
+from racm3.limits import TEMPERATURE_RULE, temperature_ok
 
 # Rows of issue 6, item 2, in table order: (model, k, memory view). "baseline" is the generator trained with k=0.
 ROWS = ("no_retrieval", "ra_k0", "retrieval_only", "ra_k1", "ra_k2", "ra_k2_cross_style", "ra_k2_leave_one_out")
@@ -46,8 +47,8 @@ class KnowledgeConfig:
     def __post_init__(self) -> None:
         if self.caption_rerank not in ("image", "source"):
             raise ValueError(f"caption_rerank must be 'image' or 'source', got {self.caption_rerank!r}")
-        if self.temperature is not None and not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.temperature is not None and not temperature_ok(self.temperature):
+            raise ValueError(f"temperature must be {TEMPERATURE_RULE}, got {self.temperature}")
         if self.limit < 1 or self.samples < 1:
             raise ValueError(f"limit and samples must be >= 1 (got {self.limit}, {self.samples})")
         self.rows, self.directions = tuple(self.rows), tuple(self.directions)
@@ -228,7 +229,8 @@ def run_knowledge_benchmark(model, memory_dir: str | Path, docs: Sequence[Docume
                                   features_fn if want_fid else None, drawings)
             rows[row]["seconds"] = round(time.perf_counter() - t0, 1)
             log(f"{row}: " + ", ".join(f"{k}={v}" for k, v in rows[row].items() if not k.endswith("examples")))
-    return {"rows": rows, "config": asdict(config), "queries": len(queries),
+    return {"rows": rows, "config": asdict(config), "model_sampling": getattr(model, "sampling", None),
+            "queries": len(queries),
             "concepts": len({q.meta["concept"] for q in queries}), "query_ids": [q.id for q in queries],
             "elapsed_s": round(time.perf_counter() - t_start, 1)}
 

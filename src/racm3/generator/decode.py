@@ -125,7 +125,7 @@ class Streams:
         self.next_text = torch.tensor(next_text, device=device)
         self.length, self.capacity = T, total
         self.cache = StaticCache(config=model.config, max_cache_len=total) if use_cache else None
-        if use_cache:
+        if use_cache and len(set(map(tuple, prompts))) < B:
             # samples share their prompt (and guidance's copies theirs): each distinct prompt is prefilled once
             # and its cache rows copied to every stream that starts from it (8 samples: an 8x smaller prefill)
             index: dict[tuple[int, ...], int] = {}
@@ -135,7 +135,7 @@ class Streams:
             rows = torch.tensor(inverse, device=device)
             self.cache.reorder_cache(rows)  # the cache's public row gather (beam search's)
             self.logits = logits[rows]
-        else:
+        else:  # every prompt distinct, or the no-cache reference
             self.logits = self._forward(self.ids[:, :T], self.pos[:, :T])
 
     @torch.no_grad()

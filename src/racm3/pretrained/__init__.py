@@ -63,12 +63,12 @@ def assemble(out_dir: str | Path, sampling: dict[str, float] | None = None, **co
     from racm3.tokenizers.image import ImageTokenizer
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     unknown = set(components) - set(_KEEP)
     if unknown:
         raise ValueError(f"unknown components {sorted(unknown)}; choose from {sorted(_KEEP)}")
     if sampling:
-        _write_sampling(out, sampling)
+        _check_sampling(sampling)
+    out.mkdir(parents=True, exist_ok=True)
     for name, src in components.items():
         if src is None:
             continue
@@ -91,18 +91,25 @@ def assemble(out_dir: str | Path, sampling: dict[str, float] | None = None, **co
             os.replace(tmp, old)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+    if sampling:  # after the components: a component that fails leaves the folder's temperatures as they were
+        _write_sampling(out, sampling)
     return out
+
+
+def _check_sampling(sampling: dict[str, float]) -> None:
+    from racm3.limits import TEMPERATURE_RULE, temperature_ok
+
+    for k, v in sampling.items():
+        if k not in SAMPLING_DEFAULTS:
+            raise ValueError(f"sampling: unknown {k!r}; a model folder sets {sorted(SAMPLING_DEFAULTS)}")
+        if not temperature_ok(v):
+            raise ValueError(f"sampling: {k} must be {TEMPERATURE_RULE}, got {v}")
 
 
 def _write_sampling(out: Path, sampling: dict[str, float]) -> None:
     """Merge temperatures into out/sampling.json (read_sampling's rule), written to a temporary file and renamed."""
     import json
 
-    from racm3.limits import TEMPERATURE_RULE, temperature_ok
-
-    bad = sorted(k for k, v in sampling.items() if k not in SAMPLING_DEFAULTS or not temperature_ok(v))
-    if bad:
-        raise ValueError(f"sampling {bad}: set {sorted(SAMPLING_DEFAULTS)}, each {TEMPERATURE_RULE}")
     path = out / SAMPLING_FILE
     kept = read_sampling(out) if path.exists() else {}  # a broken file already there is refused, not merged
     tmp = out / f".{SAMPLING_FILE}.tmp"

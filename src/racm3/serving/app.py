@@ -203,7 +203,8 @@ def create_app(model, memory_path: str | Path, *, token: str | None = None, limi
 
     @app.get("/healthz", tags=["server"])
     async def healthz():
-        return {"status": "ok", "generation": engine.generations.state(), "read": engine.reads.state()}
+        return {"status": "ok", "generation": engine.generations.state(), "read": engine.reads.state(),
+                "sampling": engine.model.sampling}  # the temperatures a request without one gets
 
     # --- generation -------------------------------------------------------------------------------------
     def outputs_json(out, kind: str) -> dict:
