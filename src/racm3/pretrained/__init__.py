@@ -29,18 +29,28 @@ def read_sampling(model_dir: str | Path) -> dict[str, float]:
     RA-CM3 one and the no-retrieval baseline) use it.
     """
     from racm3.errors import ModelFolderError, read_json_object
-    from racm3.limits import TEMPERATURE_RULE, temperature_ok
+    from racm3.limits import TEMPERATURE_RULE
 
     path = Path(model_dir) / SAMPLING_FILE
     if not path.exists():
         return dict(SAMPLING_DEFAULTS)
     hint = f"it holds {sorted(SAMPLING_DEFAULTS)}, each {TEMPERATURE_RULE}; fix or delete it"
     raw = read_json_object(path, hint)
-    bad = sorted(k for k, v in raw.items() if k not in SAMPLING_DEFAULTS or isinstance(v, bool)
-                 or not isinstance(v, (int, float)) or not temperature_ok(v))
-    if bad:
-        raise ModelFolderError(f"{path}: bad or unknown {bad}; {hint}")
+    problems = [p for k, v in raw.items() if (p := _sampling_problem(k, v))]
+    if problems:
+        raise ModelFolderError(f"{path}: {problems[0]}; fix or delete it")
     return {**SAMPLING_DEFAULTS, **{k: float(v) for k, v in raw.items()}}
+
+
+def _sampling_problem(key: str, value) -> str | None:
+    """Why (key, value) cannot be a model folder's default temperature, or None: the one rule for both ways in."""
+    from racm3.limits import TEMPERATURE_RULE, temperature_ok
+
+    if key not in SAMPLING_DEFAULTS:
+        return f"unknown {key!r} (a model folder sets {sorted(SAMPLING_DEFAULTS)})"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not temperature_ok(value):
+        return f"{key} must be {TEMPERATURE_RULE}, got {value!r}"
+    return None
 
 
 def shipped_model_dir() -> Path:
@@ -97,13 +107,9 @@ def assemble(out_dir: str | Path, sampling: dict[str, float] | None = None, **co
 
 
 def _check_sampling(sampling: dict[str, float]) -> None:
-    from racm3.limits import TEMPERATURE_RULE, temperature_ok
-
     for k, v in sampling.items():
-        if k not in SAMPLING_DEFAULTS:
-            raise ValueError(f"sampling: unknown {k!r}; a model folder sets {sorted(SAMPLING_DEFAULTS)}")
-        if not temperature_ok(v):
-            raise ValueError(f"sampling: {k} must be {TEMPERATURE_RULE}, got {v}")
+        if problem := _sampling_problem(k, v):
+            raise ValueError(f"sampling: {problem}")
 
 
 def _write_sampling(out: Path, sampling: dict[str, float]) -> None:
