@@ -105,6 +105,43 @@ def test_train_all_makes_a_model_that_generates_both_ways(tmp_path: Path, fmt: s
     RACM3.from_pretrained(out / "model", device="cpu")
 
 
+def test_from_a_model_fine_tunes_its_generators_on_its_tokenizers(tmp_path: Path) -> None:
+    """--from MODEL: MODEL's tokenizers are used as they are (measured, not trained) and the new generators start
+    from MODEL's: after a few fine-tuning steps their weights are still near the start's, not a fresh init's."""
+    import torch
+
+    from racm3.generator.model import load_generator
+    from racm3.pipeline import RACM3
+    from racm3.retrieval.memory import Memory
+
+    dataset, first, tuned = shapes_dataset("parquet", tmp_path / "src"), tmp_path / "first", tmp_path / "tuned"
+    assert run(["train", "all", dataset, first, *TINY]).exit_code == 0
+    result = run(["train", "all", dataset, tuned, "--from", first / "model", *TINY[4:]])
+    assert result.exit_code == 0, (result.output, result.exception)
+
+    rows = {r["stage"]: r for r in json.loads((tuned / "summary.json").read_text())["stages"]}
+    assert list(rows) == STAGES and all(r["status"] == "ran" for r in rows.values())
+    given = {"given": str((first / "model").resolve())}
+    assert rows["text-tokenizer"]["settings"] == rows["image-tokenizer"]["settings"] == given
+    assert rows["image-tokenizer"]["quality"]["heldout_psnr"] > 0  # the given tokenizer, measured on this data
+    assert not (tuned / "text_tokenizer").exists() and not (tuned / "image_tokenizer").exists()
+    for stage, part in (("generator", "generator"), ("generator-k0", "generator_k0")):
+        settings = rows[stage]["settings"]
+        assert settings["preset"] == "tiny" and settings["init_from"] == str((first / "model" / part).resolve())
+        start = load_generator(first / "model" / part).state_dict()
+        end = load_generator(tuned / "model" / part).state_dict()
+        moved = sum((end[n].float() - start[n].float()).norm() ** 2 for n in start) ** 0.5
+        size = sum(start[n].float().norm() ** 2 for n in start) ** 0.5
+        assert 0 < moved < 0.2 * size, (stage, moved, size)
+
+    model = RACM3.from_pretrained(tuned / "model", device="cpu")
+    assert model.tokenizer.image_code_fingerprint() == RACM3.from_pretrained(first / "model").tokenizer.image_code_fingerprint()
+    with Memory.open(tuned / "memory") as memory:
+        image = model.generate_image("red circle", memory=memory, k=1, num_samples=1).image
+        assert image.size == (16, 16)
+        assert isinstance(model.generate_text(image, memory=memory, k=1, num_samples=1).text, str)
+
+
 def test_missing_dataset_is_one_line_and_creates_nothing(tmp_path: Path) -> None:
     result = run(["train", "all", tmp_path / "nowhere", tmp_path / "run", *TINY])
     one_line_error(result, str(tmp_path / "nowhere"), "no such file or folder")
@@ -122,6 +159,20 @@ def test_bad_options_are_refused_before_anything_is_written(tmp_path: Path) -> N
         "main one at 256 codes per image (v2-256: 552 tokens); choose a generator preset with a longer context: "
         "medium, v2-small, v2-small-aligned or a PRESET.json with max_len >= 552")
     assert not (tmp_path / "run").exists()
+
+
+def test_bad_from_options_are_refused_before_anything_is_written(tmp_path: Path) -> None:
+    from racm3.pretrained import shipped_model_dir
+
+    dataset, out, shipped = shapes_dataset("parquet", tmp_path / "src"), tmp_path / "run", shipped_model_dir()
+    one_line_error(run(["train", "all", dataset, out, "--from", tmp_path]), f"--from {tmp_path}", "no text_tokenizer/")
+    one_line_error(run(["train", "all", dataset, out, "--from", shipped, "--image-size", "128"]),
+                   "draws 64 px", "--image-size 128")
+    one_line_error(run(["train", "all", dataset, out, "--from", shipped, "--generator-preset", "v2-small"]),
+                   "of preset emoji-small", "drop --generator-preset")
+    one_line_error(run(["train", "all", dataset, out, "--from", shipped, "--image-tokenizer-preset", "tiny"]),
+                   "drop --image-tokenizer-preset")
+    assert not out.exists()
 
 
 def test_default_options_pass_every_check(tmp_path: Path, monkeypatch) -> None:
@@ -149,4 +200,14 @@ def test_default_options_pass_every_check(tmp_path: Path, monkeypatch) -> None:
     one_line_error(run(["train", "all", dataset, out, "--steps-scale", "0.1", "--image-tokenizer-preset", sharp]),
                    "planned")
     assert planned["image-tokenizer"] == {"preset": str(sharp), "steps": 1000, "warmup": 10}
+    # --from the shipped model: its tokenizers, its generators' preset, the fine-tuning schedule from its generators
+    from racm3.pretrained import shipped_model_dir
+    from racm3.train_all import FINE_TUNE
+
+    shipped = shipped_model_dir().resolve()
+    one_line_error(run(["train", "all", dataset, out, "--from", shipped]), "planned")
+    assert planned["text-tokenizer"] == planned["image-tokenizer"] == {"given": str(shipped)}
+    assert planned["generator"] == {"preset": "emoji-small", **FINE_TUNE, "batch_size": 24,
+                                    "init_from": str(shipped / "generator")}
+    assert planned["generator-k0"]["init_from"] == str(shipped / "generator_k0")
     assert not out.exists()

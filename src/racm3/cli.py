@@ -566,14 +566,18 @@ def train_all_cmd(
                                                         "(default 64), unless --image-tokenizer-preset names one."),
     image_tokenizer_preset: Optional[str] = typer.Option(None, help="Image tokenizer preset (a name in "
                                                          "racm3/tokenizers/image_presets/ or a PRESET.json)."),
-    generator_preset: str = typer.Option("v2-small", help="Generator preset of both generators: v2-small (its "
-                                         "1,024-token context holds k=2 of 256-code images), medium, emoji-small "
-                                         "(384 tokens: 64-code images), tiny, or a PRESET.json."),
+    generator_preset: Optional[str] = typer.Option(None, help="Generator preset of both generators: v2-small (the "
+                                                   "default: its 1,024-token context holds k=2 of 256-code images), "
+                                                   "medium, emoji-small (384 tokens: 64-code images), tiny, or a "
+                                                   "PRESET.json; with --from, MODEL's."),
     encoder: Optional[str] = typer.Option(None, help="Use this encoder folder (or clip:PATH, a CLIP folder written "
                                           "by save_pretrained()) instead of training the image tower."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     steps_scale: float = typer.Option(1.0, help="x every trainer's default length (image tokenizer steps, encoder "
                                                 "epochs, generator steps); e.g. 0.1 for a quick trial."),
+    start: Optional[Path] = typer.Option(None, "--from", help="Fine-tune MODEL (a model folder: the shipped "
+                                         "src/racm3/pretrained/emoji-small, or a train all run's model/): its "
+                                         "tokenizers as they are, its two generators as the start of the new ones."),
 ) -> None:
     """Every stage from a data set to a model folder: data split, tokenizers, encoder, memory, RA-CM3 generator and
     its k=0 baseline. A stage already done is skipped, one cut short resumes; a summary table ends the run."""
@@ -581,7 +585,7 @@ def train_all_cmd(
 
     with _user_errors():
         summary = train_all(TrainAllOptions(dataset_dir, out_dir, image_size, image_tokenizer_preset,
-                                            generator_preset, encoder, device, steps_scale),
+                                            generator_preset, encoder, device, steps_scale, start),
                             log=lambda m: typer.echo(m, err=True))
     typer.echo(format_summary(summary))
 

@@ -8,6 +8,12 @@ settings it ran with. A stage whose row and output both exist is skipped; a trai
 from its checkpoint (the trainers' one resume rule); a row written with other settings is refused rather than
 silently reused.
 
+`--from MODEL` fine-tunes instead of training from nothing: MODEL's two tokenizers are used as they are (their stages
+only measure them on the held-out documents), and its two generators start the new ones, for FINE_TUNE's shorter
+schedule. A set of a few hundred documents is too small to learn to copy from: trained from nothing, its generator
+memorises the training drawings and reads little context (the README's icon walk-through measures it), while a
+generator that learned to copy on a larger set keeps doing so on the new one.
+
 The first stage copies the data set into OUT/data (docs.jsonl + images/), giving each document without a split
 the split of its concept (racm3.splits.with_split), so every later stage trains on the same train split and is
 measured on the same held-out documents, whatever format the data came in.
@@ -34,6 +40,9 @@ GENERATOR_BATCH, BASELINE_BATCH = 24, 64
 # The context check's caption length: a preset must hold the main document and one retrieved one with captions
 # of this many tokens, or RA-CM3 would never see a retrieved document.
 CAPTION_TOKENS = 16
+DEFAULT_GENERATOR_PRESET = "v2-small"  # its 1,024-token context holds k=2 of the v2 tokenizers' 256-code images
+# --from MODEL: the generators' schedule (x --steps-scale), in place of the trainer's 1,500 steps from nothing
+FINE_TUNE = {"steps": 300, "lr": 3e-4, "warmup": 20}
 
 
 @dataclass(frozen=True)
@@ -44,10 +53,11 @@ class TrainAllOptions:
     out: Path
     image_size: int | None = None  # picks the image tokenizer preset v2-SIZE; None: the named preset's, or 64
     image_tokenizer_preset: str | None = None
-    generator_preset: str = "v2-small"  # its 1,024-token context holds k=2 of the v2 tokenizers' 256-code images
+    generator_preset: str | None = None  # None: DEFAULT_GENERATOR_PRESET, or with --from the preset MODEL's has
     encoder: str | None = None  # an encoder or CLIP folder ("clip:PATH" insists on a CLIP) instead of training one
     device: str = "auto"
     steps_scale: float = 1.0  # x each trainer's default length: image tokenizer steps, encoder epochs, generator steps
+    start: Path | None = None  # --from MODEL: its tokenizers as they are, its generators fine-tuned
 
 
 @dataclass(frozen=True)
@@ -99,13 +109,12 @@ def _given_encoder(spec: str) -> Path:
     return path
 
 
-def _check_context(generator_preset: str, image_preset: str) -> None:
-    """Refuse a generator preset whose context cannot hold the main document and one retrieved document."""
+def _check_context(generator_preset: str, n: int, image_preset: str) -> None:
+    """Refuse a generator preset whose context cannot hold the main document and one retrieved document, at n
+    codes per image (those of the image tokenizer image_preset names)."""
     from racm3.generator.model import get_preset, list_presets
-    from racm3.tokenizers.image import ImageTokenizerConfig
 
     max_len = get_preset(generator_preset).max_len
-    n = ImageTokenizerConfig.from_preset(image_preset).tokens_per_image
     # <bos> [<doc> caption <img> codes </img> </doc>] caption <img> codes </img> <eos>
     need = 2 * (n + CAPTION_TOKENS) + 8
     if max_len < need:
@@ -116,6 +125,50 @@ def _check_context(generator_preset: str, image_preset: str) -> None:
                          f"a PRESET.json with max_len >= {need}")
 
 
+def _start_model(opts: TrainAllOptions) -> tuple[Path, int, int, str]:
+    """--from MODEL, checked before any work: (MODEL, its image size, its codes per image, the generator preset
+    that matches its generators); --image-size and --generator-preset must agree with it, and
+    --image-tokenizer-preset is refused (MODEL's image tokenizer is the one used)."""
+    from racm3.tokenizers.image import ImageTokenizer
+
+    start = opts.start
+    if opts.image_tokenizer_preset is not None:
+        raise ValueError(f"--from {start} uses that model's image tokenizer; drop --image-tokenizer-preset")
+    for part in ("text_tokenizer", "image_tokenizer", "generator", "generator_k0"):
+        if not (start / part / "config.json").is_file() and not (start / part / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"--from {start}: no {part}/ in it; give a model folder with both tokenizers and "
+                                    "both generators (a shipped model, or the model/ of a finished `racm3 train all`)")
+    image = ImageTokenizer.from_pretrained(start / "image_tokenizer")
+    if opts.image_size is not None and opts.image_size != image.image_size:
+        raise ValueError(f"--from {start} draws {image.image_size} px images, not --image-size {opts.image_size}; "
+                         "drop --image-size, or train from nothing at that size")
+    preset = _preset_of(start / "generator")
+    if opts.generator_preset is not None and opts.generator_preset != preset:
+        raise ValueError(f"--from {start}: its generators are of preset {preset}, not --generator-preset "
+                         f"{opts.generator_preset}; drop --generator-preset to fine-tune them")
+    return start, image.image_size, image.tokens_per_image, preset
+
+
+def _preset_of(generator_dir: Path) -> str:
+    """The installed generator preset whose architecture and position rules a trained generator folder has."""
+    from dataclasses import asdict
+
+    from racm3.generator.model import RACM3_FILE, GeneratorConfig, get_preset, list_presets
+
+    path = generator_dir / RACM3_FILE
+    try:
+        trained = {**asdict(GeneratorConfig()), **json.loads(path.read_text(encoding="utf-8"))["generator"]}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: not a readable generator description ({exc}); give a model folder written by "
+                         "`racm3 train assemble` or `racm3 train all`") from None
+    for name in list_presets():
+        if asdict(get_preset(name)) == trained:
+            return name
+    raise ValueError(f"{generator_dir}: its architecture is none of the installed generator presets "
+                     f"({', '.join(list_presets())}); fine-tune it with `racm3 train generator --init-from` and its "
+                     "PRESET.json")
+
+
 def plan(opts: TrainAllOptions, log: Callable[[str], None] = print) -> list[Stage]:
     """The stages, in order; every option is checked here, before anything is written."""
     from racm3.generator.train import TrainConfig
@@ -123,6 +176,7 @@ def plan(opts: TrainAllOptions, log: Callable[[str], None] = print) -> list[Stag
     from racm3.retrieval.train_encoder import TrainEncoderConfig
     from racm3.runtime import resolve_device
     from racm3.splits import HELDOUT_SHARE
+    from racm3.tokenizers.image import ImageTokenizerConfig
     from racm3.tokenizers.image_train import preset_train_config
 
     detect_format(opts.dataset)  # a missing or unreadable path fails before OUT is created
@@ -131,18 +185,29 @@ def plan(opts: TrainAllOptions, log: Callable[[str], None] = print) -> list[Stag
     if opts.out.exists() and not opts.out.is_dir():
         raise ValueError(f"{opts.out} is a file; give a folder for OUT")
     resolve_device(opts.device)
-    vq_preset = image_tokenizer_preset(opts.image_size, opts.image_tokenizer_preset)
-    vq = preset_train_config(vq_preset)
-    # the whole schedule scales, not its length alone: a warm-up of 5% stays 5%
-    vq_schedule = {"steps": _scaled(vq.steps, opts.steps_scale), "warmup": round(vq.warmup * opts.steps_scale)}
-    _check_context(opts.generator_preset, vq_preset)
+    if opts.start is not None:
+        start, size, n_codes, gen_preset = _start_model(opts)
+        vq_preset, vq_schedule = None, {}
+        _check_context(gen_preset, n_codes, f"{start}'s image tokenizer")
+    else:
+        start, gen_preset = None, opts.generator_preset or DEFAULT_GENERATOR_PRESET
+        vq_preset = image_tokenizer_preset(opts.image_size, opts.image_tokenizer_preset)
+        vq = preset_train_config(vq_preset)
+        # the whole schedule scales, not its length alone: a warm-up of 5% stays 5%
+        vq_schedule = {"steps": _scaled(vq.steps, opts.steps_scale), "warmup": round(vq.warmup * opts.steps_scale)}
+        _check_context(gen_preset, ImageTokenizerConfig.from_preset(vq_preset).tokens_per_image, vq_preset)
     given = _given_encoder(opts.encoder) if opts.encoder is not None else None
 
     out = opts.out
     data, model, memory = out / "data", out / "model", out / "memory"
     encoder_dir = given or out / "encoder"
+    text_dir = start / "text_tokenizer" if start else out / "text_tokenizer"
+    image_dir = start / "image_tokenizer" if start else out / "image_tokenizer"
     epochs = _scaled(TrainEncoderConfig.epochs, opts.steps_scale)  # the trainers' dataclass defaults, scaled
-    gen_steps = _scaled(TrainConfig.steps, opts.steps_scale)
+    # from nothing: the trainer's default schedule; fine-tuning: FINE_TUNE's, from MODEL's generator of that k
+    schedule = ({"steps": _scaled(TrainConfig.steps, opts.steps_scale)} if start is None else
+                {**FINE_TUNE, "steps": _scaled(FINE_TUNE["steps"], opts.steps_scale),
+                 "warmup": round(FINE_TUNE["warmup"] * opts.steps_scale)})
 
     def heldout() -> bool:  # the data stage's row counts the held-out documents: no other stage reads them twice
         return _read_row(out, "data")["quality"]["heldout"] > 0
@@ -170,9 +235,12 @@ def plan(opts: TrainAllOptions, log: Callable[[str], None] = print) -> list[Stag
     def text_tokenizer() -> dict | None:
         from racm3.readers import read_documents
         from racm3.splits import in_split
-        from racm3.tokenizers.text import train_text_tokenizer
+        from racm3.tokenizers.text import TextTokenizer, train_text_tokenizer
 
-        tok, _ = train_text_tokenizer(data, out / "text_tokenizer")
+        if start is None:
+            tok, _ = train_text_tokenizer(data, text_dir)
+        else:
+            tok = TextTokenizer.from_pretrained(text_dir)
         captions = [t for d in in_split(read_documents(data), "heldout") for t in d.texts] if heldout() else []
         if not captions:
             return None
@@ -182,11 +250,12 @@ def plan(opts: TrainAllOptions, log: Callable[[str], None] = print) -> list[Stag
         from racm3.tokenizers.image import ImageTokenizer
         from racm3.tokenizers.image_train import evaluate_image_tokenizer, load_split_images, train_image_tokenizer
 
-        cfg = preset_train_config(vq_preset, **vq_schedule, device=opts.device)
-        train_image_tokenizer(data, out / "image_tokenizer", vq_preset, cfg, resume=True)
+        if start is None:
+            cfg = preset_train_config(vq_preset, **vq_schedule, device=opts.device)
+            train_image_tokenizer(data, image_dir, vq_preset, cfg, resume=True)
         if not heldout():
             return None
-        tok = ImageTokenizer.from_pretrained(out / "image_tokenizer")
+        tok = ImageTokenizer.from_pretrained(image_dir)
         r = evaluate_image_tokenizer(tok, load_split_images(data, "heldout", tok.image_size), rfid=False)
         return {"heldout_psnr": r["psnr"], "codebook_usage": r["codebook_usage"],
                 "tokens_per_image": r["tokens_per_image"]}
@@ -202,8 +271,7 @@ def plan(opts: TrainAllOptions, log: Callable[[str], None] = print) -> list[Stag
         from racm3.pretrained import assemble
 
         # the generators must see image codes as the model folder's (float16) VQ gives them: assembled first
-        assemble(model, text_tokenizer=out / "text_tokenizer", image_tokenizer=out / "image_tokenizer",
-                 encoder=encoder_dir)
+        assemble(model, text_tokenizer=text_dir, image_tokenizer=image_dir, encoder=encoder_dir)
 
     def build_memory() -> dict | None:
         from racm3.readers import read_documents
@@ -221,15 +289,16 @@ def plan(opts: TrainAllOptions, log: Callable[[str], None] = print) -> list[Stag
         return {"caption_to_doc_recall@1": r["text_to_image"]["recall@1"],
                 "image_to_own_doc_recall@1": r["image_to_text"]["recall@1"]}
 
-    def generator(k: int, run_dir: Path, batch_size: int) -> Callable[[], dict | None]:
+    def generator(k: int, run_dir: Path, batch_size: int, init_from: Path | None) -> Callable[[], dict | None]:
         def run() -> dict | None:
             from racm3.generator.data import Recipe
             from racm3.generator.train import BENEFITS, train
 
             # a run whose checkpoint is at its last step already returns no record: its log's last one is the same
             last = train(TrainConfig(dataset=data, out=run_dir, memory=memory if k else None, tokenizers=model,
-                                     encoder=model / "encoder", preset=opts.generator_preset, steps=gen_steps,
-                                     batch_size=batch_size, device=opts.device, resume=True, recipe=Recipe(k=k)))
+                                     encoder=model / "encoder", preset=gen_preset, **schedule,
+                                     batch_size=batch_size, device=opts.device, resume=True, recipe=Recipe(k=k),
+                                     init_from=init_from))
             last = last or _last_log_record(run_dir / "train_log.jsonl")
             # held-out NLLs and context benefits on held-out documents (those whose concept is drawn in another
             # style where there are any, else any held-out document); none without held-out documents
@@ -243,19 +312,23 @@ def plan(opts: TrainAllOptions, log: Callable[[str], None] = print) -> list[Stag
 
         assemble(model, generator=out / "generator", generator_k0=out / "generator_k0")
 
+    def gen_settings(batch_size: int, init_from: Path | None) -> dict:
+        return {"preset": gen_preset, **schedule, "batch_size": batch_size,
+                **({"init_from": str(init_from.resolve())} if init_from else {})}
+
+    ra_start, k0_start = (start / "generator", start / "generator_k0") if start else (None, None)
+    given_tok = {"given": str(start.resolve())} if start else None
     return [
         Stage("data", data, {"dataset": str(opts.dataset.resolve()), "heldout_share": HELDOUT_SHARE}, make_data),
-        Stage("text-tokenizer", out / "text_tokenizer", {}, text_tokenizer),
-        Stage("image-tokenizer", out / "image_tokenizer", {"preset": vq_preset, **vq_schedule}, image_tokenizer),
+        Stage("text-tokenizer", text_dir, given_tok or {}, text_tokenizer),
+        Stage("image-tokenizer", image_dir, given_tok or {"preset": vq_preset, **vq_schedule}, image_tokenizer),
         Stage("encoder", encoder_dir, {"given": str(given.resolve())} if given else {"epochs": epochs}, encoder),
         Stage("assemble-tokenizers", model, {}, assemble_tokenizers),
         Stage("memory", memory, {"index": "flat"}, build_memory),
-        Stage("generator", out / "generator", {"preset": opts.generator_preset, "steps": gen_steps,
-                                               "batch_size": GENERATOR_BATCH},
-              generator(2, out / "generator", GENERATOR_BATCH)),
-        Stage("generator-k0", out / "generator_k0", {"preset": opts.generator_preset, "steps": gen_steps,
-                                                     "batch_size": BASELINE_BATCH},
-              generator(0, out / "generator_k0", BASELINE_BATCH)),
+        Stage("generator", out / "generator", gen_settings(GENERATOR_BATCH, ra_start),
+              generator(2, out / "generator", GENERATOR_BATCH, ra_start)),
+        Stage("generator-k0", out / "generator_k0", gen_settings(BASELINE_BATCH, k0_start),
+              generator(0, out / "generator_k0", BASELINE_BATCH, k0_start)),
         Stage("assemble-generators", model, {}, assemble_generators),
     ]
 
