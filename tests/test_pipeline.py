@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from typer.testing import CliRunner
 
 from generator_fixtures import draw, shape_documents
 from racm3.cli import app
+from racm3.documents import Document
 from racm3.pipeline import RACM3
 from racm3.retrieval.memory import Memory
 
@@ -88,20 +90,36 @@ def test_infill_text_fills_between_the_given_words(model):
 
 
 def test_demo_writes_a_page_with_sources_and_outputs(tiny_model_dir, tmp_path):
+    """`racm3 demo` on a data set and memory of one's own (--dataset, --memory), as after `racm3 train all`."""
     from generator_fixtures import write_shape_dataset
-
-    from racm3.demo import run_demo
 
     model_dir, memory_dir = tiny_model_dir
     data = write_shape_dataset(tmp_path / "data")
-    index = run_demo(tmp_path / "demo", model_dir=model_dir, samples=2, log=lambda m: None,
-                     dataset_dir=data, memory_dir=memory_dir)
+    result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--model", str(model_dir),
+                                      "--samples", "2", "--dataset", str(data), "--memory", str(memory_dir)])
+    assert result.exit_code == 0, (result.output, result.exception)
+    index = Path(result.stdout.strip().splitlines()[-1])
+    assert index == (tmp_path / "demo" / "index.html").resolve()
     page = index.read_text()
     assert page.count("<tr>") == 2 + 8 + 8  # two header rows, 8 captions, 8 images
     assert "heldout" in page and "train" in page
     images = list((tmp_path / "demo" / "images").glob("*.png"))
     assert len([p for p in images if p.name.endswith("-out.png")]) == 8  # one generated image per caption
     assert (tmp_path / "demo" / "summary.png").exists()
+
+
+def test_demo_prompts_need_no_names_for_captions():
+    """Captions that are not concept names (an icon's "document print preview" for document-print-preview, or no
+    concept at all) still give prompts, half train and half held-out; a split with fewer gives fewer."""
+    from racm3.demo import pick_prompts
+
+    docs = [Document(d.id, (d.image, d.text.upper()), {"split": d.split}) for d in shape_documents()]
+    picked = pick_prompts(docs, n=8)
+    assert len(picked) == 8 and [d.split for d in picked] == ["train"] * 4 + ["heldout"] * 4
+    few = [d for d in docs if d.split == "train"] + [d for d in docs if d.split == "heldout"][:2]
+    assert [d.split for d in pick_prompts(few, n=8)] == ["train"] * 4 + ["heldout"] * 2
+    with pytest.raises(ValueError, match="no captioned image documents"):
+        pick_prompts([Document("x", ("text only",), {"split": "train"})])
 
 
 def test_source_reranking_scores_against_the_matching_source(model):

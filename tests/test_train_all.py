@@ -105,41 +105,47 @@ def test_train_all_makes_a_model_that_generates_both_ways(tmp_path: Path, fmt: s
     RACM3.from_pretrained(out / "model", device="cpu")
 
 
-def test_from_a_model_fine_tunes_its_generators_on_its_tokenizers(tmp_path: Path) -> None:
-    """--from MODEL: MODEL's tokenizers are used as they are (measured, not trained) and the new generators start
-    from MODEL's: after a few fine-tuning steps their weights are still near the start's, not a fresh init's."""
-    import torch
-
+def test_from_a_model_keeps_or_fine_tunes_its_generators_on_its_tokenizers(tmp_path: Path) -> None:
+    """--from MODEL: MODEL's tokenizers are used as they are (measured, not trained), and so are its generators;
+    with --generator-steps N they are fine-tuned from MODEL's: after a few steps their weights are still near the
+    start's, not a fresh init's."""
     from racm3.generator.model import load_generator
     from racm3.pipeline import RACM3
     from racm3.retrieval.memory import Memory
 
-    dataset, first, tuned = shapes_dataset("parquet", tmp_path / "src"), tmp_path / "first", tmp_path / "tuned"
+    dataset, first = shapes_dataset("parquet", tmp_path / "src"), tmp_path / "first"
     assert run(["train", "all", dataset, first, *TINY]).exit_code == 0
-    result = run(["train", "all", dataset, tuned, "--from", first / "model", *TINY[4:]])
-    assert result.exit_code == 0, (result.output, result.exception)
+    start = (first / "model").resolve()
 
-    rows = {r["stage"]: r for r in json.loads((tuned / "summary.json").read_text())["stages"]}
-    assert list(rows) == STAGES and all(r["status"] == "ran" for r in rows.values())
-    given = {"given": str((first / "model").resolve())}
-    assert rows["text-tokenizer"]["settings"] == rows["image-tokenizer"]["settings"] == given
-    assert rows["image-tokenizer"]["quality"]["heldout_psnr"] > 0  # the given tokenizer, measured on this data
-    assert not (tuned / "text_tokenizer").exists() and not (tuned / "image_tokenizer").exists()
-    for stage, part in (("generator", "generator"), ("generator-k0", "generator_k0")):
-        settings = rows[stage]["settings"]
-        assert settings["preset"] == "tiny" and settings["init_from"] == str((first / "model" / part).resolve())
-        start = load_generator(first / "model" / part).state_dict()
-        end = load_generator(tuned / "model" / part).state_dict()
-        moved = sum((end[n].float() - start[n].float()).norm() ** 2 for n in start) ** 0.5
-        size = sum(start[n].float().norm() ** 2 for n in start) ** 0.5
-        assert 0 < moved < 0.2 * size, (stage, moved, size)
+    def weights(folder: Path) -> dict:
+        return load_generator(folder).state_dict()
 
-    model = RACM3.from_pretrained(tuned / "model", device="cpu")
-    assert model.tokenizer.image_code_fingerprint() == RACM3.from_pretrained(first / "model").tokenizer.image_code_fingerprint()
-    with Memory.open(tuned / "memory") as memory:
-        image = model.generate_image("red circle", memory=memory, k=1, num_samples=1).image
-        assert image.size == (16, 16)
-        assert isinstance(model.generate_text(image, memory=memory, k=1, num_samples=1).text, str)
+    for name, extra in (("kept", []), ("tuned", ["--generator-steps", "3"])):
+        out = tmp_path / name
+        result = run(["train", "all", dataset, out, "--from", first / "model", *TINY[4:], *extra])
+        assert result.exit_code == 0, (result.output, result.exception)
+        rows = {r["stage"]: r for r in json.loads((out / "summary.json").read_text())["stages"]}
+        assert list(rows) == STAGES and all(r["status"] == "ran" for r in rows.values())
+        assert rows["text-tokenizer"]["settings"] == rows["image-tokenizer"]["settings"] == {"given": str(start)}
+        assert rows["image-tokenizer"]["quality"]["heldout_psnr"] > 0  # the given tokenizer, measured on this data
+        assert not (out / "text_tokenizer").exists() and not (out / "image_tokenizer").exists()
+        for stage, part in (("generator", "generator"), ("generator-k0", "generator_k0")):
+            before, after = weights(start / part), weights(out / "model" / part)
+            moved = sum((after[n].float() - before[n].float()).norm() ** 2 for n in before) ** 0.5
+            size = sum(before[n].float().norm() ** 2 for n in before) ** 0.5
+            if name == "kept":
+                assert rows[stage]["settings"] == {"given": str(start / part)} and moved == 0
+            else:
+                assert rows[stage]["settings"]["init_from"] == str(start / part)
+                assert rows[stage]["settings"]["steps"] == 3 and rows[stage]["settings"]["preset"] == "tiny"
+                assert 0 < moved < 0.2 * size, (stage, moved, size)
+
+        model = RACM3.from_pretrained(out / "model", device="cpu")
+        assert model.tokenizer.image_code_fingerprint() == RACM3.from_pretrained(start).tokenizer.image_code_fingerprint()
+        with Memory.open(out / "memory") as memory:
+            image = model.generate_image("red circle", memory=memory, k=1, num_samples=1).image
+            assert image.size == (16, 16)
+            assert isinstance(model.generate_text(image, memory=memory, k=1, num_samples=1).text, str)
 
 
 def test_missing_dataset_is_one_line_and_creates_nothing(tmp_path: Path) -> None:
@@ -172,6 +178,9 @@ def test_bad_from_options_are_refused_before_anything_is_written(tmp_path: Path)
                    "of preset emoji-small", "drop --generator-preset")
     one_line_error(run(["train", "all", dataset, out, "--from", shipped, "--image-tokenizer-preset", "tiny"]),
                    "drop --image-tokenizer-preset")
+    one_line_error(run(["train", "all", dataset, out, "--generator-steps", "0"]), "--generator-steps", "needs --from")
+    one_line_error(run(["train", "all", dataset, out, "--from", shipped, "--generator-steps", "-1"]),
+                   "--generator-steps", "got -1")
     assert not out.exists()
 
 
@@ -200,14 +209,19 @@ def test_default_options_pass_every_check(tmp_path: Path, monkeypatch) -> None:
     one_line_error(run(["train", "all", dataset, out, "--steps-scale", "0.1", "--image-tokenizer-preset", sharp]),
                    "planned")
     assert planned["image-tokenizer"] == {"preset": str(sharp), "steps": 1000, "warmup": 10}
-    # --from the shipped model: its tokenizers, its generators' preset, the fine-tuning schedule from its generators
+    # --from the shipped model: its tokenizers and generators; with --generator-steps, fine-tuned from its generators
     from racm3.pretrained import shipped_model_dir
     from racm3.train_all import FINE_TUNE
 
     shipped = shipped_model_dir().resolve()
     one_line_error(run(["train", "all", dataset, out, "--from", shipped]), "planned")
     assert planned["text-tokenizer"] == planned["image-tokenizer"] == {"given": str(shipped)}
-    assert planned["generator"] == {"preset": "emoji-small", **FINE_TUNE, "batch_size": 24,
+    assert planned["generator"] == {"given": str(shipped / "generator")}
+    one_line_error(run(["train", "all", dataset, out, "--from", shipped, "--generator-steps", "300"]), "planned")
+    assert planned["generator"] == {"preset": "emoji-small", **FINE_TUNE, "steps": 300, "batch_size": 24,
                                     "init_from": str(shipped / "generator")}
     assert planned["generator-k0"]["init_from"] == str(shipped / "generator_k0")
+    # from nothing, --generator-steps replaces the scaled default
+    one_line_error(run(["train", "all", dataset, out, "--generator-steps", "40"]), "planned")
+    assert planned["generator"]["steps"] == planned["generator-k0"]["steps"] == 40
     assert not out.exists()

@@ -575,9 +575,12 @@ def train_all_cmd(
     device: str = typer.Option("auto", help=DEVICE_HELP),
     steps_scale: float = typer.Option(1.0, help="x every trainer's default length (image tokenizer steps, encoder "
                                                 "epochs, generator steps); e.g. 0.1 for a quick trial."),
-    start: Optional[Path] = typer.Option(None, "--from", help="Fine-tune MODEL (a model folder: the shipped "
+    start: Optional[Path] = typer.Option(None, "--from", help="Start from MODEL (a model folder: the shipped "
                                          "src/racm3/pretrained/emoji-small, or a train all run's model/): its "
-                                         "tokenizers as they are, its two generators as the start of the new ones."),
+                                         "tokenizers and generators as they are, the encoder and memory made "
+                                         "for this data set; --generator-steps N fine-tunes the generators."),
+    generator_steps: Optional[int] = typer.Option(None, help="Steps of each generator (default: 1,500 x "
+                                                  "--steps-scale; with --from, 0: its generators as they are)."),
 ) -> None:
     """Every stage from a data set to a model folder: data split, tokenizers, encoder, memory, RA-CM3 generator and
     its k=0 baseline. A stage already done is skipped, one cut short resumes; a summary table ends the run."""
@@ -585,7 +588,8 @@ def train_all_cmd(
 
     with _user_errors():
         summary = train_all(TrainAllOptions(dataset_dir, out_dir, image_size, image_tokenizer_preset,
-                                            generator_preset, encoder, device, steps_scale, start),
+                                            generator_preset, encoder, device, steps_scale, start,
+                                            generator_steps),
                             log=lambda m: typer.echo(m, err=True))
     typer.echo(format_summary(summary))
 
@@ -933,12 +937,18 @@ def demo_cmd(
     model: Optional[Path] = typer.Option(None, help="Model folder; default: the shipped emoji-small."),
     k: int = typer.Option(2, "-k", "--k", help="Documents retrieved into each context."),
     samples: int = typer.Option(8, help="Images sampled per caption (best kept by the encoder's score)."),
+    dataset: Optional[Path] = typer.Option(None, help="Data set the prompts come from (half train, half held-out "
+                                           "documents); default: the emoji set. E.g. a train all run's data/."),
+    memory: Optional[Path] = typer.Option(None, help="Memory folder (only read); default: the emoji memory. "
+                                          "E.g. a train all run's memory/."),
 ) -> None:
-    """Build the emoji data and memory if absent, generate both ways, write OUT/index.html with the sources."""
+    """Generate both ways and write OUT/index.html with the sources; by default on the emoji data and memory
+    (built if absent), or on a data set and memory of your own (those of `racm3 train all`)."""
     from racm3.demo import run_demo
 
     with _user_errors():
-        index = run_demo(out, model_dir=model, k=k, samples=samples, log=lambda m: typer.echo(m, err=True))
+        index = run_demo(out, model_dir=model, k=k, samples=samples, log=lambda m: typer.echo(m, err=True),
+                         dataset_dir=dataset, memory_dir=memory)
     typer.echo(str(index.resolve()))
 
 # --- serve -------------------------------------------------------------------------------------

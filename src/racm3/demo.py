@@ -13,13 +13,19 @@ PER_DIRECTION = 8  # half of them from held-out concepts: knowledge only the mem
 
 
 def pick_prompts(docs: list[Document], n: int = PER_DIRECTION, seed: int = 0) -> list[Document]:
-    """n documents, half train and half held-out concepts, plain names (no skin-tone qualifier), both styles."""
+    """n documents, half train and half held-out concepts, both styles; fewer where a split has fewer documents.
+    Where enough captions are their concept's plain name (the emoji's without a skin-tone qualifier: n/2 concepts
+    in each split), only those; else any captioned image (an icon's "document print preview")."""
     rng = random.Random(seed)
-    plain = [d for d in docs if d.text == d.concept]
+    named = [d for d in docs if d.text and d.image is not None and d.text == d.concept]
+    enough = all(len({d.concept for d in named if d.split == s}) >= n // 2 for s in ("train", "heldout"))
+    plain = named if enough else [d for d in docs if d.text and d.image is not None]
     out: list[Document] = []
     for split in ("train", "heldout"):
         pool = sorted((d for d in plain if d.split == split), key=lambda d: d.id)
-        out += rng.sample(pool, n // 2)
+        out += rng.sample(pool, min(n // 2, len(pool)))
+    if not out:
+        raise ValueError("the data set has no captioned image documents with a train or heldout split to prompt with")
     return out
 
 
@@ -100,14 +106,14 @@ def run_demo(out_dir: Path, model_dir: Path | None = None, k: int = 2, samples: 
 body{{font-family:sans-serif;margin:2em}} td{{padding:6px;border-bottom:1px solid #ddd;vertical-align:middle}}
 .src{{display:inline-block;text-align:center;margin:0 8px;width:150px}} img{{image-rendering:pixelated}}
 </style></head><body><h1>racm3 demo</h1>
-<p>RA-CM3 on the embedded emoji memory ({len(docs)} documents), k={k}. Held-out concepts were never seen by the
+<p>RA-CM3 on {"the embedded emoji memory" if memory_dir is None else html.escape(str(memory_dir))} ({len(docs)} documents), k={k}. Held-out concepts were never seen by the
 generator in training: what it draws or names for them comes from the retrieved sources.</p>
 <p><img src="summary.png" alt="caption to image summary"></p>
 <h2>Caption → image</h2><table><tr><th>caption</th><th>retrieved sources (score)</th><th>generated</th>
 <th>reference</th></tr>{''.join(rows_img)}</table>
 <h2>Image → caption</h2><table><tr><th>image</th><th>retrieved sources (score)</th><th>generated caption</th>
 <th>reference</th></tr>{''.join(rows_txt)}</table>
-<p><small>{time.perf_counter() - t0:.0f} s on this machine. Artwork: Twemoji (CC-BY 4.0), OpenMoji (CC-BY-SA 4.0).</small></p>
+<p><small>{time.perf_counter() - t0:.0f} s on this machine.{" Artwork: Twemoji (CC-BY 4.0), OpenMoji (CC-BY-SA 4.0)." if dataset_dir is None else ""}</small></p>
 </body></html>"""
     index = out_dir / "index.html"
     index.write_text(page, encoding="utf-8")

@@ -8,11 +8,13 @@ settings it ran with. A stage whose row and output both exist is skipped; a trai
 from its checkpoint (the trainers' one resume rule); a row written with other settings is refused rather than
 silently reused.
 
-`--from MODEL` fine-tunes instead of training from nothing: MODEL's two tokenizers are used as they are (their stages
-only measure them on the held-out documents), and its two generators start the new ones, for FINE_TUNE's shorter
-schedule. A set of a few hundred documents is too small to learn to copy from: trained from nothing, its generator
-memorises the training drawings and reads little context (the README's icon walk-through measures it), while a
-generator that learned to copy on a larger set keeps doing so on the new one.
+`--from MODEL` starts from a trained model instead of nothing: MODEL's two tokenizers are used as they are (their
+stages only measure them on the held-out documents), and so are its two generators, unless --generator-steps N
+fine-tunes them (FINE_TUNE's learning rate and warm-up). A set of a few hundred documents is too small to learn
+to copy from: trained from nothing on one, a generator memorises the training drawings and reads little context,
+and fine-tuned on one it loses some of the copying it learned; a generator that learned to copy on a larger set,
+given the new documents as its memory, draws from them as they are (the README's icon walk-through measures all
+three). That is RA-CM3's claim: new knowledge enters through the memory, without retraining.
 
 The first stage copies the data set into OUT/data (docs.jsonl + images/), giving each document without a split
 the split of its concept (racm3.splits.with_split), so every later stage trains on the same train split and is
@@ -41,8 +43,9 @@ GENERATOR_BATCH, BASELINE_BATCH = 24, 64
 # of this many tokens, or RA-CM3 would never see a retrieved document.
 CAPTION_TOKENS = 16
 DEFAULT_GENERATOR_PRESET = "v2-small"  # its 1,024-token context holds k=2 of the v2 tokenizers' 256-code images
-# --from MODEL: the generators' schedule (x --steps-scale), in place of the trainer's 1,500 steps from nothing
-FINE_TUNE = {"steps": 300, "lr": 3e-4, "warmup": 20}
+# --from MODEL --generator-steps N: fine-tuning's peak learning rate (the trainer's from nothing: 1e-3) and warm-up
+# (at most a third of the steps), as measured on the icon set (README)
+FINE_TUNE = {"lr": 3e-4, "warmup": 100}
 
 
 @dataclass(frozen=True)
@@ -57,7 +60,8 @@ class TrainAllOptions:
     encoder: str | None = None  # an encoder or CLIP folder ("clip:PATH" insists on a CLIP) instead of training one
     device: str = "auto"
     steps_scale: float = 1.0  # x each trainer's default length: image tokenizer steps, encoder epochs, generator steps
-    start: Path | None = None  # --from MODEL: its tokenizers as they are, its generators fine-tuned
+    start: Path | None = None  # --from MODEL: its tokenizers and (with generator_steps None or 0) generators as they are
+    generator_steps: int | None = None  # None: 1,500 x steps_scale from nothing, 0 (kept as they are) with --from
 
 
 @dataclass(frozen=True)
@@ -182,6 +186,8 @@ def plan(opts: TrainAllOptions, log: Callable[[str], None] = print) -> list[Stag
     detect_format(opts.dataset)  # a missing or unreadable path fails before OUT is created
     if not opts.steps_scale > 0:
         raise ValueError(f"--steps-scale must be above 0, got {opts.steps_scale}")
+    if opts.generator_steps is not None and opts.generator_steps < (0 if opts.start else 1):
+        raise ValueError(f"--generator-steps must be >= 1{' (0 needs --from MODEL: its generators kept as they are)' if not opts.start else ' (0: keep the generators of --from as they are)'}, got {opts.generator_steps}")
     if opts.out.exists() and not opts.out.is_dir():
         raise ValueError(f"{opts.out} is a file; give a folder for OUT")
     resolve_device(opts.device)
@@ -204,10 +210,13 @@ def plan(opts: TrainAllOptions, log: Callable[[str], None] = print) -> list[Stag
     text_dir = start / "text_tokenizer" if start else out / "text_tokenizer"
     image_dir = start / "image_tokenizer" if start else out / "image_tokenizer"
     epochs = _scaled(TrainEncoderConfig.epochs, opts.steps_scale)  # the trainers' dataclass defaults, scaled
-    # from nothing: the trainer's default schedule; fine-tuning: FINE_TUNE's, from MODEL's generator of that k
-    schedule = ({"steps": _scaled(TrainConfig.steps, opts.steps_scale)} if start is None else
-                {**FINE_TUNE, "steps": _scaled(FINE_TUNE["steps"], opts.steps_scale),
-                 "warmup": round(FINE_TUNE["warmup"] * opts.steps_scale)})
+    # from nothing: the trainer's default schedule; fine-tuning (--from and N steps): FINE_TUNE's, from MODEL's
+    # generator of that k; --from and 0 steps: MODEL's generators kept
+    if start is None:
+        schedule = {"steps": opts.generator_steps or _scaled(TrainConfig.steps, opts.steps_scale)}
+    else:
+        steps = opts.generator_steps or 0
+        schedule = {**FINE_TUNE, "steps": steps, "warmup": min(FINE_TUNE["warmup"], steps // 3)} if steps else None
 
     def heldout() -> bool:  # the data stage's row counts the held-out documents: no other stage reads them twice
         return _read_row(out, "data")["quality"]["heldout"] > 0
@@ -307,16 +316,22 @@ def plan(opts: TrainAllOptions, log: Callable[[str], None] = print) -> list[Stag
             return {new: last[old] for old, new in names.items() if old in last} or None
         return run
 
+    ra_start, k0_start = (start / "generator", start / "generator_k0") if start else (None, None)
+    kept = start is not None and schedule is None  # MODEL's generators as they are: nothing to train
+    ra_dir, k0_dir = (ra_start, k0_start) if kept else (out / "generator", out / "generator_k0")
+
     def assemble_generators() -> None:
         from racm3.pretrained import assemble
 
-        assemble(model, generator=out / "generator", generator_k0=out / "generator_k0")
+        assemble(model, generator=ra_dir, generator_k0=k0_dir)
 
-    def gen_settings(batch_size: int, init_from: Path | None) -> dict:
-        return {"preset": gen_preset, **schedule, "batch_size": batch_size,
-                **({"init_from": str(init_from.resolve())} if init_from else {})}
+    def gen_stage(name: str, k: int, run_dir: Path, batch_size: int, init_from: Path | None) -> Stage:
+        if kept:
+            return Stage(name, init_from, {"given": str(init_from.resolve())}, lambda: None)
+        settings = {"preset": gen_preset, **schedule, "batch_size": batch_size,
+                    **({"init_from": str(init_from.resolve())} if init_from else {})}
+        return Stage(name, run_dir, settings, generator(k, run_dir, batch_size, init_from))
 
-    ra_start, k0_start = (start / "generator", start / "generator_k0") if start else (None, None)
     given_tok = {"given": str(start.resolve())} if start else None
     return [
         Stage("data", data, {"dataset": str(opts.dataset.resolve()), "heldout_share": HELDOUT_SHARE}, make_data),
@@ -325,10 +340,8 @@ def plan(opts: TrainAllOptions, log: Callable[[str], None] = print) -> list[Stag
         Stage("encoder", encoder_dir, {"given": str(given.resolve())} if given else {"epochs": epochs}, encoder),
         Stage("assemble-tokenizers", model, {}, assemble_tokenizers),
         Stage("memory", memory, {"index": "flat"}, build_memory),
-        Stage("generator", out / "generator", gen_settings(GENERATOR_BATCH, ra_start),
-              generator(2, out / "generator", GENERATOR_BATCH, ra_start)),
-        Stage("generator-k0", out / "generator_k0", gen_settings(BASELINE_BATCH, k0_start),
-              generator(0, out / "generator_k0", BASELINE_BATCH, k0_start)),
+        gen_stage("generator", 2, out / "generator", GENERATOR_BATCH, ra_start),
+        gen_stage("generator-k0", 0, out / "generator_k0", BASELINE_BATCH, k0_start),
         Stage("assemble-generators", model, {}, assemble_generators),
     ]
 
