@@ -99,6 +99,9 @@ def test_demo_writes_a_page_with_sources_and_outputs(tiny_model_dir, tmp_path):
                                       "--samples", "2", "--dataset", str(data), "--memory", str(memory_dir)])
     assert result.exit_code == 0, (result.output, result.exception)
     index = Path(result.stdout.strip().splitlines()[-1])
+    alone = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "demo2"), "--dataset", str(data)])
+    assert alone.exit_code != 0 and "--dataset and --memory together" in alone.output
+    assert not (tmp_path / "demo2").exists()
     assert index == (tmp_path / "demo" / "index.html").resolve()
     page = index.read_text()
     assert page.count("<tr>") == 2 + 8 + 8  # two header rows, 8 captions, 8 images

@@ -126,6 +126,8 @@ def test_from_a_model_keeps_or_fine_tunes_its_generators_on_its_tokenizers(tmp_p
         assert result.exit_code == 0, (result.output, result.exception)
         rows = {r["stage"]: r for r in json.loads((out / "summary.json").read_text())["stages"]}
         assert list(rows) == STAGES and all(r["status"] == "ran" for r in rows.values())
+        again = run(["train", "all", dataset, out, "--from", first / "model", *TINY[4:], *extra])
+        assert again.exit_code == 0 and again.output.count("done already, skipped") == len(STAGES), again.output
         assert rows["text-tokenizer"]["settings"] == rows["image-tokenizer"]["settings"] == {"given": str(start)}
         assert rows["image-tokenizer"]["quality"]["heldout_psnr"] > 0  # the given tokenizer, measured on this data
         assert not (out / "text_tokenizer").exists() and not (out / "image_tokenizer").exists()
@@ -174,13 +176,13 @@ def test_bad_from_options_are_refused_before_anything_is_written(tmp_path: Path)
     one_line_error(run(["train", "all", dataset, out, "--from", tmp_path]), f"--from {tmp_path}", "no text_tokenizer/")
     one_line_error(run(["train", "all", dataset, out, "--from", shipped, "--image-size", "128"]),
                    "draws 64 px", "--image-size 128")
-    one_line_error(run(["train", "all", dataset, out, "--from", shipped, "--generator-preset", "v2-small"]),
-                   "of preset emoji-small", "drop --generator-preset")
+    one_line_error(run(["train", "all", dataset, out, "--from", shipped, "--generator-preset", "emoji-small"]),
+                   "generators as they are", "drop --generator-preset")
     one_line_error(run(["train", "all", dataset, out, "--from", shipped, "--image-tokenizer-preset", "tiny"]),
                    "drop --image-tokenizer-preset")
     one_line_error(run(["train", "all", dataset, out, "--generator-steps", "0"]), "--generator-steps", "needs --from")
     one_line_error(run(["train", "all", dataset, out, "--from", shipped, "--generator-steps", "-1"]),
-                   "--generator-steps", "got -1")
+                   "--generator-steps must be >= 0 with --from", "got -1")
     assert not out.exists()
 
 
@@ -221,6 +223,10 @@ def test_default_options_pass_every_check(tmp_path: Path, monkeypatch) -> None:
     assert planned["generator"] == {"preset": "emoji-small", **FINE_TUNE, "steps": 300, "batch_size": 24,
                                     "init_from": str(shipped / "generator")}
     assert planned["generator-k0"]["init_from"] == str(shipped / "generator_k0")
+    # each generator fine-tunes under its own preset: emoji-v2's RA generator is aligned, its baseline is not
+    v2 = shipped.parent / "emoji-v2"
+    one_line_error(run(["train", "all", dataset, out, "--from", v2, "--generator-steps", "10"]), "planned")
+    assert planned["generator"]["preset"] == "v2-small-aligned" and planned["generator-k0"]["preset"] == "v2-small"
     # from nothing, --generator-steps replaces the scaled default
     one_line_error(run(["train", "all", dataset, out, "--generator-steps", "40"]), "planned")
     assert planned["generator"]["steps"] == planned["generator-k0"]["steps"] == 40

@@ -436,6 +436,8 @@ def train_generator_cmd(
     cross_style_rate: Optional[float] = typer.Option(None, help="Share holding the other art style's drawing of the concept."),
     relabel_rate: Optional[float] = typer.Option(None, help="Share of caption lessons: image first, caption swapped for "
                                                  "another concept's in the document and its copy in context (copy, not recall)."),
+    relabel_random: Optional[float] = typer.Option(None, help="Share of caption lessons whose caption is a random "
+                                                   "string of caption tokens (copying learned for every token id)."),
     distractor_rate: Optional[float] = typer.Option(None, help="Share of distractor lessons: the document among other "
                                                     "concepts' documents, the prompt decides which to copy."),
     style_rate: Optional[float] = typer.Option(None, help="Share of style lessons: demonstrations of other concepts in the "
@@ -466,7 +468,8 @@ def train_generator_cmd(
     from racm3.generator.train import TrainConfig, train
 
     given = {"copy_rate": copy_rate, "sibling_rate": sibling_rate, "cross_style_rate": cross_style_rate,
-             "relabel_rate": relabel_rate, "distractor_rate": distractor_rate, "style_rate": style_rate,
+             "relabel_rate": relabel_rate, "relabel_random": relabel_random, "distractor_rate": distractor_rate,
+             "style_rate": style_rate,
              "extra_distractor_rate": extra_distractor_rate, "mask_rate": mask_rate, "text_weight": text_weight}
     with _user_errors():
         shares = replace(get_recipe(recipe), k=k, alpha=alpha, **{n: v for n, v in given.items() if v is not None})
@@ -575,7 +578,7 @@ def train_all_cmd(
     device: str = typer.Option("auto", help=DEVICE_HELP),
     steps_scale: float = typer.Option(1.0, help="x every trainer's default length (image tokenizer steps, encoder "
                                                 "epochs, generator steps); e.g. 0.1 for a quick trial."),
-    start: Optional[Path] = typer.Option(None, "--from", help="Start from MODEL (a model folder: the shipped "
+    start: Optional[Path] = typer.Option(None, "--from", metavar="MODEL", help="Start from MODEL (a model folder: the shipped "
                                          "src/racm3/pretrained/emoji-small, or a train all run's model/): its "
                                          "tokenizers and generators as they are, the encoder and memory made "
                                          "for this data set; --generator-steps N fine-tunes the generators."),
@@ -946,6 +949,9 @@ def demo_cmd(
     (built if absent), or on a data set and memory of your own (those of `racm3 train all`)."""
     from racm3.demo import run_demo
 
+    if (dataset is None) != (memory is None):  # prompts of one data set against another's memory show nothing
+        _fail(f"give --dataset and --memory together (a data set and the memory built from it, e.g. a train all "
+              f"run's data/ and memory/), or neither for the emoji set; got only --{'dataset' if dataset else 'memory'}")
     with _user_errors():
         index = run_demo(out, model_dir=model, k=k, samples=samples, log=lambda m: typer.echo(m, err=True),
                          dataset_dir=dataset, memory_dir=memory)

@@ -1,4 +1,5 @@
-"""`racm3 demo`: captions -> images and images -> captions on the emoji set, each shown with its sources, as HTML."""
+"""`racm3 demo`: captions -> images and images -> captions, each shown with its sources, as HTML: on the emoji set
+and its memory, or on a data set and memory of one's own."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ def pick_prompts(docs: list[Document], n: int = PER_DIRECTION, seed: int = 0) ->
         pool = sorted((d for d in plain if d.split == split), key=lambda d: d.id)
         out += rng.sample(pool, min(n // 2, len(pool)))
     if not out:
-        raise ValueError("the data set has no captioned image documents with a train or heldout split to prompt with")
+        raise ValueError("the data set has no captioned image documents with a train or heldout split to prompt with; "
+                         "give a data set with a split field, such as the data/ of a `racm3 train all` run")
     return out
 
 

@@ -44,7 +44,8 @@ GENERATOR_BATCH, BASELINE_BATCH = 24, 64
 CAPTION_TOKENS = 16
 DEFAULT_GENERATOR_PRESET = "v2-small"  # its 1,024-token context holds k=2 of the v2 tokenizers' 256-code images
 # --from MODEL --generator-steps N: fine-tuning's peak learning rate (the trainer's from nothing: 1e-3) and warm-up
-# (at most a third of the steps), as measured on the icon set (README)
+# (at most a third of the steps): the schedule of the README's icon fine-tunes at 3e-4 (a larger data set's
+# choice: on the 665 icons any fine-tuning measured lowered the held-out judge, which is why N defaults to 0)
 FINE_TUNE = {"lr": 3e-4, "warmup": 100}
 
 
@@ -119,8 +120,7 @@ def _check_context(generator_preset: str, n: int, image_preset: str) -> None:
     from racm3.generator.model import get_preset, list_presets
 
     max_len = get_preset(generator_preset).max_len
-    # <bos> [<doc> caption <img> codes </img> </doc>] caption <img> codes </img> <eos>
-    need = 2 * (n + CAPTION_TOKENS) + 8
+    need = _context_need(n)
     if max_len < need:
         fit = [p for p in list_presets() if get_preset(p).max_len >= need]
         raise ValueError(f"--generator-preset {generator_preset}: its {max_len}-token context cannot hold a retrieved "
@@ -129,15 +129,26 @@ def _check_context(generator_preset: str, n: int, image_preset: str) -> None:
                          f"a PRESET.json with max_len >= {need}")
 
 
-def _start_model(opts: TrainAllOptions) -> tuple[Path, int, int, str]:
-    """--from MODEL, checked before any work: (MODEL, its image size, its codes per image, the generator preset
-    that matches its generators); --image-size and --generator-preset must agree with it, and
-    --image-tokenizer-preset is refused (MODEL's image tokenizer is the one used)."""
+def _context_need(n: int) -> int:
+    """Tokens for the main document and one retrieved one at n codes per image and CAPTION_TOKENS per caption."""
+    # <bos> [<doc> caption <img> codes </img> </doc>] caption <img> codes </img> <eos>
+    return 2 * (n + CAPTION_TOKENS) + 8
+
+
+def _start_model(opts: TrainAllOptions, fine_tune: bool) -> tuple[Path, dict[str, str | None]]:
+    """--from MODEL, checked before any work: (MODEL, the installed preset of each of its generators, by folder
+    name, when they are to be fine-tuned: None when they are kept as they are, whatever they were made with).
+    --image-size must agree with MODEL; --image-tokenizer-preset and --generator-preset are refused (MODEL's
+    image tokenizer and generators are the ones used)."""
+    from racm3.generator.model import RACM3_FILE
     from racm3.tokenizers.image import ImageTokenizer
 
     start = opts.start
-    if opts.image_tokenizer_preset is not None:
-        raise ValueError(f"--from {start} uses that model's image tokenizer; drop --image-tokenizer-preset")
+    for option, given in (("--image-tokenizer-preset", opts.image_tokenizer_preset),
+                          ("--generator-preset", opts.generator_preset)):
+        if given is not None:
+            raise ValueError(f"--from {start} uses that model's {option[2:-7].replace('-', ' ')}s as they are; "
+                             f"drop {option}")
     for part in ("text_tokenizer", "image_tokenizer", "generator", "generator_k0"):
         if not (start / part / "config.json").is_file() and not (start / part / "tokenizer.json").is_file():
             raise FileNotFoundError(f"--from {start}: no {part}/ in it; give a model folder with both tokenizers and "
@@ -146,11 +157,14 @@ def _start_model(opts: TrainAllOptions) -> tuple[Path, int, int, str]:
     if opts.image_size is not None and opts.image_size != image.image_size:
         raise ValueError(f"--from {start} draws {image.image_size} px images, not --image-size {opts.image_size}; "
                          "drop --image-size, or train from nothing at that size")
-    preset = _preset_of(start / "generator")
-    if opts.generator_preset is not None and opts.generator_preset != preset:
-        raise ValueError(f"--from {start}: its generators are of preset {preset}, not --generator-preset "
-                         f"{opts.generator_preset}; drop --generator-preset to fine-tune them")
-    return start, image.image_size, image.tokens_per_image, preset
+    described = _generator_description(start / "generator" / RACM3_FILE)
+    need = _context_need(image.tokens_per_image)
+    if described.get("max_len", 0) < need:
+        raise ValueError(f"--from {start}: its generator's {described.get('max_len')}-token context cannot hold a "
+                         f"retrieved document beside the main one at {image.tokens_per_image} codes per image ({need} "
+                         "tokens); give a model whose generators were trained with retrieved documents")
+    presets = {part: _preset_of(start / part) if fine_tune else None for part in ("generator", "generator_k0")}
+    return start, presets
 
 
 def _preset_of(generator_dir: Path) -> str:
@@ -159,18 +173,25 @@ def _preset_of(generator_dir: Path) -> str:
 
     from racm3.generator.model import RACM3_FILE, GeneratorConfig, get_preset, list_presets
 
-    path = generator_dir / RACM3_FILE
-    try:
-        trained = {**asdict(GeneratorConfig()), **json.loads(path.read_text(encoding="utf-8"))["generator"]}
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"{path}: not a readable generator description ({exc}); give a model folder written by "
-                         "`racm3 train assemble` or `racm3 train all`") from None
+    trained = {**asdict(GeneratorConfig()), **_generator_description(generator_dir / RACM3_FILE)}
     for name in list_presets():
         if asdict(get_preset(name)) == trained:
             return name
     raise ValueError(f"{generator_dir}: its architecture is none of the installed generator presets "
                      f"({', '.join(list_presets())}); fine-tune it with `racm3 train generator --init-from` and its "
                      "PRESET.json")
+
+
+def _generator_description(path: Path) -> dict:
+    """A generator folder's racm3.json "generator" fields (its architecture and position rules)."""
+    try:
+        described = json.loads(path.read_text(encoding="utf-8"))["generator"]
+        if not isinstance(described, dict):
+            raise TypeError("its generator field is not an object")
+        return described
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: not a readable generator description ({exc}); give a model folder written by "
+                         "`racm3 train assemble` or `racm3 train all`") from None
 
 
 def plan(opts: TrainAllOptions, log: Callable[[str], None] = print) -> list[Stage]:
@@ -186,22 +207,26 @@ def plan(opts: TrainAllOptions, log: Callable[[str], None] = print) -> list[Stag
     detect_format(opts.dataset)  # a missing or unreadable path fails before OUT is created
     if not opts.steps_scale > 0:
         raise ValueError(f"--steps-scale must be above 0, got {opts.steps_scale}")
-    if opts.generator_steps is not None and opts.generator_steps < (0 if opts.start else 1):
-        raise ValueError(f"--generator-steps must be >= 1{' (0 needs --from MODEL: its generators kept as they are)' if not opts.start else ' (0: keep the generators of --from as they are)'}, got {opts.generator_steps}")
+    if opts.generator_steps is not None and opts.start is None and opts.generator_steps < 1:
+        raise ValueError(f"--generator-steps must be >= 1, got {opts.generator_steps} (0, keeping the generators "
+                         "as they are, needs --from MODEL)")
+    if opts.generator_steps is not None and opts.start is not None and opts.generator_steps < 0:
+        raise ValueError(f"--generator-steps must be >= 0 with --from (0: its generators as they are), got "
+                         f"{opts.generator_steps}")
     if opts.out.exists() and not opts.out.is_dir():
         raise ValueError(f"{opts.out} is a file; give a folder for OUT")
     resolve_device(opts.device)
     if opts.start is not None:
-        start, size, n_codes, gen_preset = _start_model(opts)
+        start, presets = _start_model(opts, fine_tune=bool(opts.generator_steps))
         vq_preset, vq_schedule = None, {}
-        _check_context(gen_preset, n_codes, f"{start}'s image tokenizer")
     else:
-        start, gen_preset = None, opts.generator_preset or DEFAULT_GENERATOR_PRESET
+        start, preset = None, opts.generator_preset or DEFAULT_GENERATOR_PRESET
+        presets = {"generator": preset, "generator_k0": preset}
         vq_preset = image_tokenizer_preset(opts.image_size, opts.image_tokenizer_preset)
         vq = preset_train_config(vq_preset)
         # the whole schedule scales, not its length alone: a warm-up of 5% stays 5%
         vq_schedule = {"steps": _scaled(vq.steps, opts.steps_scale), "warmup": round(vq.warmup * opts.steps_scale)}
-        _check_context(gen_preset, ImageTokenizerConfig.from_preset(vq_preset).tokens_per_image, vq_preset)
+        _check_context(preset, ImageTokenizerConfig.from_preset(vq_preset).tokens_per_image, vq_preset)
     given = _given_encoder(opts.encoder) if opts.encoder is not None else None
 
     out = opts.out
@@ -298,14 +323,15 @@ def plan(opts: TrainAllOptions, log: Callable[[str], None] = print) -> list[Stag
         return {"caption_to_doc_recall@1": r["text_to_image"]["recall@1"],
                 "image_to_own_doc_recall@1": r["image_to_text"]["recall@1"]}
 
-    def generator(k: int, run_dir: Path, batch_size: int, init_from: Path | None) -> Callable[[], dict | None]:
+    def generator(k: int, run_dir: Path, batch_size: int, init_from: Path | None,
+                  preset: str) -> Callable[[], dict | None]:
         def run() -> dict | None:
             from racm3.generator.data import Recipe
             from racm3.generator.train import BENEFITS, train
 
             # a run whose checkpoint is at its last step already returns no record: its log's last one is the same
             last = train(TrainConfig(dataset=data, out=run_dir, memory=memory if k else None, tokenizers=model,
-                                     encoder=model / "encoder", preset=gen_preset, **schedule,
+                                     encoder=model / "encoder", preset=preset, **schedule,
                                      batch_size=batch_size, device=opts.device, resume=True, recipe=Recipe(k=k),
                                      init_from=init_from))
             last = last or _last_log_record(run_dir / "train_log.jsonl")
@@ -321,16 +347,19 @@ def plan(opts: TrainAllOptions, log: Callable[[str], None] = print) -> list[Stag
     ra_dir, k0_dir = (ra_start, k0_start) if kept else (out / "generator", out / "generator_k0")
 
     def assemble_generators() -> None:
-        from racm3.pretrained import assemble
+        from racm3.pretrained import SAMPLING_FILE, assemble, read_sampling
 
-        assemble(model, generator=ra_dir, generator_k0=k0_dir)
+        # MODEL's default temperatures go with its generators, kept or fine-tuned from them
+        sampling = read_sampling(start) if start is not None and (start / SAMPLING_FILE).is_file() else None
+        assemble(model, sampling=sampling, generator=ra_dir, generator_k0=k0_dir)
 
     def gen_stage(name: str, k: int, run_dir: Path, batch_size: int, init_from: Path | None) -> Stage:
-        if kept:
+        if kept:  # its output is MODEL's folder, outside OUT: the row's size is MODEL's, nothing is measured
             return Stage(name, init_from, {"given": str(init_from.resolve())}, lambda: None)
-        settings = {"preset": gen_preset, **schedule, "batch_size": batch_size,
+        preset = presets[run_dir.name]
+        settings = {"preset": preset, **schedule, "batch_size": batch_size,
                     **({"init_from": str(init_from.resolve())} if init_from else {})}
-        return Stage(name, run_dir, settings, generator(k, run_dir, batch_size, init_from))
+        return Stage(name, run_dir, settings, generator(k, run_dir, batch_size, init_from, preset))
 
     given_tok = {"given": str(start.resolve())} if start else None
     return [
