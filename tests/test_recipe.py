@@ -86,28 +86,6 @@ def test_caption_lessons_name_the_image_only_in_context(bank, trained):
         assert ctx == [main]  # the only place it is said: the relabelled copy in context
 
 
-def test_random_caption_lessons_copy_strings_of_any_caption_token(bank, trained):
-    """relabel_random=1: every caption lesson names the image with a random string of caption tokens (of another
-    caption's length), copied in context; across the lessons every caption token comes up, rare or common."""
-    v = trained[2].vocab
-    rng = np.random.default_rng(0)
-    used, lengths, made = set(), {len(d.text) for d in bank.docs.values()}, []
-    texts = {tuple(d.text) for d in bank.docs.values()}
-    for i in bank.ids:
-        d = bank.docs[i]
-        for _ in range(SAMPLES):
-            ctx, main = parts(bank.sample(i, v, only("relabel", relabel_random=1.0), rng), v)
-            caption = main[len(d.image):]
-            assert main[:len(d.image)] == list(d.image) and ctx == [main]
-            assert len(caption) in lengths and set(caption) <= set(bank.caption_tokens)
-            used |= set(caption)
-            made.append(tuple(caption) not in texts)
-    assert used == set(bank.caption_tokens)
-    assert sum(made) > len(made) / 2  # mostly strings no document is captioned with (borrowed captions: none)
-    with pytest.raises(ValueError, match="relabel_random must lie in"):
-        Recipe(relabel_random=1.5)
-
-
 def test_distractor_lessons_hold_the_right_document_and_a_distractor_in_both_orders(bank, trained):
     v = trained[2].vocab
     rng = np.random.default_rng(0)

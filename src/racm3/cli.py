@@ -436,8 +436,6 @@ def train_generator_cmd(
     cross_style_rate: Optional[float] = typer.Option(None, help="Share holding the other art style's drawing of the concept."),
     relabel_rate: Optional[float] = typer.Option(None, help="Share of caption lessons: image first, caption swapped for "
                                                  "another concept's in the document and its copy in context (copy, not recall)."),
-    relabel_random: Optional[float] = typer.Option(None, help="Share of caption lessons whose caption is a random "
-                                                   "string of caption tokens (copying learned for every token id)."),
     distractor_rate: Optional[float] = typer.Option(None, help="Share of distractor lessons: the document among other "
                                                     "concepts' documents, the prompt decides which to copy."),
     style_rate: Optional[float] = typer.Option(None, help="Share of style lessons: demonstrations of other concepts in the "
@@ -468,8 +466,7 @@ def train_generator_cmd(
     from racm3.generator.train import TrainConfig, train
 
     given = {"copy_rate": copy_rate, "sibling_rate": sibling_rate, "cross_style_rate": cross_style_rate,
-             "relabel_rate": relabel_rate, "relabel_random": relabel_random, "distractor_rate": distractor_rate,
-             "style_rate": style_rate,
+             "relabel_rate": relabel_rate, "distractor_rate": distractor_rate, "style_rate": style_rate,
              "extra_distractor_rate": extra_distractor_rate, "mask_rate": mask_rate, "text_weight": text_weight}
     with _user_errors():
         shares = replace(get_recipe(recipe), k=k, alpha=alpha, **{n: v for n, v in given.items() if v is not None})

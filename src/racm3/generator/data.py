@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterable
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -65,9 +64,6 @@ class Recipe:
     sibling_rate: float = 0.1  # a same-concept, same-style sibling (skin-tone variant)
     cross_style_rate: float = 0.15  # the other art style's drawing of the same concept
     relabel_rate: float = 0.15  # caption lessons: another concept's caption on this image, its copy in context
-    # share of caption lessons whose caption is a random string of caption tokens (another caption's length): a copy
-    # is then learned for every text id, rare ones too, not only for those the captions use often
-    relabel_random: float = 0.0
     distractor_rate: float = 0.15  # the document among distractors: the prompt decides which to copy
     style_rate: float = 0.1  # demonstrations of other concepts in the document's style decide the style
     # v1's distractors: another concept's drawing added to any context with room (after a lesson or retrieval),
@@ -78,7 +74,7 @@ class Recipe:
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            if (f.name.endswith("_rate") or f.name == "relabel_random") and not 0.0 <= getattr(self, f.name) <= 1.0:
+            if f.name.endswith("_rate") and not 0.0 <= getattr(self, f.name) <= 1.0:
                 raise ValueError(f"{f.name} must lie in [0, 1], got {getattr(self, f.name)}")
         total = sum(getattr(self, f"{name}_rate") for name in LESSONS)
         if total > 1.0 + 1e-9:
@@ -197,14 +193,11 @@ class ExampleBank:
     """
 
     def __init__(self, docs: dict[str, DocTokens], candidates: dict[str, dict[str, list[str]]] | None = None,
-                 max_len: int | None = None, text_ids: Iterable[int] | None = None):
+                 max_len: int | None = None):
         if not docs:
             raise ValueError("no training documents")
         self.docs, self.max_len = docs, max_len  # max_len: the generator's context (GeneratorConfig.max_len)
         self.ids = sorted(docs)
-        # relabel_random draws its captions from these, uniformly: every text id of the vocabulary where given (the
-        # trainer gives them: a held-out name's pieces may be in no training caption), else the captions' tokens
-        self.caption_tokens = list(text_ids) if text_ids is not None else sorted({t for d in docs.values() for t in d.text})
         self.candidates = candidates or {}
         self.by_concept: dict[str, list[str]] = defaultdict(list)
         self.by_style: dict[str, list[str]] = defaultdict(list)
@@ -338,11 +331,7 @@ class ExampleBank:
         other = self.other_concept(doc_id, rng)
         if other is None:
             return None
-        caption = self.docs[other].text
-        if recipe.relabel_random and rng.random() < recipe.relabel_random:
-            pool = self.caption_tokens
-            caption = tuple(pool[i] for i in rng.integers(len(pool), size=len(caption)))
-        main = list(self.docs[doc_id].image + caption)
+        main = list(self.docs[doc_id].image + self.docs[other].text)
         ctx = [main]
         neighbour = next((c for c in self.candidates.get(doc_id, {}).get("image", []) if c != doc_id), None)
         if recipe.k > 1 and neighbour is not None and rng.random() < 0.5:

@@ -358,7 +358,7 @@ def check_recipe(trained: dict, recipe: Recipe, out: Path) -> None:
 
 
 # Recipe fields added after checkpoints were first written, with the value every run before them trained with.
-_RECIPE_BEFORE = {"text_weight": 1.0, "relabel_random": 0.0}
+_RECIPE_BEFORE = {"text_weight": 1.0}
 
 
 def _trained_recipe(ckpt: dict, out: Path) -> dict:
@@ -411,8 +411,7 @@ def train(cfg: TrainConfig) -> dict:
     if not train_docs:
         raise ValueError(f"{cfg.dataset} holds no training documents with both an image and a caption")
     cached = precompute(cfg, mt, train_docs, heldout_docs, dist)
-    bank = ExampleBank(cached["train"], cached["candidates"], max_len=gen_cfg.max_len,
-                       text_ids=range(vocab.text_offset, vocab.text_offset + vocab.text_size))
+    bank = ExampleBank(cached["train"], cached["candidates"], max_len=gen_cfg.max_len)
     # the context benefits' fixed lesson sequences, on held-out documents (concepts the model never trains on)
     probes = (benefit_probes(ExampleBank(cached["heldout"], max_len=gen_cfg.max_len), vocab, recipe, cfg.eval_docs,
                              cfg.seed) if cached["heldout"] else {})
