@@ -569,7 +569,7 @@ def train_all_cmd(
     generator_preset: Optional[str] = typer.Option(None, help="Generator preset of both generators: v2-small (the "
                                                    "default: its 1,024-token context holds k=2 of 256-code images), "
                                                    "medium, emoji-small (384 tokens: 64-code images), tiny, or a "
-                                                   "PRESET.json; with --from, MODEL's."),
+                                                   "PRESET.json; not with --from (MODEL's are used)."),
     encoder: Optional[str] = typer.Option(None, help="Use this encoder folder (or clip:PATH, a CLIP folder written "
                                           "by save_pretrained()) instead of training the image tower."),
     device: str = typer.Option("auto", help=DEVICE_HELP),

@@ -57,7 +57,7 @@ class TrainAllOptions:
     out: Path
     image_size: int | None = None  # picks the image tokenizer preset v2-SIZE; None: the named preset's, or 64
     image_tokenizer_preset: str | None = None
-    generator_preset: str | None = None  # None: DEFAULT_GENERATOR_PRESET, or with --from the preset MODEL's has
+    generator_preset: str | None = None  # None: DEFAULT_GENERATOR_PRESET; refused with --from (MODEL's are used)
     encoder: str | None = None  # an encoder or CLIP folder ("clip:PATH" insists on a CLIP) instead of training one
     device: str = "auto"
     steps_scale: float = 1.0  # x each trainer's default length: image tokenizer steps, encoder epochs, generator steps
@@ -144,11 +144,10 @@ def _start_model(opts: TrainAllOptions, fine_tune: bool) -> tuple[Path, dict[str
     from racm3.tokenizers.image import ImageTokenizer
 
     start = opts.start
-    for option, given in (("--image-tokenizer-preset", opts.image_tokenizer_preset),
-                          ("--generator-preset", opts.generator_preset)):
+    for option, given, what in (("--image-tokenizer-preset", opts.image_tokenizer_preset, "image tokenizer as it is"),
+                                ("--generator-preset", opts.generator_preset, "generators as they are")):
         if given is not None:
-            raise ValueError(f"--from {start} uses that model's {option[2:-7].replace('-', ' ')}s as they are; "
-                             f"drop {option}")
+            raise ValueError(f"--from {start} uses that model's {what}; drop {option}")
     for part in ("text_tokenizer", "image_tokenizer", "generator", "generator_k0"):
         if not (start / part / "config.json").is_file() and not (start / part / "tokenizer.json").is_file():
             raise FileNotFoundError(f"--from {start}: no {part}/ in it; give a model folder with both tokenizers and "
