@@ -18,9 +18,10 @@ def pick_prompts(docs: list[Document], n: int = PER_DIRECTION, seed: int = 0) ->
     Where enough captions are their concept's plain name (the emoji's without a skin-tone qualifier: n/2 concepts
     in each split), only those; else any captioned image (an icon's "document print preview")."""
     rng = random.Random(seed)
-    named = [d for d in docs if d.text and d.image is not None and d.text == d.concept]
+    captioned = [d for d in docs if d.text and d.image is not None]
+    named = [d for d in captioned if d.text == d.concept]
     enough = all(len({d.concept for d in named if d.split == s}) >= n // 2 for s in ("train", "heldout"))
-    plain = named if enough else [d for d in docs if d.text and d.image is not None]
+    plain = named if enough else captioned
     out: list[Document] = []
     for split in ("train", "heldout"):
         pool = sorted((d for d in plain if d.split == split), key=lambda d: d.id)
