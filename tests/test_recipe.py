@@ -55,9 +55,11 @@ def test_shares_are_validated_and_v1_stays_the_shipped_recipe():
     # The shipped model's recipe (before the v2 lessons), which its reproduction script asks for by name.
     assert RECIPES["v1"] == Recipe(copy_rate=0.35, sibling_rate=0.2, cross_style_rate=0.2, relabel_rate=0.0,
                                    distractor_rate=0.0, style_rate=0.0, extra_distractor_rate=0.25)
-    script = (Path(__file__).parents[1] / "scripts" / "train_emoji_small.sh").read_text().replace("\\\n", " ")
-    trainings = [line for line in script.splitlines() if line.startswith("racm3 train generator")]
-    assert len(trainings) == 2 and all("--recipe v1" in line for line in trainings)
+    from racm3.pipelines import read_pipeline
+
+    script = (Path(__file__).parents[1] / "scripts" / "train_emoji_small.sh").read_text()
+    assert "--pipeline emoji-small" in script
+    assert read_pipeline("emoji-small")["generator"]["recipe"] == read_pipeline("emoji-small")["generator_k0"]["recipe"] == "v1"
 
 
 def test_copy_sibling_and_cross_style_contexts(bank):

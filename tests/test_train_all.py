@@ -105,6 +105,96 @@ def test_train_all_makes_a_model_that_generates_both_ways(tmp_path: Path, fmt: s
     RACM3.from_pretrained(out / "model", device="cpu")
 
 
+def test_generators_side_by_side_train_what_one_after_the_other_does(tmp_path: Path) -> None:
+    """On a CPU the RA generator and its baseline train at once, a process each: the same weights (one thread
+    each, the same seeds) and rows as one after the other, with a line of progress while they run."""
+    from racm3.generator.model import load_generator
+    from racm3.train_all import TrainAllOptions, train_all
+
+    dataset = shapes_dataset("parquet", tmp_path / "src")
+    runs, logs = {}, {}
+    for together in (True, False):
+        out, lines = tmp_path / f"together-{together}", []
+        opts = TrainAllOptions(dataset, out, image_tokenizer_preset="tiny", generator_preset="tiny", device="cpu",
+                               steps_scale=0.01, side_by_side=together)
+        if not together:  # one after the other in this process, one thread as each side-by-side process has
+            import torch
+
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+        try:
+            runs[together] = {r["stage"]: r for r in train_all(opts, log=lines.append)["stages"]}
+        finally:
+            if not together:
+                torch.set_num_threads(threads)
+        logs[together] = "\n".join(lines)
+    assert "side by side, 1 thread(s) each" in logs[True] and "side by side" not in logs[False]
+    assert "generator: step 15/15" in logs[True] and "generator-k0: step 15/15" in logs[True]
+    for stage, part in (("generator", "generator"), ("generator-k0", "generator_k0")):
+        assert runs[True][stage]["settings"] == runs[False][stage]["settings"]
+        assert runs[True][stage]["quality"]["train_loss"] == pytest.approx(runs[False][stage]["quality"]["train_loss"])
+        a, b = (load_generator(tmp_path / f"together-{t}" / "model" / part).state_dict() for t in (True, False))
+        assert all(torch.equal(a[n], b[n]) for n in a), stage
+
+
+def test_the_emoji_small_pipeline_is_the_shipped_models_training(tmp_path: Path, monkeypatch) -> None:
+    """`--pipeline emoji-small` (what scripts/train_emoji_small.sh runs) plans the settings the shipped model was
+    trained with, stage by stage (the script's commands before it called train all, commit 7df5efb), and the
+    architectures it plans are the shipped folders' own."""
+    from dataclasses import asdict
+
+    import racm3.train_all
+    from racm3.generator.model import GeneratorConfig, get_preset
+    from racm3.pretrained import shipped_model_dir
+    from racm3.retrieval.encoder import load_encoder
+    from racm3.retrieval.train_encoder import TrainEncoderConfig
+    from racm3.tokenizers.image import ImageTokenizer, ImageTokenizerConfig
+    from racm3.tokenizers.image_train import preset_train_config
+    from racm3.tokenizers.text import TextTokenizer
+
+    planned = {}
+
+    def plan_only(opts, log):
+        stages = racm3.train_all.plan(opts, log)
+        planned.update({s.name: (s.settings, s.training) for s in stages})
+        raise ValueError("planned")
+
+    monkeypatch.setattr(racm3.train_all, "train_all", plan_only)
+    dataset, out = shapes_dataset("parquet", tmp_path / "src"), tmp_path / "run"
+    one_line_error(run(["train", "all", dataset, out, "--pipeline", "emoji-small"]), "planned")
+    warmup = preset_train_config("emoji-8x8").warmup
+    assert planned["text-tokenizer"][0] == {}  # 2,048 pieces, the trainer's default
+    assert planned["image-tokenizer"][0] == {"preset": "emoji-8x8", "steps": 1500, "warmup": warmup}
+    assert preset_train_config("emoji-8x8").precision == "fp32"
+    assert planned["encoder"][0] == {"epochs": 45, "precision": "fp32"}
+    for stage, batch, k in (("generator", 24, 2), ("generator-k0", 64, 0)):
+        settings, training = planned[stage]
+        assert settings == {"preset": "emoji-small", "steps": 1200, "batch_size": batch, "recipe": "v1"}
+        assert training.recipe.k == k and training.lr == 1e-3 and training.snapshot_every == 200
+        assert (training.memory is None) == (k == 0)
+
+    shipped = shipped_model_dir()
+    assert ImageTokenizer.from_pretrained(shipped / "image_tokenizer").config == ImageTokenizerConfig.from_preset("emoji-8x8")
+    assert TextTokenizer.from_pretrained(shipped / "text_tokenizer").vocab_size == 2048
+    assert load_encoder(shipped / "encoder").config == TrainEncoderConfig().tower
+    for part in ("generator", "generator_k0"):
+        trained = json.loads((shipped / part / "racm3.json").read_text())["generator"]
+        assert {**asdict(GeneratorConfig()), **trained} == asdict(get_preset("emoji-small")), part
+    assert not out.exists()
+    # a pipeline file is checked whole before anything runs: one line naming the file and the field
+    bad = tmp_path / "bad.json"
+    bad.write_text((Path(racm3.train_all.__file__).parent / "pipelines" / "v2.json").read_text()
+                   .replace('"recipe": "v2"', '"recipe": "v9"', 1))
+    one_line_error(run(["train", "all", dataset, out, "--pipeline", bad]), str(bad), "generator.recipe", "v9")
+    one_line_error(run(["train", "all", dataset, out, "--pipeline", "nope"]), "unknown pipeline preset 'nope'",
+                   "emoji-small")
+    one_line_error(run(["train", "all", dataset, out, "--pipeline", "emoji-small", "--from", shipped]),
+                   "drop --pipeline emoji-small")
+    one_line_error(run(["train", "all", dataset, out, "--pipeline", "emoji-small", "--image-size", "128"]),
+                   "emoji-8x8", "--image-size 128")
+    assert not out.exists()
+
+
 def test_from_a_model_keeps_or_fine_tunes_its_generators_on_its_tokenizers(tmp_path: Path) -> None:
     """--from MODEL: MODEL's tokenizers are used as they are (measured, not trained), and so are its generators;
     with --generator-steps N they are fine-tuned from MODEL's: after a few steps their weights are still near the

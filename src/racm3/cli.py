@@ -579,17 +579,21 @@ def train_all_cmd(
                                          "src/racm3/pretrained/emoji-small, or a train all run's model/): its "
                                          "tokenizers and generators as they are, the encoder and memory made "
                                          "for this data set; --generator-steps N fine-tunes the generators."),
-    generator_steps: Optional[int] = typer.Option(None, help="Steps of each generator (default: 1,500 x "
+    generator_steps: Optional[int] = typer.Option(None, help="Steps of each generator (default: the pipeline's x "
                                                   "--steps-scale; with --from, 0: its generators as they are)."),
+    pipeline: Optional[str] = typer.Option(None, help="Every stage's settings: v2 (the default), emoji-small (the "
+                                           "shipped model's own), or a PIPELINE.json "
+                                           "(racm3/pipelines/); the options above change them."),
 ) -> None:
     """Every stage from a data set to a model folder: data split, tokenizers, encoder, memory, RA-CM3 generator and
-    its k=0 baseline. A stage already done is skipped, one cut short resumes; a summary table ends the run."""
+    its k=0 baseline (side by side on a CPU, half the cores each). A stage already done is skipped, one cut short
+    resumes; a summary table ends the run."""
     from racm3.train_all import TrainAllOptions, format_summary, train_all
 
     with _user_errors():
         summary = train_all(TrainAllOptions(dataset_dir, out_dir, image_size, image_tokenizer_preset,
                                             generator_preset, encoder, device, steps_scale, start,
-                                            generator_steps),
+                                            generator_steps, pipeline),
                             log=lambda m: typer.echo(m, err=True))
     typer.echo(format_summary(summary))
 

@@ -1,8 +1,8 @@
 """`racm3 train all`: a data set in, a trained RA-CM3 model folder out, every stage in order.
 
-The stages of scripts/train_emoji_small.sh (the shipped model's reproduction) as a list that calls the library's
-own functions, with this command's defaults, not the script's: the v2 image tokenizer v2-64, the v2 recipe and
-the v2-small generator (the script: emoji-8x8 in float32, --recipe v1, emoji-small). Each stage writes its output
+Every stage in order, each a call of the library's own functions, with the settings of a pipeline
+(racm3/pipelines: v2 by default; emoji-small is the shipped model's own, and scripts/train_emoji_small.sh runs
+it). Each stage writes its output
 under OUT and then OUT/stages/NAME.json: its row of the summary (seconds, size on disk, held-out quality) and the
 settings it ran with. A stage whose row and output both exist is skipped; a training stage cut short resumes
 from its checkpoint (the trainers' one resume rule); a row written with other settings is refused rather than
@@ -30,19 +30,18 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    from racm3.generator.train import TrainConfig
 
 STAGES_DIR = "stages"  # OUT/stages/NAME.json: a stage's summary row, written once its output is complete
 SUMMARY_FILE = "summary.json"
 IMAGE_SIZES = (64, 128, 256)
 DEFAULT_IMAGE_SIZE = 64
-# The generators' batch sizes are the shipped recipe's (scripts/train_emoji_small.sh): k=0 sequences are ~3x
-# shorter, so 64 of them see about the tokens of 24 with k=2.
-GENERATOR_BATCH, BASELINE_BATCH = 24, 64
 # The context check's caption length: a preset must hold the main document and one retrieved one with captions
 # of this many tokens, or RA-CM3 would never see a retrieved document.
 CAPTION_TOKENS = 16
-DEFAULT_GENERATOR_PRESET = "v2-small"  # its 1,024-token context holds k=2 of the v2 tokenizers' 256-code images
 # --from MODEL --generator-steps N: fine-tuning's peak learning rate (the trainer's from nothing: 1e-3) and warm-up
 # (at most a third of the steps): the schedule of the README's icon fine-tunes at 3e-4 (a larger data set's
 # choice: on the 665 icons any fine-tuning measured lowered the held-out judge, which is why N defaults to 0)
@@ -56,13 +55,15 @@ class TrainAllOptions:
     dataset: Path
     out: Path
     image_size: int | None = None  # picks the image tokenizer preset v2-SIZE; None: the named preset's, or 64
-    image_tokenizer_preset: str | None = None
-    generator_preset: str | None = None  # None: DEFAULT_GENERATOR_PRESET; refused with --from (MODEL's are used)
+    image_tokenizer_preset: str | None = None  # None: the pipeline's
+    generator_preset: str | None = None  # None: the pipeline's; refused with --from (MODEL's are used)
     encoder: str | None = None  # an encoder or CLIP folder ("clip:PATH" insists on a CLIP) instead of training one
     device: str = "auto"
     steps_scale: float = 1.0  # x each trainer's default length: image tokenizer steps, encoder epochs, generator steps
     start: Path | None = None  # --from MODEL: its tokenizers and (with generator_steps None or 0) generators as they are
-    generator_steps: int | None = None  # None: 1,500 x steps_scale from nothing, 0 (kept as they are) with --from
+    generator_steps: int | None = None  # None: the pipeline's x steps_scale from nothing, 0 (kept) with --from
+    pipeline: str | None = None  # a name in racm3/pipelines or a PIPELINE.json; None: DEFAULT_PIPELINE
+    side_by_side: bool | None = None  # both generators at once, half the cores each; None: on a CPU with >= 2 cores
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,7 @@ class Stage:
     output: Path  # what the stage makes: with OUT/stages/NAME.json beside, the stage is done
     settings: dict  # what it runs with; a done stage made with other settings is refused, not reused
     run: Callable[[], dict | None]  # does the work; returns its held-out quality numbers (None: none measured)
+    training: TrainConfig | None = None  # a generator stage's training, for running two side by side
 
 
 def image_tokenizer_preset(image_size: int | None, preset: str | None) -> str:
@@ -90,8 +92,8 @@ def image_tokenizer_preset(image_size: int | None, preset: str | None) -> str:
                              "PRESET.json") from None
     size = ImageTokenizerConfig.from_preset(preset).image_size
     if image_size is not None and size != image_size:
-        raise ValueError(f"--image-tokenizer-preset {preset} takes {size} px images, not --image-size {image_size}; "
-                         "give one of the two, or a preset of that size")
+        raise ValueError(f"image tokenizer preset {preset} (--image-tokenizer-preset, or the pipeline's) takes {size} "
+                         f"px images, not --image-size {image_size}; give one of the two, or a preset of that size")
     return preset
 
 
@@ -195,7 +197,11 @@ def _generator_description(path: Path) -> dict:
 
 def plan(opts: TrainAllOptions, log: Callable[[str], None] = print) -> list[Stage]:
     """The stages, in order; every option is checked here, before anything is written."""
+    from dataclasses import replace
+
+    from racm3.generator.data import get_recipe
     from racm3.generator.train import TrainConfig
+    from racm3.pipelines import DEFAULT_PIPELINE, read_pipeline
     from racm3.readers import detect_format
     from racm3.retrieval.train_encoder import TrainEncoderConfig
     from racm3.runtime import resolve_device
@@ -212,20 +218,25 @@ def plan(opts: TrainAllOptions, log: Callable[[str], None] = print) -> list[Stag
     if opts.generator_steps is not None and opts.start is not None and opts.generator_steps < 0:
         raise ValueError(f"--generator-steps must be >= 0 with --from (0: its generators as they are), got "
                          f"{opts.generator_steps}")
+    if opts.start is not None and opts.pipeline is not None:
+        raise ValueError(f"--from {opts.start} uses that model's tokenizers and generators, not a pipeline's; drop "
+                         f"--pipeline {opts.pipeline} (the encoder trains as pipeline {DEFAULT_PIPELINE} says)")
     if opts.out.exists() and not opts.out.is_dir():
         raise ValueError(f"{opts.out} is a file; give a folder for OUT")
     resolve_device(opts.device)
+    pipe = read_pipeline(opts.pipeline or DEFAULT_PIPELINE)
     if opts.start is not None:
         start, presets = _start_model(opts, fine_tune=bool(opts.generator_steps))
         vq_preset, vq_schedule = None, {}
     else:
-        start, preset = None, opts.generator_preset or DEFAULT_GENERATOR_PRESET
-        presets = {"generator": preset, "generator_k0": preset}
-        vq_preset = image_tokenizer_preset(opts.image_size, opts.image_tokenizer_preset)
+        start = None
+        presets = {part: opts.generator_preset or pipe[part]["preset"] for part in ("generator", "generator_k0")}
+        vq_preset = image_tokenizer_preset(opts.image_size, opts.image_tokenizer_preset or
+                                           pipe["image_tokenizer"]["preset"])
         vq = preset_train_config(vq_preset)
         # the whole schedule scales, not its length alone: a warm-up of 5% stays 5%
         vq_schedule = {"steps": _scaled(vq.steps, opts.steps_scale), "warmup": round(vq.warmup * opts.steps_scale)}
-        _check_context(preset, ImageTokenizerConfig.from_preset(vq_preset).tokens_per_image, vq_preset)
+        _check_context(presets["generator"], ImageTokenizerConfig.from_preset(vq_preset).tokens_per_image, vq_preset)
     given = _given_encoder(opts.encoder) if opts.encoder is not None else None
 
     out = opts.out
@@ -233,14 +244,18 @@ def plan(opts: TrainAllOptions, log: Callable[[str], None] = print) -> list[Stag
     encoder_dir = given or out / "encoder"
     text_dir = start / "text_tokenizer" if start else out / "text_tokenizer"
     image_dir = start / "image_tokenizer" if start else out / "image_tokenizer"
-    epochs = _scaled(TrainEncoderConfig.epochs, opts.steps_scale)  # the trainers' dataclass defaults, scaled
-    # from nothing: the trainer's default schedule; fine-tuning (--from and N steps): FINE_TUNE's, from MODEL's
+    vocab_size = pipe["text_tokenizer"]["vocab_size"]
+    enc_cfg = TrainEncoderConfig(epochs=_scaled(pipe["encoder"]["epochs"], opts.steps_scale),
+                                 precision=pipe["encoder"]["precision"], device=opts.device)
+    # from nothing: the pipeline's schedule, scaled; fine-tuning (--from and N steps): FINE_TUNE's, from MODEL's
     # generator of that k; --from and 0 steps: MODEL's generators kept
     if start is None:
-        schedule = {"steps": opts.generator_steps or _scaled(TrainConfig.steps, opts.steps_scale)}
+        schedules = {part: {"steps": opts.generator_steps or _scaled(pipe[part]["steps"], opts.steps_scale)}
+                     for part in ("generator", "generator_k0")}
     else:
         steps = opts.generator_steps or 0
-        schedule = {**FINE_TUNE, "steps": steps, "warmup": min(FINE_TUNE["warmup"], steps // 3)} if steps else None
+        tune = {**FINE_TUNE, "steps": steps, "warmup": min(FINE_TUNE["warmup"], steps // 3)} if steps else None
+        schedules = {"generator": tune, "generator_k0": tune}
 
     def heldout() -> bool:  # the data stage's row counts the held-out documents: no other stage reads them twice
         return _read_row(out, "data")["quality"]["heldout"] > 0
@@ -271,7 +286,7 @@ def plan(opts: TrainAllOptions, log: Callable[[str], None] = print) -> list[Stag
         from racm3.tokenizers.text import TextTokenizer, train_text_tokenizer
 
         if start is None:
-            tok, _ = train_text_tokenizer(data, text_dir)
+            tok, _ = train_text_tokenizer(data, text_dir, vocab_size=vocab_size)
         else:
             tok = TextTokenizer.from_pretrained(text_dir)
         captions = [t for d in in_split(read_documents(data), "heldout") for t in d.texts] if heldout() else []
@@ -297,8 +312,7 @@ def plan(opts: TrainAllOptions, log: Callable[[str], None] = print) -> list[Stag
         if given is None:
             from racm3.retrieval.train_encoder import train_encoder
 
-            train_encoder(data, encoder_dir, TrainEncoderConfig(epochs=epochs, device=opts.device), log=log,
-                          resume=True)
+            train_encoder(data, encoder_dir, enc_cfg, log=log, resume=True)
 
     def assemble_tokenizers() -> None:
         from racm3.pretrained import assemble
@@ -322,27 +336,8 @@ def plan(opts: TrainAllOptions, log: Callable[[str], None] = print) -> list[Stag
         return {"caption_to_doc_recall@1": r["text_to_image"]["recall@1"],
                 "image_to_own_doc_recall@1": r["image_to_text"]["recall@1"]}
 
-    def generator(k: int, run_dir: Path, batch_size: int, init_from: Path | None,
-                  preset: str) -> Callable[[], dict | None]:
-        def run() -> dict | None:
-            from racm3.generator.data import Recipe
-            from racm3.generator.train import BENEFITS, train
-
-            # a run whose checkpoint is at its last step already returns no record: its log's last one is the same
-            last = train(TrainConfig(dataset=data, out=run_dir, memory=memory if k else None, tokenizers=model,
-                                     encoder=model / "encoder", preset=preset, **schedule,
-                                     batch_size=batch_size, device=opts.device, resume=True, recipe=Recipe(k=k),
-                                     init_from=init_from))
-            last = last or _last_log_record(run_dir / "train_log.jsonl")
-            # held-out NLLs and context benefits on held-out documents (those whose concept is drawn in another
-            # style where there are any, else any held-out document); none without held-out documents
-            names = {"loss": "train_loss", "nll_none": "heldout_nll_no_context", "nll_self": "heldout_nll_self",
-                     **{name: name for name in BENEFITS}}
-            return {new: last[old] for old, new in names.items() if old in last} or None
-        return run
-
     ra_start, k0_start = (start / "generator", start / "generator_k0") if start else (None, None)
-    kept = start is not None and schedule is None  # MODEL's generators as they are: nothing to train
+    kept = start is not None and schedules["generator"] is None  # MODEL's generators as they are: nothing to train
     ra_dir, k0_dir = (ra_start, k0_start) if kept else (out / "generator", out / "generator_k0")
 
     def assemble_generators() -> None:
@@ -352,26 +347,62 @@ def plan(opts: TrainAllOptions, log: Callable[[str], None] = print) -> list[Stag
         sampling = read_sampling(start) if start is not None and (start / SAMPLING_FILE).is_file() else None
         assemble(model, sampling=sampling, generator=ra_dir, generator_k0=k0_dir)
 
-    def gen_stage(name: str, k: int, run_dir: Path, batch_size: int, init_from: Path | None) -> Stage:
+    def gen_stage(name: str, part: str, k: int, init_from: Path | None) -> Stage:
         if kept:  # its output is MODEL's folder, outside OUT: the row's size is MODEL's, nothing is measured
             return Stage(name, init_from, {"given": str(init_from.resolve())}, lambda: None)
-        preset = presets[run_dir.name]
-        settings = {"preset": preset, **schedule, "batch_size": batch_size,
-                    **({"init_from": str(init_from.resolve())} if init_from else {})}
-        return Stage(name, run_dir, settings, generator(k, run_dir, batch_size, init_from, preset))
+        run_dir, settings = out / part, pipe[part]  # with --from, the default pipeline's batch sizes
+        recipe = replace(get_recipe(settings["recipe"]), k=k)
+        try:
+            training = TrainConfig(dataset=data, out=run_dir, memory=memory if k else None, tokenizers=model,
+                                   encoder=model / "encoder", preset=presets[part], **schedules[part],
+                                   batch_size=settings["batch_size"], eval_every=settings["eval_every"],
+                                   snapshot_every=settings["snapshot_every"],
+                                   device=opts.device, resume=True, recipe=recipe, init_from=init_from)
+        except ValueError as exc:
+            raise ValueError(f"pipeline {opts.pipeline or DEFAULT_PIPELINE}: {part}: {exc}") from None
+        # what decides the weights (eval_every and snapshot_every only what is logged); the v2 recipe, the first,
+        # is not named
+        row = {"preset": presets[part], **schedules[part], "batch_size": settings["batch_size"],
+               **({"recipe": settings["recipe"]} if settings["recipe"] != "v2" else {}),
+               **({"init_from": str(init_from.resolve())} if init_from else {})}
+        return Stage(name, run_dir, row, lambda: _generator_quality(train_generator(training)),
+                     training=training)
 
     given_tok = {"given": str(start.resolve())} if start else None
+    # settings first written without these fields keep their rows: a field is named where it is not the first value
+    text_settings = {"vocab_size": vocab_size} if vocab_size != 2048 else {}
+    enc_settings = {"epochs": enc_cfg.epochs, **({"precision": enc_cfg.precision}
+                                                  if enc_cfg.precision != "auto" else {})}
     return [
         Stage("data", data, {"dataset": str(opts.dataset.resolve()), "heldout_share": HELDOUT_SHARE}, make_data),
-        Stage("text-tokenizer", text_dir, given_tok or {}, text_tokenizer),
+        Stage("text-tokenizer", text_dir, given_tok or text_settings, text_tokenizer),
         Stage("image-tokenizer", image_dir, given_tok or {"preset": vq_preset, **vq_schedule}, image_tokenizer),
-        Stage("encoder", encoder_dir, {"given": str(given.resolve())} if given else {"epochs": epochs}, encoder),
+        Stage("encoder", encoder_dir, {"given": str(given.resolve())} if given else enc_settings, encoder),
         Stage("assemble-tokenizers", model, {}, assemble_tokenizers),
         Stage("memory", memory, {"index": "flat"}, build_memory),
-        gen_stage("generator", 2, out / "generator", GENERATOR_BATCH, ra_start),
-        gen_stage("generator-k0", 0, out / "generator_k0", BASELINE_BATCH, k0_start),
+        gen_stage("generator", "generator", 2, ra_start),
+        gen_stage("generator-k0", "generator_k0", 0, k0_start),
         Stage("assemble-generators", model, {}, assemble_generators),
     ]
+
+
+def train_generator(cfg: TrainConfig) -> dict:
+    """One generator's training (resumed where it stopped): its last log record. Module-level, so that a
+    process of its own can run it (two side by side)."""
+    from racm3.generator.train import train
+
+    # a run whose checkpoint is at its last step already returns no record: its log's last one is the same
+    return train(cfg) or _last_log_record(cfg.out / "train_log.jsonl")
+
+
+def _generator_quality(last: dict) -> dict | None:
+    """A generator stage's row quality: its last train loss, held-out NLLs and context benefits (on held-out
+    documents whose concept is drawn in another style where there are any, else any); None without any."""
+    from racm3.generator.train import BENEFITS
+
+    names = {"loss": "train_loss", "nll_none": "heldout_nll_no_context", "nll_self": "heldout_nll_self",
+             **{name: name for name in BENEFITS}}
+    return {new: last[old] for old, new in names.items() if old in last} or None
 
 
 def _row_path(out: Path, name: str) -> Path:
@@ -419,16 +450,21 @@ def train_all(opts: TrainAllOptions, log: Callable[[str], None] = print) -> dict
         if later:  # they were made from the outputs this stage is about to replace
             raise ValueError(f"stage {stages[first].name} is not done but later ones are ({', '.join(later)}); "
                              f"delete their rows in {opts.out / STAGES_DIR} and their folders to train them again")
-    rows = []
+    pair = [i for i, s in enumerate(stages) if s.training is not None and not done[i]]
+    together = len(pair) == 2 and _side_by_side(opts, stages[pair[0]].training)
+    rows, ran = [], {}
     for i, (stage, skip) in enumerate(zip(stages, done), 1):
         if skip:
             row = {**_read_row(opts.out, stage.name), "status": "skipped"}
             log(f"[{i}/{len(stages)}] {stage.name}: done already, skipped ({stage.output})")
         else:
+            if together and i - 1 == pair[0]:  # both generators now; the second's row is written when its turn comes
+                ran = _train_side_by_side([stages[j] for j in pair], log)
             t0 = time.perf_counter()
-            quality = stage.run()
+            seconds, quality = ran[stage.name] if stage.name in ran else (None, stage.run())
             row = {"stage": stage.name, "output": str(stage.output), "settings": stage.settings,
-                   "seconds": round(time.perf_counter() - t0, 1), "bytes": _size(stage.output), "quality": quality}
+                   "seconds": round(seconds if seconds is not None else time.perf_counter() - t0, 1),
+                   "bytes": _size(stage.output), "quality": quality}
             _write_json(_row_path(opts.out, stage.name), row)
             row = {**row, "status": "ran"}
             log(f"[{i}/{len(stages)}] {stage.name}: {row['seconds']:.1f} s, {_human(row['bytes'])} -> {stage.output}")
@@ -437,6 +473,51 @@ def train_all(opts: TrainAllOptions, log: Callable[[str], None] = print) -> dict
                "stages": rows}
     _write_json(opts.out / SUMMARY_FILE, summary)
     return summary
+
+
+def _side_by_side(opts: TrainAllOptions, training: TrainConfig) -> bool:
+    """Whether the two generators train at once, each a process with half the cores: on a CPU one small model's
+    step uses a second core poorly, two processes use both fully (the shipped emoji-small was trained so)."""
+    from racm3.runtime import resolve_device
+
+    if opts.side_by_side is not None:
+        return opts.side_by_side
+    return resolve_device(training.device).type == "cpu" and len(os.sched_getaffinity(0)) >= 2
+
+
+def _train_side_by_side(stages: list[Stage], log: Callable[[str], None]) -> dict[str, tuple[float, dict | None]]:
+    """Train the stages' generators at once, one spawned process each with an equal share of the cores; a line
+    of progress a minute (their train logs). {name: (seconds, quality)}; the first failure is raised once both
+    have stopped (each has checkpointed: a rerun resumes it)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, wait
+    from dataclasses import replace
+
+    threads = max(1, len(os.sched_getaffinity(0)) // len(stages))
+    log(f"training {' and '.join(s.name for s in stages)} side by side, {threads} thread(s) each")
+    t0, results = time.perf_counter(), {}
+    with ProcessPoolExecutor(len(stages), mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(train_generator, replace(s.training, threads=threads, progress=False)): s
+                   for s in stages}
+        pending = set(futures)
+        while pending:
+            finished, pending = wait(pending, timeout=60)
+            for f in finished:
+                results[futures[f].name] = (time.perf_counter() - t0, f)
+            log("  " + " | ".join(_progress(s) for s in stages))
+    for name, (_, f) in results.items():
+        if f.exception() is not None:
+            raise f.exception()
+    return {name: (seconds, _generator_quality(f.result())) for name, (seconds, f) in results.items()}
+
+
+def _progress(stage: Stage) -> str:
+    try:
+        last = _last_log_record(stage.training.out / "train_log.jsonl")
+    except ValueError:  # a line being written as it is read: the next minute's line has it
+        last = {}
+    loss = f", loss {last['loss']:.3f}" if "loss" in last else ""
+    return f"{stage.name}: step {last.get('step', 0)}/{stage.training.steps}{loss}"
 
 
 def _write_json(path: Path, obj: dict) -> None:
