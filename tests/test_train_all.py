@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from generator_fixtures import shape_documents
@@ -118,8 +119,6 @@ def test_generators_side_by_side_train_what_one_after_the_other_does(tmp_path: P
         opts = TrainAllOptions(dataset, out, image_tokenizer_preset="tiny", generator_preset="tiny", device="cpu",
                                steps_scale=0.01, side_by_side=together)
         if not together:  # one after the other in this process, one thread as each side-by-side process has
-            import torch
-
             threads = torch.get_num_threads()
             torch.set_num_threads(1)
         try:
@@ -193,6 +192,92 @@ def test_the_emoji_small_pipeline_is_the_shipped_models_training(tmp_path: Path,
     one_line_error(run(["train", "all", dataset, out, "--pipeline", "emoji-small", "--image-size", "128"]),
                    "emoji-8x8", "--image-size 128")
     assert not out.exists()
+
+
+def test_the_emoji_v2_pipeline_is_the_shipped_v2_models_training(tmp_path: Path, monkeypatch) -> None:
+    """`--pipeline emoji-v2` plans what scripts/train_emoji_v2.sh ran before it called train all (commit 7df5efb,
+    with the aligned RA preset and the 0.5 image temperature emoji-v2 shipped with): emoji-small's text tokenizer
+    and encoder as they are, v2-64 then its decoder alone, 1,000 generator steps of 16 and 32; and the shipped
+    emoji-v2 folders' architectures."""
+    from dataclasses import asdict
+
+    import racm3.train_all
+    from racm3.generator.model import GeneratorConfig, get_preset
+    from racm3.pretrained import PRETRAINED_DIR
+    from racm3.tokenizers.image import ImageTokenizer, ImageTokenizerConfig
+    from racm3.tokenizers.image_train import preset_train_config
+
+    planned = {}
+
+    def plan_only(opts, log):
+        planned.update({s.name: (s.settings, s.training) for s in racm3.train_all.plan(opts, log)})
+        raise ValueError("planned")
+
+    monkeypatch.setattr(racm3.train_all, "train_all", plan_only)
+    dataset, out = shapes_dataset("parquet", tmp_path / "src"), tmp_path / "run"
+    one_line_error(run(["train", "all", dataset, out, "--pipeline", "emoji-v2"]), "planned")
+    small, v2 = PRETRAINED_DIR / "emoji-small", PRETRAINED_DIR / "emoji-v2"
+    assert planned["text-tokenizer"][0] == {"given": str(small / "text_tokenizer")}
+    assert planned["encoder"][0] == {"given": str(small / "encoder")}
+    schedule = {p: {"steps": preset_train_config(p).steps, "warmup": preset_train_config(p).warmup}
+                for p in ("v2-64", "v2-64-decoder")}
+    assert schedule["v2-64-decoder"] == {"steps": 1500, "warmup": 50}
+    assert planned["image-tokenizer"][0] == {"preset": "v2-64", **schedule["v2-64"],
+                                             "then": {"preset": "v2-64-decoder", **schedule["v2-64-decoder"]}}
+    for stage, preset, batch in (("generator", "v2-small-aligned", 16), ("generator-k0", "v2-small", 32)):
+        settings, training = planned[stage]
+        assert settings == {"preset": preset, "steps": 1000, "batch_size": batch}
+        assert training.eval_every == 50 and training.snapshot_every == 200 and training.recipe.k == (stage == "generator") * 2
+    assert planned["assemble-generators"][0] == {"sampling": {"image_temperature": 0.5}}
+    assert json.loads((v2 / "sampling.json").read_text()) == {"image_temperature": 0.5}
+    assert ImageTokenizer.from_pretrained(v2 / "image_tokenizer").config == ImageTokenizerConfig.from_preset("v2-64")
+    for part, preset in (("generator", "v2-small-aligned"), ("generator_k0", "v2-small")):
+        trained = json.loads((v2 / part / "racm3.json").read_text())["generator"]
+        assert {**asdict(GeneratorConfig()), **trained} == asdict(get_preset(preset)), part
+    # --image-tokenizer-preset replaces the whole image tokenizer stage, its second training included
+    one_line_error(run(["train", "all", dataset, out, "--pipeline", "emoji-v2", "--image-tokenizer-preset", "v2-64"]),
+                   "planned")
+    assert planned["image-tokenizer"][0] == {"preset": "v2-64", **schedule["v2-64"]}
+    assert not out.exists()
+
+
+def test_a_pipeline_of_ones_own_with_given_parts_and_a_second_tokenizer_training(tmp_path: Path) -> None:
+    """A PIPELINE.json of one's own: the shipped text tokenizer and encoder as they are, the image tokenizer
+    trained and then its decoder alone from those weights (the codes unchanged), a sampling temperature."""
+    import racm3.tokenizers.image as image_module
+    from racm3.pipeline import RACM3
+    from racm3.pretrained import read_sampling, shipped_model_dir
+    from racm3.tokenizers.image import ImageTokenizer
+
+    tiny = json.loads((Path(image_module.__file__).parent / "image_presets" / "tiny.json").read_text())
+    decoder = tmp_path / "tiny-decoder.json"
+    decoder.write_text(json.dumps({"model": tiny["model"], "train": {"decoder_only": True, "lr": 1e-3}}))
+    generator = {"preset": "tiny", "recipe": "v2", "steps": 4, "batch_size": 4, "eval_every": 10, "snapshot_every": 0}
+    pipeline = tmp_path / "mine.json"
+    pipeline.write_text(json.dumps({
+        "about": "a test's", "text_tokenizer": {"given": "emoji-small"},
+        "image_tokenizer": {"preset": "tiny", "then": str(decoder)}, "encoder": {"given": str(shipped_model_dir())},
+        "generator": generator, "generator_k0": generator, "sampling": {"image_temperature": 0.7}}))
+    dataset, out = shapes_dataset("parquet", tmp_path / "src"), tmp_path / "run"
+    result = run(["train", "all", dataset, out, "--pipeline", pipeline, "--steps-scale", "0.01", "--device", "cpu"])
+    assert result.exit_code == 0, (result.output, result.exception)
+
+    rows = {r["stage"]: r for r in json.loads((out / "summary.json").read_text())["stages"]}
+    shipped = shipped_model_dir()
+    assert rows["text-tokenizer"]["settings"] == {"given": str(shipped / "text_tokenizer")}
+    assert rows["encoder"]["settings"] == {"given": str(shipped / "encoder")}
+    assert not (out / "text_tokenizer").exists() and not (out / "encoder").exists()
+    assert (out / "model" / "text_tokenizer" / "tokenizer.json").read_bytes() == \
+        (shipped / "text_tokenizer" / "tokenizer.json").read_bytes()
+    first, final = (ImageTokenizer.from_pretrained(out / name).state_dict()
+                    for name in ("image_tokenizer-tiny", "image_tokenizer"))
+    encoder_side = [n for n in first if not n.startswith("decoder.")]
+    assert encoder_side and all(torch.equal(first[n], final[n]) for n in encoder_side)  # the codes are the first's
+    assert any(not torch.equal(first[n], final[n]) for n in first if n.startswith("decoder."))
+    assert rows["assemble-generators"]["settings"] == {"sampling": {"image_temperature": 0.7}}
+    assert read_sampling(out / "model")["image_temperature"] == 0.7
+    model = RACM3.from_pretrained(out / "model", device="cpu")
+    assert model.generate_image("red circle", k=0, num_samples=1).image.size == (16, 16)
 
 
 def test_from_a_model_keeps_or_fine_tunes_its_generators_on_its_tokenizers(tmp_path: Path) -> None:
@@ -292,7 +377,8 @@ def test_default_options_pass_every_check(tmp_path: Path, monkeypatch) -> None:
     for size in (None, 64, 128, 256):
         one_line_error(run(["train", "all", dataset, out, *(["--image-size", size] if size else [])]), "planned")
         assert planned["image-tokenizer"]["preset"] == f"v2-{size or 64}"
-        assert planned["generator"]["preset"] == planned["generator-k0"]["preset"] == "v2-small"
+        assert planned["generator"]["preset"] == "v2-small-aligned" and planned["generator-k0"]["preset"] == "v2-small"
+        assert planned["assemble-generators"] == {"sampling": {"image_temperature": 0.5}}
     # --steps-scale scales the whole schedule: a warm-up of 1% of the steps stays 1%
     sharp = tmp_path / "sharp.json"
     sharp.write_text(json.dumps({"model": {"image_size": 64, "channels": [8, 16, 16], "quantizer": "fsq",

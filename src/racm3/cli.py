@@ -566,9 +566,9 @@ def train_all_cmd(
                                                         "(default 64), unless --image-tokenizer-preset names one."),
     image_tokenizer_preset: Optional[str] = typer.Option(None, help="Image tokenizer preset (a name in "
                                                          "racm3/tokenizers/image_presets/ or a PRESET.json)."),
-    generator_preset: Optional[str] = typer.Option(None, help="Generator preset of both generators: v2-small (the "
-                                                   "default: its 1,024-token context holds k=2 of 256-code images), "
-                                                   "medium, emoji-small (384 tokens: 64-code images), tiny, or a "
+    generator_preset: Optional[str] = typer.Option(None, help="Generator preset of both generators (default: the "
+                                                   "pipeline's; v2's v2-small-aligned and v2-small hold k=2 of "
+                                                   "256-code images in 1,024 tokens), medium, emoji-small (384 tokens: 64-code images), tiny, or a "
                                                    "PRESET.json; not with --from (MODEL's are used)."),
     encoder: Optional[str] = typer.Option(None, help="Use this encoder folder (or clip:PATH, a CLIP folder written "
                                           "by save_pretrained()) instead of training the image tower."),
@@ -581,8 +581,8 @@ def train_all_cmd(
                                          "for this data set; --generator-steps N fine-tunes the generators."),
     generator_steps: Optional[int] = typer.Option(None, help="Steps of each generator (default: the pipeline's x "
                                                   "--steps-scale; with --from, 0: its generators as they are)."),
-    pipeline: Optional[str] = typer.Option(None, help="Every stage's settings: v2 (the default), emoji-small (the "
-                                           "shipped model's own), or a PIPELINE.json "
+    pipeline: Optional[str] = typer.Option(None, help="Every stage's settings: v2 (the default), emoji-small or "
+                                           "emoji-v2 (the shipped models' own), or a PIPELINE.json "
                                            "(racm3/pipelines/); the options above change them."),
 ) -> None:
     """Every stage from a data set to a model folder: data split, tokenizers, encoder, memory, RA-CM3 generator and

@@ -101,6 +101,14 @@ def _scaled(n: int, scale: float) -> int:
     return max(1, round(n * scale))
 
 
+def _image_schedule(preset: str, scale: float) -> dict[str, int]:
+    """An image tokenizer preset's steps and warm-up, x scale: the whole schedule scales, so a 5% warm-up stays 5%."""
+    from racm3.tokenizers.image_train import preset_train_config
+
+    cfg = preset_train_config(preset)
+    return {"steps": _scaled(cfg.steps, scale), "warmup": round(cfg.warmup * scale)}
+
+
 def _given_encoder(spec: str) -> Path:
     """The folder of --encoder PATH or clip:PATH, checked to load (a CLIP for clip:) before any work starts."""
     from racm3.retrieval.encoder import ClipEncoder, load_encoder
@@ -227,26 +235,36 @@ def plan(opts: TrainAllOptions, log: Callable[[str], None] = print) -> list[Stag
     pipe = read_pipeline(opts.pipeline or DEFAULT_PIPELINE)
     if opts.start is not None:
         start, presets = _start_model(opts, fine_tune=bool(opts.generator_steps))
-        vq_preset, vq_schedule = None, {}
+        vq_preset, vq_schedule, then = None, {}, None
     else:
         start = None
         presets = {part: opts.generator_preset or pipe[part]["preset"] for part in ("generator", "generator_k0")}
+        # --image-tokenizer-preset replaces the pipeline's image tokenizer stage, its "then" training included
         vq_preset = image_tokenizer_preset(opts.image_size, opts.image_tokenizer_preset or
                                            pipe["image_tokenizer"]["preset"])
-        vq = preset_train_config(vq_preset)
-        # the whole schedule scales, not its length alone: a warm-up of 5% stays 5%
-        vq_schedule = {"steps": _scaled(vq.steps, opts.steps_scale), "warmup": round(vq.warmup * opts.steps_scale)}
+        vq_schedule = _image_schedule(vq_preset, opts.steps_scale)
+        then = None if opts.image_tokenizer_preset else pipe["image_tokenizer"].get("then")
+        if then is not None and ImageTokenizerConfig.from_preset(then) != ImageTokenizerConfig.from_preset(vq_preset):
+            raise ValueError(f"image tokenizer preset {then} (the pipeline's image_tokenizer.then) is another "
+                             f"architecture than {vq_preset}; it trains from {vq_preset}'s weights, so name a preset "
+                             "of the same model")
+        if then is not None:
+            vq_schedule["then"] = {"preset": then, **_image_schedule(then, opts.steps_scale)}
         _check_context(presets["generator"], ImageTokenizerConfig.from_preset(vq_preset).tokens_per_image, vq_preset)
-    given = _given_encoder(opts.encoder) if opts.encoder is not None else None
+    encoder_spec = opts.encoder or pipe["encoder"].get("given")
+    given = _given_encoder(encoder_spec) if encoder_spec is not None else None
+    text_given = start / "text_tokenizer" if start else (Path(pipe["text_tokenizer"]["given"])
+                                                          if "given" in pipe["text_tokenizer"] else None)
 
     out = opts.out
     data, model, memory = out / "data", out / "model", out / "memory"
     encoder_dir = given or out / "encoder"
-    text_dir = start / "text_tokenizer" if start else out / "text_tokenizer"
+    text_dir = text_given or out / "text_tokenizer"
     image_dir = start / "image_tokenizer" if start else out / "image_tokenizer"
-    vocab_size = pipe["text_tokenizer"]["vocab_size"]
-    enc_cfg = TrainEncoderConfig(epochs=_scaled(pipe["encoder"]["epochs"], opts.steps_scale),
-                                 precision=pipe["encoder"]["precision"], device=opts.device)
+    vocab_size = pipe["text_tokenizer"].get("vocab_size")
+    enc_cfg = TrainEncoderConfig(epochs=_scaled(pipe["encoder"].get("epochs", TrainEncoderConfig.epochs),
+                                                opts.steps_scale),
+                                 precision=pipe["encoder"].get("precision", "auto"), device=opts.device)
     # from nothing: the pipeline's schedule, scaled; fine-tuning (--from and N steps): FINE_TUNE's, from MODEL's
     # generator of that k; --from and 0 steps: MODEL's generators kept
     if start is None:
@@ -285,7 +303,7 @@ def plan(opts: TrainAllOptions, log: Callable[[str], None] = print) -> list[Stag
         from racm3.splits import in_split
         from racm3.tokenizers.text import TextTokenizer, train_text_tokenizer
 
-        if start is None:
+        if text_given is None:
             tok, _ = train_text_tokenizer(data, text_dir, vocab_size=vocab_size)
         else:
             tok = TextTokenizer.from_pretrained(text_dir)
@@ -299,8 +317,14 @@ def plan(opts: TrainAllOptions, log: Callable[[str], None] = print) -> list[Stag
         from racm3.tokenizers.image_train import evaluate_image_tokenizer, load_split_images, train_image_tokenizer
 
         if start is None:
-            cfg = preset_train_config(vq_preset, **vq_schedule, device=opts.device)
-            train_image_tokenizer(data, image_dir, vq_preset, cfg, resume=True)
+            first = image_dir.with_name(f"{image_dir.name}-{Path(vq_preset).stem}") if then else image_dir
+            schedule = {k: v for k, v in vq_schedule.items() if k != "then"}
+            train_image_tokenizer(data, first, vq_preset, preset_train_config(vq_preset, **schedule,
+                                                                              device=opts.device), resume=True)
+            if then:  # the second preset's training, from the first's weights
+                schedule = {k: v for k, v in vq_schedule["then"].items() if k != "preset"}
+                train_image_tokenizer(data, image_dir, then, preset_train_config(then, **schedule, device=opts.device),
+                                      resume=True, init_from=first)
         if not heldout():
             return None
         tok = ImageTokenizer.from_pretrained(image_dir)
@@ -343,8 +367,9 @@ def plan(opts: TrainAllOptions, log: Callable[[str], None] = print) -> list[Stag
     def assemble_generators() -> None:
         from racm3.pretrained import SAMPLING_FILE, assemble, read_sampling
 
-        # MODEL's default temperatures go with its generators, kept or fine-tuned from them
+        # MODEL's default temperatures go with its generators, kept or fine-tuned from them; else the pipeline's
         sampling = read_sampling(start) if start is not None and (start / SAMPLING_FILE).is_file() else None
+        sampling = sampling if start is not None else pipe["sampling"] or None
         assemble(model, sampling=sampling, generator=ra_dir, generator_k0=k0_dir)
 
     def gen_stage(name: str, part: str, k: int, init_from: Path | None) -> Stage:
@@ -369,20 +394,22 @@ def plan(opts: TrainAllOptions, log: Callable[[str], None] = print) -> list[Stag
                      training=training)
 
     given_tok = {"given": str(start.resolve())} if start else None
+    given_text = given_tok or ({"given": str(text_given.resolve())} if text_given else None)
     # settings first written without these fields keep their rows: a field is named where it is not the first value
-    text_settings = {"vocab_size": vocab_size} if vocab_size != 2048 else {}
+    text_settings = {"vocab_size": vocab_size} if vocab_size not in (2048, None) else {}
+    sampling_settings = {"sampling": pipe["sampling"]} if start is None and pipe["sampling"] else {}
     enc_settings = {"epochs": enc_cfg.epochs, **({"precision": enc_cfg.precision}
                                                   if enc_cfg.precision != "auto" else {})}
     return [
         Stage("data", data, {"dataset": str(opts.dataset.resolve()), "heldout_share": HELDOUT_SHARE}, make_data),
-        Stage("text-tokenizer", text_dir, given_tok or text_settings, text_tokenizer),
+        Stage("text-tokenizer", text_dir, given_text or text_settings, text_tokenizer),
         Stage("image-tokenizer", image_dir, given_tok or {"preset": vq_preset, **vq_schedule}, image_tokenizer),
         Stage("encoder", encoder_dir, {"given": str(given.resolve())} if given else enc_settings, encoder),
         Stage("assemble-tokenizers", model, {}, assemble_tokenizers),
         Stage("memory", memory, {"index": "flat"}, build_memory),
         gen_stage("generator", "generator", 2, ra_start),
         gen_stage("generator-k0", "generator_k0", 0, k0_start),
-        Stage("assemble-generators", model, {}, assemble_generators),
+        Stage("assemble-generators", model, sampling_settings, assemble_generators),
     ]
 
 

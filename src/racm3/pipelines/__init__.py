@@ -1,16 +1,23 @@
 """Pipelines: what every stage of `racm3 train all` trains with, as data (NAME.json here, or a PIPELINE.json).
 
-A pipeline names each stage's settings, every field given (no hidden defaults):
+A pipeline names each stage's settings, every field given (no hidden defaults); a stage takes one of its forms:
 
-    text_tokenizer  vocab_size                       the byte-level BPE's size
-    image_tokenizer preset                           an image tokenizer preset (its own "train" schedule and
+    text_tokenizer  {vocab_size}                     a byte-level BPE of that size, trained on the train captions
+                    {given}                          a trained one (below)
+    image_tokenizer {preset}                         an image tokenizer preset (its own "train" schedule and
                                                      precision); null: v2-SIZE for --image-size (64 by default)
-    encoder         epochs, precision                the image tower's training
-    generator       preset, recipe, steps, batch_size,  the RA-CM3 generator (k=2); eval_every: the context
-                    eval_every, snapshot_every          benefits measured every N steps, snapshot_every: a
-                                                        generator folder step-N kept every N steps (0: none)
-    generator_k0    the same fields                     its no-retrieval baseline (k=0)
+                    {preset, then}                   that, then a second preset's training from its weights
+                                                     (v2-64-decoder: the decoder alone, the codes unchanged)
+    encoder         {epochs, precision}              the image tower's training
+                    {given}                          a trained encoder (--encoder PATH overrides either)
+    generator       {preset, recipe, steps, batch_size, eval_every, snapshot_every}
+                                                     the RA-CM3 generator (k=2); eval_every: the context benefits
+                                                     measured every N steps; snapshot_every: a generator folder
+                                                     step-N kept every N steps (0: none)
+    generator_k0    the same fields                  its no-retrieval baseline (k=0)
+    sampling        {} or image_temperature and/or text_temperature: the model folder's sampling.json
 
+"given" is an installed model's name (its part of that name: emoji-small's text_tokenizer/) or a folder.
 `v2` is train all's default; `emoji-small` and `emoji-v2` are the shipped models' own (scripts/train_emoji_*.sh
 run them). Command-line options change a pipeline's settings: --image-size, --image-tokenizer-preset,
 --generator-preset (both generators), --steps-scale (every length), --generator-steps (both generators' steps).
@@ -24,14 +31,17 @@ from typing import Any
 
 PIPELINE_DIR = Path(__file__).parent
 DEFAULT_PIPELINE = "v2"
-# every stage and its fields, with the type each must have (int fields: >= 1, but for COUNTS_FROM_ZERO)
+NUMBER = (int, float)
 GENERATOR = {"preset": str, "recipe": str, "steps": int, "batch_size": int, "eval_every": int, "snapshot_every": int}
-FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
-    "text_tokenizer": {"vocab_size": int},
-    "image_tokenizer": {"preset": (str, type(None))},
-    "encoder": {"epochs": int, "precision": str},
-    "generator": GENERATOR,
-    "generator_k0": GENERATOR,
+# each stage's forms: the fields of each and the type each must have (int fields: >= 1, but for COUNTS_FROM_ZERO)
+FORMS: dict[str, list[dict[str, type | tuple[type, ...]]]] = {
+    "text_tokenizer": [{"vocab_size": int}, {"given": str}],
+    "image_tokenizer": [{"preset": (str, type(None))}, {"preset": str, "then": str}],
+    "encoder": [{"epochs": int, "precision": str}, {"given": str}],
+    "generator": [GENERATOR],
+    "generator_k0": [GENERATOR],
+    "sampling": [{}, {"image_temperature": NUMBER}, {"text_temperature": NUMBER},
+                 {"image_temperature": NUMBER, "text_temperature": NUMBER}],
 }
 COUNTS_FROM_ZERO = {"snapshot_every"}
 
@@ -41,48 +51,72 @@ def list_pipelines() -> list[str]:
 
 
 def read_pipeline(name: str | os.PathLike) -> dict[str, dict[str, Any]]:
-    """A pipeline by name or path: {stage: {field: value}}, every field checked; a one-line ValueError naming the
-    file and the field otherwise."""
+    """A pipeline by name or path: {stage: {field: value}}, every field checked ("given" resolved to a folder);
+    a one-line ValueError naming the file and the field otherwise."""
     from racm3.errors import read_preset_file
 
     path, raw = read_preset_file(name, PIPELINE_DIR, "pipeline")
-    if set(raw) != set(FIELDS):
-        missing, unknown = sorted(set(FIELDS) - set(raw)), sorted(set(raw) - set(FIELDS))
-        raise ValueError(f"{path}: a pipeline names exactly the stages {', '.join(FIELDS)}"
+    if set(raw) != set(FORMS):
+        missing, unknown = sorted(set(FORMS) - set(raw)), sorted(set(raw) - set(FORMS))
+        raise ValueError(f"{path}: a pipeline names exactly the stages {', '.join(FORMS)}"
                          f"{'; missing ' + ', '.join(missing) if missing else ''}"
                          f"{'; unknown ' + ', '.join(unknown) if unknown else ''}")
-    for stage, fields in FIELDS.items():
+    for stage, forms in FORMS.items():
         given = raw[stage]
-        if not isinstance(given, dict) or set(given) != set(fields):
-            raise ValueError(f"{path}: {stage} must be an object with exactly the fields {', '.join(fields)}")
-        for field, kind in fields.items():
+        form = next((f for f in forms if isinstance(given, dict) and set(given) == set(f)), None)
+        if form is None:
+            shapes = " or ".join("{" + ", ".join(f) + "}" for f in forms)
+            raise ValueError(f"{path}: {stage} must be an object with the fields {shapes}, got {given!r}")
+        for field, kind in form.items():
             value = given[field]
             least = 0 if field in COUNTS_FROM_ZERO else 1
             bad_int = kind is int and (isinstance(value, bool) or not isinstance(value, int) or value < least)
-            if bad_int or not isinstance(value, kind):
-                want = f"an integer >= {least}" if kind is int else "a string" if kind is str else "a string or null"
+            if bad_int or isinstance(value, bool) or not isinstance(value, kind):
+                want = (f"an integer >= {least}" if kind is int else "a string" if kind is str else
+                        "a number" if kind is NUMBER else "a string or null")
                 raise ValueError(f"{path}: {stage}.{field} must be {want}, got {value!r}")
     _check_names(path, raw)
+    for stage, part in (("text_tokenizer", "text_tokenizer"), ("encoder", "encoder")):
+        if "given" in raw[stage]:
+            raw[stage]["given"] = str(_given_folder(path, stage, raw[stage]["given"], part))
     return raw
 
 
+def _given_folder(path: Path, stage: str, given: str, part: str) -> Path:
+    """An installed model's part by the model's name, or a folder (a model folder's part, or the part itself)."""
+    from racm3.pretrained import PRETRAINED_DIR
+
+    folder = PRETRAINED_DIR / given if (PRETRAINED_DIR / given).is_dir() else Path(given)
+    folder = folder / part if (folder / part).is_dir() else folder
+    if not folder.is_dir():
+        installed = ", ".join(sorted(p.name for p in PRETRAINED_DIR.iterdir() if p.is_dir() and p.name[0] != "_"))
+        raise ValueError(f"{path}: {stage}.given {given!r} is neither an installed model ({installed}) nor a folder")
+    return folder
+
+
 def _check_names(path: Path, raw: dict[str, dict[str, Any]]) -> None:
-    """Every preset, recipe and precision a pipeline names exists: refused before any stage runs."""
+    """Every preset, recipe, precision and temperature a pipeline names exists: refused before any stage runs."""
     from racm3.generator.data import RECIPES
     from racm3.generator.model import get_preset
+    from racm3.pretrained import sampling_problem
     from racm3.runtime import PRECISIONS
     from racm3.tokenizers.image import read_preset
 
-    if raw["encoder"]["precision"] not in PRECISIONS:
+    if raw["encoder"].get("precision", "auto") not in PRECISIONS:
         raise ValueError(f"{path}: encoder.precision must be one of {', '.join(PRECISIONS)}, "
                          f"got {raw['encoder']['precision']!r}")
     for part in ("generator", "generator_k0"):
         if raw[part]["recipe"] not in RECIPES:
             raise ValueError(f"{path}: {part}.recipe must be one of {', '.join(RECIPES)}, got {raw[part]['recipe']!r}")
+    for key, value in raw["sampling"].items():
+        problem = sampling_problem(key, value)
+        if problem:
+            raise ValueError(f"{path}: sampling.{key}: {problem}")
     try:
         for part in ("generator", "generator_k0"):
             get_preset(raw[part]["preset"])
-        if raw["image_tokenizer"]["preset"] is not None:
-            read_preset(raw["image_tokenizer"]["preset"])
+        for field in ("preset", "then"):
+            if raw["image_tokenizer"].get(field) is not None:
+                read_preset(raw["image_tokenizer"][field])
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from None

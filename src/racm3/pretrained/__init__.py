@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 
 SHIPPED = "emoji-small"
+PRETRAINED_DIR = Path(__file__).resolve().parent  # the installed model folders, one per name
 
 # What each component folder ships: weights and configs only (no checkpoints, caches or logs).
 _KEEP = {"text_tokenizer": ["tokenizer.json"], "encoder": ["config.json", "model.safetensors"],
@@ -36,13 +37,13 @@ def read_sampling(model_dir: str | Path) -> dict[str, float]:
         return dict(SAMPLING_DEFAULTS)
     hint = f"it holds {sorted(SAMPLING_DEFAULTS)}, each {TEMPERATURE_RULE}; fix or delete it"
     raw = read_json_object(path, hint)
-    problems = [p for k, v in raw.items() if (p := _sampling_problem(k, v))]
+    problems = [p for k, v in raw.items() if (p := sampling_problem(k, v))]
     if problems:
         raise ModelFolderError(f"{path}: {problems[0]}; fix or delete it")
     return {**SAMPLING_DEFAULTS, **{k: float(v) for k, v in raw.items()}}
 
 
-def _sampling_problem(key: str, value) -> str | None:
+def sampling_problem(key: str, value) -> str | None:
     """Why (key, value) cannot be a model folder's default temperature, or None: the one rule for both ways in."""
     from racm3.limits import TEMPERATURE_RULE, temperature_ok
 
@@ -55,7 +56,7 @@ def _sampling_problem(key: str, value) -> str | None:
 
 def shipped_model_dir() -> Path:
     """The model folder that installs with the package; each component loads with its from_pretrained."""
-    return Path(__file__).resolve().parent / SHIPPED
+    return PRETRAINED_DIR / SHIPPED
 
 
 def assemble(out_dir: str | Path, sampling: dict[str, float] | None = None, **components: Path | None) -> Path:
@@ -108,7 +109,7 @@ def assemble(out_dir: str | Path, sampling: dict[str, float] | None = None, **co
 
 def _check_sampling(sampling: dict[str, float]) -> None:
     for k, v in sampling.items():
-        if problem := _sampling_problem(k, v):
+        if problem := sampling_problem(k, v):
             raise ValueError(f"sampling: {problem}")
 
 
