@@ -1,12 +1,12 @@
 """`racm3 train all`: a data set in, a trained RA-CM3 model folder out, every stage in order.
 
 Every stage in order, each a call of the library's own functions, with the settings of a pipeline
-(racm3/pipelines: v2 by default; emoji-small is the shipped model's own, and scripts/train_emoji_small.sh runs
-it). Each stage writes its output
-under OUT and then OUT/stages/NAME.json: its row of the summary (seconds, size on disk, held-out quality) and the
-settings it ran with. A stage whose row and output both exist is skipped; a training stage cut short resumes
-from its checkpoint (the trainers' one resume rule); a row written with other settings is refused rather than
-silently reused.
+(racm3/pipelines: v2 by default; emoji-small and emoji-v2 are the shipped models' own, which
+scripts/train_emoji_small.sh and train_emoji_v2.sh run). Each stage writes its output under OUT and then
+OUT/stages/NAME.json: its row of the summary (seconds, size on disk, held-out quality) and the settings it ran
+with. A stage whose row and output both exist is skipped; a training stage cut short resumes from its
+checkpoint (the trainers' one resume rule); a row written with other settings is refused rather than silently
+reused. On a CPU the two generators train side by side, a process each.
 
 `--from MODEL` starts from a trained model instead of nothing: MODEL's two tokenizers are used as they are (their
 stages only measure them on the held-out documents), and so are its two generators, unless --generator-steps N
@@ -531,6 +531,8 @@ def _train_side_by_side(stages: list[Stage], log: Callable[[str], None]) -> dict
             finished, pending = wait(pending, timeout=60)
             for f in finished:
                 results[futures[f].name] = (time.perf_counter() - t0, f)
+                if f.exception() is not None and pending:  # the other one goes on to its end (or its failure)
+                    log(f"  {futures[f].name} stopped: {f.exception()}; the other goes on, then this error is raised")
             log("  " + " | ".join(_progress(s) for s in stages))
     for name, (_, f) in results.items():
         if f.exception() is not None:
