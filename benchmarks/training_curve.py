@@ -1,7 +1,7 @@
 """The generator's training curve: loss, held-out image-code NLL with and without context, and every context
 benefit the run logged (racm3.generator.train.BENEFITS), for each run (e.g. RA-CM3 vs the k=0 baseline).
 
-    python benchmarks/training_curve.py runs/gen-ra runs/gen-k0 [--out DIR]
+    python benchmarks/training_curve.py runs/emoji-small/generator runs/emoji-small/generator_k0 [--out DIR]
 
 Reads each run's train_log.jsonl; writes DIR/training_curve.png and DIR/training_curve.json (the evaluated log
 lines; DIR: benchmarks/results).

@@ -15,8 +15,7 @@ OUT=$RUNS/emoji-v2
 
 [ -f "$RUNS/data/emoji/docs.jsonl" ] || racm3 data emoji "$RUNS/data/emoji"
 racm3 train all "$RUNS/data/emoji" "$OUT" --pipeline emoji-v2 "$@"
-# the pipeline's sampling temperature (images at 0.5) goes with the generators
 racm3 train assemble "$MODEL" --text-tokenizer "$OUT/model/text_tokenizer" --image-tokenizer "$OUT/model/image_tokenizer" \
-  --encoder "$OUT/model/encoder" --generator "$OUT/model/generator" --baseline "$OUT/model/generator_k0" \
-  --image-temperature 0.5
+  --encoder "$OUT/model/encoder" --generator "$OUT/model/generator" --baseline "$OUT/model/generator_k0"
+cp "$OUT/model/sampling.json" "$MODEL/sampling.json"  # the pipeline's sampling temperatures (images at 0.5)
 du -sh "$MODEL"/*

@@ -58,7 +58,8 @@ def test_shares_are_validated_and_v1_stays_the_shipped_recipe():
     from racm3.pipelines import read_pipeline
 
     script = (Path(__file__).parents[1] / "scripts" / "train_emoji_small.sh").read_text()
-    assert "--pipeline emoji-small" in script
+    assert [line.split()[-2:] for line in script.splitlines() if line.startswith("racm3 train all ")] == \
+        [["emoji-small", '"$@"']]
     assert read_pipeline("emoji-small")["generator"]["recipe"] == read_pipeline("emoji-small")["generator_k0"]["recipe"] == "v1"
 
 

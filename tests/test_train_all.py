@@ -109,24 +109,28 @@ def test_train_all_makes_a_model_that_generates_both_ways(tmp_path: Path, fmt: s
 def test_generators_side_by_side_train_what_one_after_the_other_does(tmp_path: Path) -> None:
     """On a CPU the RA generator and its baseline train at once, a process each: the same weights (one thread
     each, the same seeds) and rows as one after the other, with a line of progress while they run."""
+    import os
+
     from racm3.generator.model import load_generator
     from racm3.train_all import TrainAllOptions, train_all
 
     dataset = shapes_dataset("parquet", tmp_path / "src")
     runs, logs = {}, {}
-    for together in (True, False):
-        out, lines = tmp_path / f"together-{together}", []
-        opts = TrainAllOptions(dataset, out, image_tokenizer_preset="tiny", generator_preset="tiny", device="cpu",
-                               steps_scale=0.01, side_by_side=together)
-        if not together:  # one after the other in this process, one thread as each side-by-side process has
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-        try:
+    # two cores at most, so each side-by-side process gets one thread, and one thread for everything else: the
+    # same floating-point work in both runs on any machine
+    cores, threads = os.sched_getaffinity(0), torch.get_num_threads()
+    os.sched_setaffinity(0, sorted(cores)[:2])
+    torch.set_num_threads(1)
+    try:
+        for together in (True, False):
+            out, lines = tmp_path / f"together-{together}", []
+            opts = TrainAllOptions(dataset, out, image_tokenizer_preset="tiny", generator_preset="tiny",
+                                   device="cpu", steps_scale=0.01, side_by_side=together)
             runs[together] = {r["stage"]: r for r in train_all(opts, log=lines.append)["stages"]}
-        finally:
-            if not together:
-                torch.set_num_threads(threads)
-        logs[together] = "\n".join(lines)
+            logs[together] = "\n".join(lines)
+    finally:
+        os.sched_setaffinity(0, cores)
+        torch.set_num_threads(threads)
     assert "side by side, 1 thread(s) each" in logs[True] and "side by side" not in logs[False]
     assert "generator: step 15/15" in logs[True] and "generator-k0: step 15/15" in logs[True]
     for stage, part in (("generator", "generator"), ("generator-k0", "generator_k0")):
@@ -134,6 +138,27 @@ def test_generators_side_by_side_train_what_one_after_the_other_does(tmp_path: P
         assert runs[True][stage]["quality"]["train_loss"] == pytest.approx(runs[False][stage]["quality"]["train_loss"])
         a, b = (load_generator(tmp_path / f"together-{t}" / "model" / part).state_dict() for t in (True, False))
         assert all(torch.equal(a[n], b[n]) for n in a), stage
+
+
+def test_a_generator_that_fails_side_by_side_is_one_line_and_the_other_trains_on(tmp_path: Path) -> None:
+    """One of the two side-by-side trainings stops with an error: it is logged when it happens, the other trains to
+    its end and saves, and the first error is raised (the command's one line)."""
+    from dataclasses import replace
+
+    from racm3.train_all import TrainAllOptions, _train_side_by_side, plan, train_all
+
+    dataset, out = shapes_dataset("parquet", tmp_path / "src"), tmp_path / "run"
+    opts = TrainAllOptions(dataset, out, image_tokenizer_preset="tiny", generator_preset="tiny", device="cpu",
+                           steps_scale=0.01, side_by_side=False)
+    train_all(opts, log=lambda m: None)  # the stages the generators read: data, tokenizers, memory
+    stages = {s.name: s for s in plan(opts, log=lambda m: None)}
+    ra = replace(stages["generator"], training=replace(stages["generator"].training, out=tmp_path / "again"))
+    k0 = replace(stages["generator-k0"], training=replace(stages["generator-k0"].training, dataset=tmp_path / "gone"))
+    lines: list[str] = []
+    with pytest.raises(FileNotFoundError, match="gone"):
+        _train_side_by_side([ra, k0], lines.append)
+    assert any(line.startswith("  generator-k0 stopped:") and "the other goes on" in line for line in lines), lines
+    assert (tmp_path / "again" / "model.safetensors").is_file() and "generator: step 15/15" in lines[-1]
 
 
 def test_the_emoji_small_pipeline_is_the_shipped_models_training(tmp_path: Path, monkeypatch) -> None:
@@ -170,6 +195,7 @@ def test_the_emoji_small_pipeline_is_the_shipped_models_training(tmp_path: Path,
         settings, training = planned[stage]
         assert settings == {"preset": "emoji-small", "steps": 1200, "batch_size": batch, "recipe": "v1"}
         assert training.recipe.k == k and training.lr == 1e-3 and training.snapshot_every == 200
+        assert training.eval_every == 10 and training.memory == (out / "memory" if k else None)
         assert (training.memory is None) == (k == 0)
 
     shipped = shipped_model_dir()
@@ -185,6 +211,17 @@ def test_the_emoji_small_pipeline_is_the_shipped_models_training(tmp_path: Path,
     bad.write_text((Path(racm3.train_all.__file__).parent / "pipelines" / "v2.json").read_text()
                    .replace('"recipe": "v2"', '"recipe": "v9"', 1))
     one_line_error(run(["train", "all", dataset, out, "--pipeline", bad]), str(bad), "generator.recipe", "v9")
+    v2_text = (Path(racm3.train_all.__file__).parent / "pipelines" / "v2.json").read_text()
+    for field, good, bad_value, expected in (
+            ("image_tokenizer", '{"preset": null}', '{"preset": "v2-64", "then": "emoji-8x8"}',
+             "image_tokenizer.then emoji-8x8 is another architecture than v2-64"),
+            ("text_tokenizer", '{"vocab_size": 2048}', '{"given": "%s"}' % tmp_path,
+             "text_tokenizer.given"),
+            ("text_tokenizer", '{"vocab_size": 2048}', '{"vocab_size": 100}', "vocab_size must be >= 257"),
+            ("encoder", '{"epochs": 24, "precision": "auto"}', '{"given": ""}', "encoder.given ''")):
+        assert good in v2_text
+        bad.write_text(v2_text.replace(good, bad_value))
+        one_line_error(run(["train", "all", dataset, out, "--pipeline", bad]), str(bad), expected)
     one_line_error(run(["train", "all", dataset, out, "--pipeline", "nope"]), "unknown pipeline preset 'nope'",
                    "emoji-small")
     one_line_error(run(["train", "all", dataset, out, "--pipeline", "emoji-small", "--from", shipped]),
@@ -270,7 +307,7 @@ def test_a_pipeline_of_ones_own_with_given_parts_and_a_second_tokenizer_training
     assert (out / "model" / "text_tokenizer" / "tokenizer.json").read_bytes() == \
         (shipped / "text_tokenizer" / "tokenizer.json").read_bytes()
     first, final = (ImageTokenizer.from_pretrained(out / name).state_dict()
-                    for name in ("image_tokenizer-tiny", "image_tokenizer"))
+                    for name in ("image_tokenizer/first-tiny", "image_tokenizer"))
     encoder_side = [n for n in first if not n.startswith("decoder.")]
     assert encoder_side and all(torch.equal(first[n], final[n]) for n in encoder_side)  # the codes are the first's
     assert any(not torch.equal(first[n], final[n]) for n in first if n.startswith("decoder."))
@@ -338,8 +375,8 @@ def test_bad_options_are_refused_before_anything_is_written(tmp_path: Path) -> N
                    "tiny", "16 px", "--image-size 64")
     short = run(["train", "all", dataset, tmp_path / "run", "--image-size", "256", "--generator-preset", "emoji-small"])
     assert one_line_error(short) == (
-        "error: --generator-preset emoji-small: its 384-token context cannot hold a retrieved document beside the "
-        "main one at 256 codes per image (v2-256: 552 tokens); choose a generator preset with a longer context: "
+        "error: generator preset emoji-small (--generator-preset, or the pipeline's): its 384-token context cannot "
+        "hold a retrieved document beside the main one at 256 codes per image (v2-256: 552 tokens); choose a generator preset with a longer context: "
         "medium, v2-small, v2-small-aligned or a PRESET.json with max_len >= 552")
     assert not (tmp_path / "run").exists()
 

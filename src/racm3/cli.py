@@ -128,13 +128,14 @@ def _user_errors(key_hint: str = ""):
     What the library raises for a user's input says what to fix: ValueError and its kinds (a bad option, a bad
     record, a broken model folder, a device this machine lacks, an unreadable checkpoint), a missing file, a run
     folder that needs --resume, a memory folder that cannot be used (MemoryFolderError), an unknown id
-    (KeyError, printed without its quotes, followed by key_hint). Anything else is a bug and keeps its traceback.
+    (KeyError, printed without its quotes, followed by key_hint), a training process that was killed
+    (ChildProcessError: out of memory, or a user). Anything else is a bug and keeps its traceback.
     """
     from racm3.retrieval.memory import MemoryFolderError
 
     try:
         yield
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError, MemoryFolderError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError, MemoryFolderError, ChildProcessError) as exc:
         if isinstance(exc, KeyError):
             _fail(f"{exc.args[0] if exc.args else exc}{key_hint}")
         _fail(str(exc))

@@ -93,7 +93,8 @@ def image_tokenizer_preset(image_size: int | None, preset: str | None) -> str:
     size = ImageTokenizerConfig.from_preset(preset).image_size
     if image_size is not None and size != image_size:
         raise ValueError(f"image tokenizer preset {preset} (--image-tokenizer-preset, or the pipeline's) takes {size} "
-                         f"px images, not --image-size {image_size}; give one of the two, or a preset of that size")
+                         f"px images, not --image-size {image_size}; drop --image-size, or give "
+                         f"--image-tokenizer-preset of that size (v2-{image_size})")
     return preset
 
 
@@ -109,18 +110,19 @@ def _image_schedule(preset: str, scale: float) -> dict[str, int]:
     return {"steps": _scaled(cfg.steps, scale), "warmup": round(cfg.warmup * scale)}
 
 
-def _given_encoder(spec: str) -> Path:
-    """The folder of --encoder PATH or clip:PATH, checked to load (a CLIP for clip:) before any work starts."""
+def _given_encoder(spec: str, option: str = "--encoder") -> Path:
+    """The folder of --encoder PATH or clip:PATH (or a pipeline's given encoder: option says which), checked to
+    load (a CLIP for clip:) before any work starts."""
     from racm3.retrieval.encoder import ClipEncoder, load_encoder
 
     clip = spec.startswith("clip:")
     path = Path(spec[len("clip:"):] if clip else spec)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"--encoder {spec}: no config.json in {path}; give an encoder folder (written by "
+        raise FileNotFoundError(f"{option} {spec}: no config.json in {path}; give an encoder folder (written by "
                                 "`racm3 train encoder`, or a model folder's encoder/) or a CLIP folder")
     encoder = load_encoder(path)  # a broken folder fails here, not after the tokenizers have trained
     if clip and not isinstance(encoder, ClipEncoder):
-        raise ValueError(f"--encoder {spec}: {path} is not a CLIP folder; drop the clip: prefix to use it as it is")
+        raise ValueError(f"{option} {spec}: {path} is not a CLIP folder; drop the clip: prefix to use it as it is")
     return path
 
 
@@ -133,8 +135,9 @@ def _check_context(generator_preset: str, n: int, image_preset: str) -> None:
     need = _context_need(n)
     if max_len < need:
         fit = [p for p in list_presets() if get_preset(p).max_len >= need]
-        raise ValueError(f"--generator-preset {generator_preset}: its {max_len}-token context cannot hold a retrieved "
-                         f"document beside the main one at {n} codes per image ({image_preset}: {need} tokens); "
+        raise ValueError(f"generator preset {generator_preset} (--generator-preset, or the pipeline's): its "
+                         f"{max_len}-token context cannot hold a retrieved document beside the main one at {n} "
+                         f"codes per image ({image_preset}: {need} tokens); "
                          f"choose a generator preset with a longer context: {', '.join(fit) + ' or ' if fit else ''}"
                          f"a PRESET.json with max_len >= {need}")
 
@@ -243,16 +246,13 @@ def plan(opts: TrainAllOptions, log: Callable[[str], None] = print) -> list[Stag
         vq_preset = image_tokenizer_preset(opts.image_size, opts.image_tokenizer_preset or
                                            pipe["image_tokenizer"]["preset"])
         vq_schedule = _image_schedule(vq_preset, opts.steps_scale)
-        then = None if opts.image_tokenizer_preset else pipe["image_tokenizer"].get("then")
-        if then is not None and ImageTokenizerConfig.from_preset(then) != ImageTokenizerConfig.from_preset(vq_preset):
-            raise ValueError(f"image tokenizer preset {then} (the pipeline's image_tokenizer.then) is another "
-                             f"architecture than {vq_preset}; it trains from {vq_preset}'s weights, so name a preset "
-                             "of the same model")
+        then = None if opts.image_tokenizer_preset else pipe["image_tokenizer"].get("then")  # checked by read_pipeline
         if then is not None:
             vq_schedule["then"] = {"preset": then, **_image_schedule(then, opts.steps_scale)}
         _check_context(presets["generator"], ImageTokenizerConfig.from_preset(vq_preset).tokens_per_image, vq_preset)
     encoder_spec = opts.encoder or pipe["encoder"].get("given")
-    given = _given_encoder(encoder_spec) if encoder_spec is not None else None
+    given = None if encoder_spec is None else _given_encoder(
+        encoder_spec, "--encoder" if opts.encoder else f"pipeline {opts.pipeline or DEFAULT_PIPELINE}'s encoder.given")
     text_given = start / "text_tokenizer" if start else (Path(pipe["text_tokenizer"]["given"])
                                                           if "given" in pipe["text_tokenizer"] else None)
 
@@ -317,7 +317,8 @@ def plan(opts: TrainAllOptions, log: Callable[[str], None] = print) -> list[Stag
         from racm3.tokenizers.image_train import evaluate_image_tokenizer, load_split_images, train_image_tokenizer
 
         if start is None:
-            first = image_dir.with_name(f"{image_dir.name}-{Path(vq_preset).stem}") if then else image_dir
+            # the first training lives inside the stage's output: deleting the stage's folder redoes both
+            first = image_dir / f"first-{Path(vq_preset).stem}" if then else image_dir
             schedule = {k: v for k, v in vq_schedule.items() if k != "then"}
             train_image_tokenizer(data, first, vq_preset, preset_train_config(vq_preset, **schedule,
                                                                               device=opts.device), resume=True)
@@ -367,10 +368,15 @@ def plan(opts: TrainAllOptions, log: Callable[[str], None] = print) -> list[Stag
     def assemble_generators() -> None:
         from racm3.pretrained import SAMPLING_FILE, assemble, read_sampling
 
-        # MODEL's default temperatures go with its generators, kept or fine-tuned from them; else the pipeline's
-        sampling = read_sampling(start) if start is not None and (start / SAMPLING_FILE).is_file() else None
-        sampling = sampling if start is not None else pipe["sampling"] or None
-        assemble(model, sampling=sampling, generator=ra_dir, generator_k0=k0_dir)
+        # MODEL's default temperatures go with its generators, kept or fine-tuned from them; else the pipeline's.
+        # Written exactly: a sampling.json of an earlier assembly never outlives a pipeline that has none
+        if start is not None:
+            sampling = read_sampling(start) if (start / SAMPLING_FILE).is_file() else {}
+        else:
+            sampling = pipe["sampling"]
+        assemble(model, sampling=sampling or None, generator=ra_dir, generator_k0=k0_dir)
+        if not sampling:
+            (model / SAMPLING_FILE).unlink(missing_ok=True)
 
     def gen_stage(name: str, part: str, k: int, init_from: Path | None) -> Stage:
         if kept:  # its output is MODEL's folder, outside OUT: the row's size is MODEL's, nothing is measured
@@ -477,7 +483,7 @@ def train_all(opts: TrainAllOptions, log: Callable[[str], None] = print) -> dict
         if later:  # they were made from the outputs this stage is about to replace
             raise ValueError(f"stage {stages[first].name} is not done but later ones are ({', '.join(later)}); "
                              f"delete their rows in {opts.out / STAGES_DIR} and their folders to train them again")
-    pair = [i for i, s in enumerate(stages) if s.training is not None and not done[i]]
+    pair = [i for i, s in enumerate(stages) if s.training is not None and not done[i]]  # generators to train
     together = len(pair) == 2 and _side_by_side(opts, stages[pair[0]].training)
     rows, ran = [], {}
     for i, (stage, skip) in enumerate(zip(stages, done), 1):
@@ -502,42 +508,86 @@ def train_all(opts: TrainAllOptions, log: Callable[[str], None] = print) -> dict
     return summary
 
 
+def _cores() -> int:
+    """The cores this process may use (its affinity where the system has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def _side_by_side(opts: TrainAllOptions, training: TrainConfig) -> bool:
-    """Whether the two generators train at once, each a process with half the cores: on a CPU one small model's
-    step uses a second core poorly, two processes use both fully (the shipped emoji-small was trained so)."""
+    """Whether the two generators train at once, each a process with half the cores: on a CPU a second thread
+    gives one small model's step 1.7x, two one-thread processes up to 2x (the shipped emoji-small was trained so)."""
     from racm3.runtime import resolve_device
 
     if opts.side_by_side is not None:
         return opts.side_by_side
-    return resolve_device(training.device).type == "cpu" and len(os.sched_getaffinity(0)) >= 2
+    return resolve_device(training.device).type == "cpu" and _cores() >= 2
+
+
+def _train_in_child(cfg: TrainConfig, results) -> None:
+    """A side-by-side process: its training's last record, or the error it stopped with, sent back (the parent
+    says it in one line: no traceback from here)."""
+    try:
+        results.send(("ok", train_generator(cfg)))
+    except BaseException as exc:  # noqa: BLE001 - every way out, Ctrl-C included, is the parent's to report
+        results.send(("error", exc))
 
 
 def _train_side_by_side(stages: list[Stage], log: Callable[[str], None]) -> dict[str, tuple[float, dict | None]]:
     """Train the stages' generators at once, one spawned process each with an equal share of the cores; a line
-    of progress a minute (their train logs). {name: (seconds, quality)}; the first failure is raised once both
-    have stopped (each has checkpointed: a rerun resumes it)."""
+    of progress a minute (their train logs). {name: (seconds, quality)}. A failure is said when it happens; the
+    other goes on to its end, then the first failure is raised (each checkpoints: a rerun resumes it). If this
+    process is interrupted or terminated, both children are stopped with it.
+
+    The children are spawned, so a script that calls train_all must guard its entry point with
+    `if __name__ == "__main__":`, as every use of multiprocessing's spawn does."""
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, wait
+    import signal
     from dataclasses import replace
 
-    threads = max(1, len(os.sched_getaffinity(0)) // len(stages))
+    ctx = multiprocessing.get_context("spawn")
+    threads = max(1, _cores() // len(stages))
     log(f"training {' and '.join(s.name for s in stages)} side by side, {threads} thread(s) each")
-    t0, results = time.perf_counter(), {}
-    with ProcessPoolExecutor(len(stages), mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(train_generator, replace(s.training, threads=threads, progress=False)): s
-                   for s in stages}
-        pending = set(futures)
-        while pending:
-            finished, pending = wait(pending, timeout=60)
-            for f in finished:
-                results[futures[f].name] = (time.perf_counter() - t0, f)
-                if f.exception() is not None and pending:  # the other one goes on to its end (or its failure)
-                    log(f"  {futures[f].name} stopped: {f.exception()}; the other goes on, then this error is raised")
-            log("  " + " | ".join(_progress(s) for s in stages))
-    for name, (_, f) in results.items():
-        if f.exception() is not None:
-            raise f.exception()
-    return {name: (seconds, _generator_quality(f.result())) for name, (seconds, f) in results.items()}
+    t0, results, errors, children = time.perf_counter(), {}, [], {}
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # a kill stops the children too
+    try:
+        for s in stages:
+            receive, send = ctx.Pipe(duplex=False)
+            child = ctx.Process(target=_train_in_child, args=(replace(s.training, threads=threads, progress=False),
+                                                              send), name=f"racm3-{s.name}", daemon=True)
+            child.start()
+            send.close()
+            children[s.name] = (child, receive)
+        last_log = time.perf_counter()
+        while len(results) < len(stages):
+            for name, (child, receive) in children.items():
+                if name in results or not (receive.poll(1.0 / len(stages)) or not child.is_alive()):
+                    continue
+                try:
+                    status, value = receive.recv()
+                except EOFError:  # gone without a word: killed (the kernel's out-of-memory killer, or a user)
+                    child.join()
+                    status, value = "error", ChildProcessError(
+                        f"the {name} process died (exit code {child.exitcode}: killed, or out of memory?); run "
+                        "the command again to resume it from its checkpoint")
+                child.join()
+                results[name] = (time.perf_counter() - t0, value if status == "ok" else None)
+                if status != "ok":
+                    errors.append(value)
+                    log(f"  {name} stopped: {value}" + ("; the other goes on" if len(results) < len(stages) else ""))
+            if time.perf_counter() - last_log >= 60 or len(results) == len(stages):
+                log("  " + " | ".join(_progress(s) for s in stages))
+                last_log = time.perf_counter()
+    except BaseException:
+        for child, _ in children.values():
+            child.terminate()
+        for child, _ in children.values():
+            child.join()
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if errors:
+        raise errors[0]
+    return {name: (seconds, _generator_quality(last)) for name, (seconds, last) in results.items()}
 
 
 def _progress(stage: Stage) -> str:

@@ -19,8 +19,9 @@ A pipeline names each stage's settings, every field given (no hidden defaults); 
 
 "given" is an installed model's name (its part of that name: emoji-small's text_tokenizer/) or a folder.
 `v2` is train all's default; `emoji-small` and `emoji-v2` are the shipped models' own (scripts/train_emoji_*.sh
-run them). Command-line options change a pipeline's settings: --image-size, --image-tokenizer-preset,
---generator-preset (both generators), --steps-scale (every length), --generator-steps (both generators' steps).
+run them). Command-line options change a pipeline's settings: --image-tokenizer-preset (the whole image
+tokenizer stage), --image-size (v2-SIZE where the pipeline names no preset), --generator-preset (both
+generators), --encoder, --steps-scale (every length), --generator-steps (both generators' steps).
 """
 
 from __future__ import annotations
@@ -76,21 +77,27 @@ def read_pipeline(name: str | os.PathLike) -> dict[str, dict[str, Any]]:
                         "a number" if kind is NUMBER else "a string or null")
                 raise ValueError(f"{path}: {stage}.{field} must be {want}, got {value!r}")
     _check_names(path, raw)
-    for stage, part in (("text_tokenizer", "text_tokenizer"), ("encoder", "encoder")):
+    for stage, marker in (("text_tokenizer", "tokenizer.json"), ("encoder", "config.json")):
         if "given" in raw[stage]:
-            raw[stage]["given"] = str(_given_folder(path, stage, raw[stage]["given"], part))
+            raw[stage]["given"] = str(_given_folder(path, stage, raw[stage]["given"], marker))
     return raw
 
 
-def _given_folder(path: Path, stage: str, given: str, part: str) -> Path:
-    """An installed model's part by the model's name, or a folder (a model folder's part, or the part itself)."""
+def _given_folder(path: Path, stage: str, given: str, marker: str) -> Path:
+    """An installed model's part by the model's name, or a folder (a model folder's part, or the part itself),
+    which must hold marker (the file its from_pretrained reads first)."""
     from racm3.pretrained import PRETRAINED_DIR
 
-    folder = PRETRAINED_DIR / given if (PRETRAINED_DIR / given).is_dir() else Path(given)
-    folder = folder / part if (folder / part).is_dir() else folder
-    if not folder.is_dir():
-        installed = ", ".join(sorted(p.name for p in PRETRAINED_DIR.iterdir() if p.is_dir() and p.name[0] != "_"))
-        raise ValueError(f"{path}: {stage}.given {given!r} is neither an installed model ({installed}) nor a folder")
+    installed = sorted(p.name for p in PRETRAINED_DIR.iterdir() if p.is_dir() and p.name[0] != "_")
+    try:
+        folder = PRETRAINED_DIR / given if given in installed else Path(given)
+        folder = folder / stage if (folder / stage / marker).is_file() else folder
+        found = bool(given) and (folder / marker).is_file()
+    except OSError:  # a name the file system refuses (too long, ...)
+        found = False
+    if not found:
+        raise ValueError(f"{path}: {stage}.given {given!r} is neither an installed model ({', '.join(installed)}) "
+                         f"nor a folder with {marker} (a model folder's {stage}/, or that folder itself)")
     return folder
 
 
@@ -98,16 +105,23 @@ def _check_names(path: Path, raw: dict[str, dict[str, Any]]) -> None:
     """Every preset, recipe, precision and temperature a pipeline names exists: refused before any stage runs."""
     from racm3.generator.data import RECIPES
     from racm3.generator.model import get_preset
+    from racm3.generator.train import TrainConfig
     from racm3.pretrained import sampling_problem
     from racm3.runtime import PRECISIONS
-    from racm3.tokenizers.image import read_preset
+    from racm3.tokenizers.image import ImageTokenizerConfig, read_preset
 
+    if raw["text_tokenizer"].get("vocab_size", 257) < 257:
+        raise ValueError(f"{path}: text_tokenizer.vocab_size must be >= 257 (256 byte tokens + merges), "
+                         f"got {raw['text_tokenizer']['vocab_size']}")
     if raw["encoder"].get("precision", "auto") not in PRECISIONS:
         raise ValueError(f"{path}: encoder.precision must be one of {', '.join(PRECISIONS)}, "
                          f"got {raw['encoder']['precision']!r}")
     for part in ("generator", "generator_k0"):
         if raw[part]["recipe"] not in RECIPES:
             raise ValueError(f"{path}: {part}.recipe must be one of {', '.join(RECIPES)}, got {raw[part]['recipe']!r}")
+        if raw[part]["eval_every"] % TrainConfig.log_every:  # the benefits are measured on log lines
+            raise ValueError(f"{path}: {part}.eval_every must be a multiple of {TrainConfig.log_every} (the steps "
+                             f"that are logged), got {raw[part]['eval_every']}")
     for key, value in raw["sampling"].items():
         problem = sampling_problem(key, value)
         if problem:
@@ -120,3 +134,7 @@ def _check_names(path: Path, raw: dict[str, dict[str, Any]]) -> None:
                 read_preset(raw["image_tokenizer"][field])
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from None
+    first, then = raw["image_tokenizer"]["preset"], raw["image_tokenizer"].get("then")
+    if then is not None and ImageTokenizerConfig.from_preset(then) != ImageTokenizerConfig.from_preset(first):
+        raise ValueError(f"{path}: image_tokenizer.then {then} is another architecture than {first}; it trains "
+                         f"from {first}'s weights, so name a preset of the same model")
