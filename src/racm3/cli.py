@@ -566,7 +566,8 @@ def train_all_cmd(
     image_size: Optional[int] = typer.Option(None, help="64, 128 or 256: trains the image tokenizer preset v2-SIZE "
                                                         "(default 64), unless --image-tokenizer-preset names one."),
     image_tokenizer_preset: Optional[str] = typer.Option(None, help="Image tokenizer preset (a name in "
-                                                         "racm3/tokenizers/image_presets/ or a PRESET.json)."),
+                                                         "racm3/tokenizers/image_presets/ or a PRESET.json); "
+                                                         "replaces the pipeline's image tokenizer stage whole."),
     generator_preset: Optional[str] = typer.Option(None, help="Generator preset of both generators (default: the "
                                                    "pipeline's; v2's v2-small-aligned and v2-small hold k=2 of "
                                                    "256-code images in 1,024 tokens), medium, emoji-small (384 tokens: 64-code images), tiny, or a "
