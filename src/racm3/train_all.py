@@ -514,8 +514,9 @@ def _cores() -> int:
 
 
 def _side_by_side(opts: TrainAllOptions, training: TrainConfig) -> bool:
-    """Whether the two generators train at once, each a process with half the cores: on a CPU a second thread
-    gives one small model's step 1.7x, two one-thread processes up to 2x (the shipped emoji-small was trained so)."""
+    """Whether the two generators train at once, each a process with half the cores: on this project's 2-core
+    CPU two one-thread processes train 1.15x the tokens of one two-thread process (README; the shipped
+    emoji-small was trained so)."""
     from racm3.runtime import resolve_device
 
     if opts.side_by_side is not None:
