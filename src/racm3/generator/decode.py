@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from transformers import LlamaForCausalLM, StaticCache
 
-from racm3.generator.model import text_after_image
+from racm3.generator.model import CopyCache, text_after_image
 from racm3.tokenizers.sequence import position_ids
 from racm3.tokenizers.vocab import Vocab
 
@@ -125,6 +125,8 @@ class Streams:
         self.next_text = torch.tensor(next_text, device=device)
         self.length, self.capacity = T, total
         self.cache = StaticCache(config=model.config, max_cache_len=total) if use_cache else None
+        # a copy head keeps its pointer keys beside the KV cache (RACM3ForCausalLM)
+        self.copy = CopyCache(total) if use_cache and getattr(model, "copy_range", ()) else None
         # samples share their prompt (and guidance's copies theirs): each distinct prompt is prefilled once and
         # its cache rows copied to every stream that starts from it (8 samples: an 8x smaller prefill)
         index: dict[tuple[int, ...], int] = {}
@@ -134,6 +136,8 @@ class Streams:
             logits = self._forward(self.ids[first, :T], self.pos[first, :T], rows=first)
             rows = torch.tensor(inverse, device=device)
             self.cache.reorder_cache(rows)  # the cache's public row gather (beam search's)
+            if self.copy is not None:
+                self.copy.reorder(rows)
             self.logits = logits[rows]
         else:  # every prompt distinct, or the no-cache reference
             self.logits = self._forward(self.ids[:, :T], self.pos[:, :T])
@@ -143,8 +147,10 @@ class Streams:
         n, start = ids.shape[1], self.length - ids.shape[1]
         mask = self.mask[:, :self.length] if rows is None else self.mask[rows, :self.length]
         if self.use_cache:
+            extra = {"copy_cache": self.copy} if self.copy is not None else {}
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
-                             cache_position=torch.arange(start, start + n, device=ids.device), **{_CACHE_ARG: self.cache})
+                             cache_position=torch.arange(start, start + n, device=ids.device), **{_CACHE_ARG: self.cache},
+                             **extra)
         else:  # recompute the whole prefix: the reference the cache must reproduce
             out = self.model(input_ids=self.ids[:, :self.length], attention_mask=mask,
                              position_ids=self.pos[:, :self.length], use_cache=False, logits_to_keep=1)

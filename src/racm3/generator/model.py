@@ -36,6 +36,10 @@ class GeneratorConfig:
     # "plain": text at its index; "aligned": the text right after an image continues its positions, so a
     # retrieved caption is copied by the same lookup as its image (tokenizers.sequence.position_ids)
     text_after_image: str = "plain"
+    # a pointer over the context (RACM3ForCausalLM, "copy head"): p = g p_vocab + (1 - g) p_copy, where p_copy
+    # attends over earlier positions and puts their next text token's probability on it, so a caption piece
+    # seen only a few times in training is copied from a retrieved caption as easily as a frequent one
+    copy_head: bool = False
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
@@ -47,6 +51,8 @@ class GeneratorConfig:
         if self.text_after_image not in TEXT_AFTER_IMAGE:
             raise ValueError(f"text_after_image must be one of {TEXT_AFTER_IMAGE}, got {self.text_after_image!r}")
 
+
+COPY_GATE_START = 3.0  # the copy head's gate bias at initialisation: g = sigmoid(3) = 0.95 on the vocabulary
 
 PRESET_DIR = Path(__file__).with_name("presets")  # architectures as data: one JSON file per preset
 
@@ -85,6 +91,31 @@ def code_split(image_size: int, fsq_levels: tuple[int, ...] | None = None) -> tu
     return image_size // g2, g2
 
 
+class CopyCache:
+    """What the copy head keeps while decoding, beside the KV cache: each position's pointer key and the token
+    that came after it (the token the pointer copies from there). Allocated at the first call."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.keys: torch.Tensor | None = None  # [B, capacity, H]
+        self.next_ids: torch.Tensor | None = None  # [B, capacity]; -1 where the next token is not known yet
+
+    def write(self, start: int, keys: torch.Tensor, ids: torch.Tensor) -> int:
+        """Store the keys of positions start.. and the ids written there; returns the positions now filled."""
+        B, n = ids.shape
+        if self.keys is None:
+            self.keys = keys.new_zeros((B, self.capacity, keys.shape[-1]))
+            self.next_ids = ids.new_full((B, self.capacity), -1)
+        self.keys[:, start:start + n] = keys
+        if start > 0:
+            self.next_ids[:, start - 1] = ids[:, 0]
+        self.next_ids[:, start:start + n - 1] = ids[:, 1:]
+        return start + n
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        self.keys, self.next_ids = self.keys[rows], self.next_ids[rows]
+
+
 class RACM3ForCausalLM(LlamaForCausalLM):
     """Llama over the unified vocabulary; with config.code_split = [G1, G2] an image code is one token in two parts.
 
@@ -93,21 +124,36 @@ class RACM3ForCausalLM(LlamaForCausalLM):
     the image's first part share one softmax), the second a small head conditioned on c1. The output layer has
     G1 + G2 image rows instead of G1 * G2 (Open-MAGVIT2's sub-token prediction: Luo et al. 2024), the
     probability is exact (no independence assumption), and the logits this model returns over the full
-    vocabulary have exactly that softmax, so decoding and guidance are unchanged. Without code_split it is
-    LlamaForCausalLM.
+    vocabulary have exactly that softmax, so decoding and guidance are unchanged.
+
+    With config.copy_head = [lo, hi] a pointer-generator head (See et al. 2017) mixes that distribution with a
+    copy distribution: p(w) = g p_vocab(w) + (1 - g) sum_j a_j [x_{j+1} = w], where a attends from the last
+    hidden state over earlier positions j whose next token x_{j+1} is a text id in [lo, hi) (query and key
+    rotated by the model's RoPE, so the aligned positions of a retrieved caption and of the caption being
+    written meet at distance 0), and g = sigmoid(w_g . h). Its "logits" are then log-probabilities (normalised,
+    so log_softmax, temperature and guidance treat them as before). Without either option it is LlamaForCausalLM.
     """
 
     def __init__(self, config: LlamaConfig):
         super().__init__(config)
         self.split = tuple(getattr(config, "code_split", None) or ())
+        self.copy_range = tuple(getattr(config, "copy_head", None) or ())
+        h = config.hidden_size
         if self.split:
             g1, g2 = self.split
-            h = config.hidden_size
             self.code_embed = nn.Embedding(g2, h)  # the second part's input embedding
             self.code_cond = nn.Embedding(g1, h)  # the first part, as the second part's condition
             self.code_proj = nn.Linear(h, h, bias=False)
             self.code_head = nn.Linear(h, g2, bias=False)
+        if self.copy_range:
+            self.copy_query = nn.Linear(h, h, bias=False)
+            self.copy_key = nn.Linear(h, h, bias=False)
+            self.copy_gate = nn.Linear(h, 1)
+        if self.split or self.copy_range:
             self.post_init()  # the parts above were made after LlamaForCausalLM initialised its own
+        if self.copy_range:  # start near the vocabulary alone (g ~ 0.95), so a fine-tuning starts where its start was
+            with torch.no_grad():
+                self.copy_gate.bias.fill_(COPY_GATE_START)
 
     @property
     def code_offset(self) -> int:
@@ -128,10 +174,11 @@ class RACM3ForCausalLM(LlamaForCausalLM):
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, logits_to_keep: int = 0, per_token_nll: bool = False,
-                **kwargs) -> CausalLMOutputWithPast:
+                copy_cache: CopyCache | None = None, **kwargs) -> CausalLMOutputWithPast:
         """As LlamaForCausalLM; per_token_nll=True returns .loss = -log p(ids[:, t+1] | ids[:, :t+1]) [B, T-1]
-        and no logits (what training needs, without the full-vocabulary logits of every position)."""
-        if not self.split:
+        and no logits (what training needs, without the full-vocabulary logits of every position). With a copy
+        head, a KV-cached call passes copy_cache (CopyCache) and cache_position too."""
+        if not self.split and not self.copy_range:
             if not per_token_nll:
                 return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                        logits_to_keep=logits_to_keep, **kwargs)
@@ -141,21 +188,95 @@ class RACM3ForCausalLM(LlamaForCausalLM):
             return CausalLMOutputWithPast(loss=nll)
         unsupported = sorted(k for k in ("labels", "inputs_embeds", "output_hidden_states", "output_attentions")
                              if kwargs.get(k) is not None and kwargs.get(k) is not False)
-        if unsupported:  # Hugging Face options this head does not implement: refused, never silently dropped
-            raise TypeError(f"RACM3ForCausalLM with code_split does not take {', '.join(unsupported)}; "
+        if unsupported:  # Hugging Face options these heads do not implement: refused, never silently dropped
+            raise TypeError(f"RACM3ForCausalLM with code_split or copy_head does not take {', '.join(unsupported)}; "
                             "per_token_nll=True gives the training loss")
         kwargs = {k: v for k, v in kwargs.items() if k not in ("labels", "inputs_embeds")}
-        hidden = self.model(inputs_embeds=self._embed(input_ids), attention_mask=attention_mask,
-                            position_ids=position_ids, **kwargs).last_hidden_state
+        if position_ids is None:
+            start = int(kwargs["cache_position"][0]) if kwargs.get("cache_position") is not None else 0
+            position_ids = torch.arange(start, start + input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        embeds = self._embed(input_ids) if self.split else self.model.embed_tokens(input_ids)
+        out = self.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+        hidden = out.last_hidden_state
         if per_token_nll:
-            return CausalLMOutputWithPast(loss=self._nll(hidden[:, :-1], input_ids[:, 1:]))
+            nll = self._nll(hidden[:, :-1], input_ids[:, 1:])
+            if self.copy_range:
+                nll = self._copy_nll(hidden, input_ids, position_ids, nll)
+            return CausalLMOutputWithPast(loss=nll)
+        T = hidden.shape[1]
         if isinstance(logits_to_keep, torch.Tensor):  # positions to keep, as transformers allows
-            hidden = hidden[:, logits_to_keep]
-        elif logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
-        return CausalLMOutputWithPast(logits=self._joint_logits(hidden))
+            keep = logits_to_keep
+        else:
+            keep = torch.arange(T - logits_to_keep if logits_to_keep else 0, T, device=hidden.device)
+        logits = self._joint_logits(hidden[:, keep])
+        if self.copy_range:
+            logits = self._copy_logprobs(hidden, keep, input_ids, position_ids, attention_mask, copy_cache,
+                                         kwargs.get("cache_position"), logits)
+        return CausalLMOutputWithPast(logits=logits)
+
+    # --- the copy head ------------------------------------------------------------------------------------
+    def _pointer(self, hidden: torch.Tensor, position_ids: torch.Tensor, which: str) -> torch.Tensor:
+        """Pointer queries or keys [B, T, H], rotated by RoPE per head as the attention's are."""
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        x = (self.copy_query if which == "query" else self.copy_key)(hidden)
+        B, T, H = x.shape
+        heads = self.config.num_attention_heads
+        x = x.view(B, T, heads, H // heads).transpose(1, 2)
+        cos, sin = self.model.rotary_emb(x, position_ids)
+        x, _ = apply_rotary_pos_emb(x, x, cos, sin)
+        return x.transpose(1, 2).reshape(B, T, H)
+
+    def _copyable(self, ids: torch.Tensor) -> torch.Tensor:
+        lo, hi = self.copy_range
+        return (ids >= lo) & (ids < hi)
+
+    def _copy_nll(self, hidden: torch.Tensor, ids: torch.Tensor, pos: torch.Tensor, vocab_nll: torch.Tensor) -> torch.Tensor:
+        """-log of the mixture at every next token [B, T-1], from the vocabulary's -log p (vocab_nll)."""
+        T = ids.shape[1]
+        q = self._pointer(hidden[:, :-1], pos[:, :-1], "query")  # query t predicts ids[t+1]
+        k = self._pointer(hidden[:, :-1], pos[:, :-1], "key")  # key j offers ids[j+1]
+        nxt = ids[:, 1:]
+        valid = torch.ones(T - 1, T - 1, dtype=torch.bool, device=ids.device).tril(-1) & self._copyable(nxt)[:, None, :]
+        scores = (q @ k.transpose(1, 2)).float() / math.sqrt(q.shape[-1])
+        attn = torch.softmax(scores.masked_fill(~valid, -1e9), dim=-1)
+        p_copy = (attn * (valid & (nxt[:, None, :] == nxt[:, :, None]))).sum(-1)
+        # clamped: where nothing in context matches, the copy term's log is finite and its gradient 0, not NaN
+        return -self._mix(hidden[:, :-1], -vocab_nll, torch.log(p_copy.clamp(min=1e-30)), valid.any(-1))
+
+    def _mix(self, h: torch.Tensor, logp_vocab: torch.Tensor, logp_copy: torch.Tensor, has_context: torch.Tensor) -> torch.Tensor:
+        """log(g p_vocab + (1 - g) p_copy), or log p_vocab where no earlier position offers a copy."""
+        z = self.copy_gate(h).float().squeeze(-1)
+        if logp_vocab.dim() > z.dim():  # over the vocabulary
+            z, has_context = z.unsqueeze(-1), has_context.unsqueeze(-1)
+        mixed = torch.logaddexp(F.logsigmoid(z) + logp_vocab, F.logsigmoid(-z) + logp_copy)
+        return torch.where(has_context, mixed, logp_vocab)
+
+    def _copy_logprobs(self, hidden, keep, ids, pos, attention_mask, cache, cache_position, logits) -> torch.Tensor:
+        """The mixture's log-probabilities over the vocabulary at the kept positions [B, K, V]."""
+        B, n = ids.shape
+        keys = self._pointer(hidden, pos, "key")
+        if cache is not None:  # keys and next ids of every earlier call, and of this one
+            start = int(cache_position[0]) if cache_position is not None else 0
+            end = cache.write(start, keys, ids)
+            keys, nxt = cache.keys[:, :end], cache.next_ids[:, :end]
+        else:
+            start, end = 0, n
+            nxt = torch.cat([ids[:, 1:], ids.new_full((B, 1), -1)], dim=1)
+        query_at = start + keep  # absolute positions of the kept queries
+        q = self._pointer(hidden[:, keep], pos[:, keep], "query")
+        before = torch.arange(end, device=ids.device)[None, :] < query_at[:, None]  # [K, end]: j < t
+        valid = before[None] & self._copyable(nxt)[:, None, :]
+        if attention_mask is not None:  # left padding
+            valid &= attention_mask[:, None, :end].bool()
+        scores = (q @ keys.transpose(1, 2)).float() / math.sqrt(q.shape[-1])
+        attn = torch.softmax(scores.masked_fill(~valid, float("-inf")), dim=-1).nan_to_num(0.0) * valid
+        p_copy = torch.zeros_like(logits).scatter_add_(-1, nxt.clamp(min=0)[:, None, :].expand_as(attn), attn)
+        return self._mix(hidden[:, keep], torch.log_softmax(logits, dim=-1), torch.log(p_copy), valid.any(-1))
 
     def _nll(self, h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if not self.split:
+            return F.cross_entropy(self.lm_head(h).float().transpose(1, 2), target, reduction="none")
         off, g2 = self.code_offset, self.split[1]
         image = target >= off
         code = (target - off).clamp(min=0)
@@ -168,6 +289,8 @@ class RACM3ForCausalLM(LlamaForCausalLM):
     def _joint_logits(self, h: torch.Tensor) -> torch.Tensor:
         """Logits over the full vocabulary [..., specials + text + G1 * G2] whose softmax is the model's p."""
         lm = self.lm_head(h).float()
+        if not self.split:
+            return lm
         off = self.code_offset
         second = torch.log_softmax(self._second(h, None).float(), dim=-1)  # [..., G1, G2]
         return torch.cat([lm[..., :off], (lm[..., off:, None] + second).flatten(-2)], dim=-1)
@@ -181,6 +304,8 @@ def build_model(cfg: GeneratorConfig, vocab: Vocab, tokens_per_image: int,
     """
     split = code_split(vocab.image_size, fsq_levels) if cfg.image_head == "factorized" else None
     extra = {"code_split": list(split)} if split else {}
+    if cfg.copy_head:  # the text ids it may copy
+        extra["copy_head"] = [vocab.text_offset, vocab.image_offset]
     llama = LlamaConfig(
         vocab_size=vocab.image_offset + split[0] if split else vocab.size,
         hidden_size=cfg.hidden_size,
@@ -264,6 +389,11 @@ def load_generator(path: str | Path) -> RACM3ForCausalLM:
                               or config.vocab_size != Vocab(meta["text_size"], meta["image_size"]).image_offset + split[0]):
         raise ModelFolderError(f"{cfg_file}: code_split {split} does not split the {meta['image_size']} image codes "
                                f"of {meta_file} with vocab_size {config.vocab_size}; {hint}")
+    copy = getattr(config, "copy_head", None)
+    vocab = Vocab(meta["text_size"], meta["image_size"])
+    if copy is not None and copy != [vocab.text_offset, vocab.image_offset]:
+        raise ModelFolderError(f"{cfg_file}: copy_head {copy} is not the text ids [{vocab.text_offset}, "
+                               f"{vocab.image_offset}] of {meta_file}; {hint}")
     tied = frozenset({"lm_head.weight"}) if config.tie_word_embeddings else frozenset()
     check_shapes(weights, expected, safetensors_shapes(weights, hint), cfg_file, hint, optional=tied)
     try:

@@ -276,13 +276,17 @@ def precompute(cfg: TrainConfig, mt: MultimodalTokenizer, train_docs: list[Docum
     return cached if dist.is_main else _read_cache(cache, key)
 
 
-def _check_architecture(state: dict, gen_cfg, vocab, n_img: int, fsq_levels, ckpt_path: Path, preset: str) -> None:
+def _check_architecture(state: dict, gen_cfg, vocab, n_img: int, fsq_levels, ckpt_path: Path, preset: str,
+                        new_heads: bool = False) -> None:
     """Refuse (ValueError, one line) a checkpoint whose tensors another architecture made: a preset, tokenizer or
-    image head changed since the run started (load_state_dict would fail with torch's many-line message)."""
+    image head changed since the run started (load_state_dict would fail with torch's many-line message).
+    new_heads: a fine-tuning may start without the tensors of heads the preset adds (NEW_HEADS)."""
     with torch.device("meta"):  # shapes only
         expected = build_model(gen_cfg, vocab, n_img, fsq_levels).state_dict()
     for name, tensor in expected.items():
         if name == "lm_head.weight":  # tied to the input embedding: a checkpoint stores it once
+            continue
+        if new_heads and name.startswith(NEW_HEADS) and name not in state:
             continue
         found = state.get(name)
         if found is None or tuple(found.shape) != tuple(tensor.shape):
@@ -295,6 +299,9 @@ def _check_architecture(state: dict, gen_cfg, vocab, n_img: int, fsq_levels, ckp
         raise ValueError(f"{ckpt_path}: tensor {extra[0]} is not in the model preset {preset} builds: resume with "
                          "the preset the run started with, or train into a new folder")
 
+
+# heads a preset may add to the generator a fine-tuning starts from (--init-from): their tensors start fresh
+NEW_HEADS = ("copy_query.", "copy_key.", "copy_gate.")
 
 # GeneratorConfig fields that say what a position means: weights trained under other values have the same shapes
 # (the architecture check passes) but would read every position differently
@@ -338,7 +345,7 @@ def _initial_weights(cfg: TrainConfig, gen_cfg, mt: MultimodalTokenizer) -> dict
     _check_positions(start.racm3["generator"], gen_cfg, Path(cfg.init_from), cfg.preset)
     state = start.state_dict()
     _check_architecture(state, gen_cfg, mt.vocab, mt.tokens_per_image, mt.image.config.fsq_levels,
-                        Path(cfg.init_from), cfg.preset)
+                        Path(cfg.init_from), cfg.preset, new_heads=True)
     return state
 
 
@@ -419,7 +426,10 @@ def train(cfg: TrainConfig) -> dict:
     model = build_model(gen_cfg, vocab, n_img, mt.image.config.fsq_levels).to(device)
     model.racm3["image_codes"] = cached["key"]["image_codes"]  # checked at load (check_vocab)
     if start is not None:
-        model.load_state_dict(start)
+        added = model.load_state_dict(start, strict=False).missing_keys  # checked: only NEW_HEADS' tensors
+        if added and dist.is_main:
+            print(f"fine-tuning {cfg.init_from} with heads it did not have, freshly initialised: "
+                  f"{', '.join(sorted({n.split('.')[0] for n in added}))}", flush=True)
         del start
     opt = adamw(decay_groups(model, cfg.weight_decay), cfg.lr, (0.9, 0.95), device)
     scaler = precision.grad_scaler()
