@@ -377,7 +377,7 @@ def test_bad_options_are_refused_before_anything_is_written(tmp_path: Path) -> N
     assert one_line_error(short) == (
         "error: generator preset emoji-small (--generator-preset, or the pipeline's): its 384-token context cannot "
         "hold a retrieved document beside the main one at 256 codes per image (v2-256: 552 tokens); choose a generator preset with a longer context: "
-        "medium, v2-small, v2-small-aligned or a PRESET.json with max_len >= 552")
+        "medium, v2-small, v2-small-aligned, v2-small-copy or a PRESET.json with max_len >= 552")
     assert not (tmp_path / "run").exists()
 
 
